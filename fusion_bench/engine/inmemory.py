@@ -1,0 +1,63 @@
+"""Apply a tensor-wise method with the result held in memory (one output model + one tensor per input).
+
+The base model (``_pretrained_``, else the first model) is loaded as a module; its tensors are
+replaced one by one by the merged values, read lazily from each checkpoint. When checkpoint
+files name tensors differently from the module (key renames on load), models are loaded whole.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from fusion_bench.engine.validate import validate_sources
+from fusion_bench.io.checkpoint import ModuleSource, TensorSource
+
+if TYPE_CHECKING:
+    from fusion_bench.methods.base import TensorwiseMerge
+    from fusion_bench.modelpool.base import ModelPool
+
+
+def _progress(total: int, desc: str):
+    import sys
+
+    return Progress(transient=True, disable=not sys.stderr.isatty() or total < 50)
+
+
+def merge_in_memory(method: TensorwiseMerge, pool: ModelPool) -> tuple[nn.Module, dict[str, Any]]:
+    names = pool.model_names
+    method.check_pool(names, pool.has_pretrained)
+    base_name = pool.base_name()
+    model = pool.load_model(base_name)
+    if pool.kind(base_name) == "module":
+        model = copy.deepcopy(model)  # never modify the caller's module
+    module_sd = model.state_dict()
+    all_names = [base_name, *[n for n in names if n != base_name]]
+    sources: dict[str, TensorSource] = {n: pool.source(n) for n in all_names}
+    file_keys = set(sources[base_name].keys())
+    lazy = set(module_sd) <= file_keys
+    if lazy:
+        # fine-tuned checkpoints may hold only a sub-model (e.g. vision tower of a full CLIP base)
+        keys = validate_sources(base_name, sources, keys=list(module_sd), allow_extra=False)
+    else:
+        sources = {n: ModuleSource(pool.load_model(n) if n != base_name else model, n) for n in all_names}
+        keys = validate_sources(base_name, sources, keys=list(module_sd))
+    has_base = pool.has_pretrained
+    with torch.no_grad(), _progress(len(keys), method.name) as prog:
+        task = prog.add_task(f"merging ({method.name})", total=len(keys))
+        for k in keys:
+            base_t = sources[base_name].get(k) if has_base else None
+            tensors = [sources[n].get(k) for n in names]
+            merged = method.merge_one(k, base_t, tensors, names)
+            target = module_sd[k]
+            if merged.shape != target.shape:
+                raise RuntimeError(f"method {method.name} returned shape {tuple(merged.shape)} for '{k}', "
+                                   f"expected {tuple(target.shape)}")
+            target.copy_(merged.to(target.dtype))
+            prog.advance(task)
+    return model, {"merged_tensors": len(keys), "base_model": base_name, "models": names,
+                   "lazy_tensor_reading": lazy}

@@ -1,0 +1,4 @@
+"""Pure tensor kernels, one per method idea: no I/O, no config, no global state.
+
+Each docstring names the paper and the exact variant. Inputs are lists of same-shape tensors.
+"""

@@ -1,0 +1,1 @@
+"""nn.Modules that methods build: ensembles, classifiers, merged-weight wrappers, MoE layers."""

@@ -1,0 +1,194 @@
+"""The fusion program: build modelpool, method and taskpool from config, run, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fusion_bench.config_schema import build_config, option, to_plain
+from fusion_bench.io.atomic import atomic_file
+from fusion_bench.methods.base import FusionResult, TensorwiseMerge, build_method
+from fusion_bench.modelpool.base import build_modelpool
+from fusion_bench.taskpool.base import average_metrics, build_taskpool
+from fusion_bench.utils import count_parameters, measure
+
+
+@dataclass
+class ProgramConfig:
+    """Top-level keys of a run (besides the method, modelpool and taskpool groups)."""
+
+    method: dict[str, Any] = option({}, help="The method group: method=<name> plus method.<option>=value.")
+    modelpool: dict[str, Any] = option({}, help="The model pool group.")
+    taskpool: dict[str, Any] = option({}, help="The task pool group.")
+    seed: int = option(0, help="Global seed (torch, numpy, random) set before the method runs; written to the report.")
+    device: str = option("auto", help="Device for evaluation: auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    dry_run: bool = option(False, help="Validate config and models, print the plan, and stop before merging.")
+    merged_model_path: str | None = option(None, help="Save the merged model here (HF folder or .safetensors), atomically.")
+    report_path: str | None = option(None, help="Write the JSON report here (default: <output_dir>/report.json).")
+    evaluate: bool = option(True, help="Evaluate the result with the task pool.")
+    print_table: bool = option(True, help="Print the per-task table after evaluation.")
+    output_dir: str | None = option(None, help="Run folder (set by the CLI to Hydra's output folder).")
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _extra_parameters(result: FusionResult, base_params: int | None) -> int | None:
+    if base_params is None:
+        return None
+    if result.kind == "per_task":
+        return sum(count_parameters(m)["total"] for m in result.models.values()) - base_params
+    return count_parameters(result.model)["total"] - base_params
+
+
+def evaluate_result(result: FusionResult, taskpool) -> dict[str, Any]:
+    """Evaluate a result: one model on all tasks, or each per-task model on its own task."""
+    if result.kind != "per_task":
+        return taskpool.evaluate(result.model)
+    per_task: dict[str, Any] = {}
+    for task, model in result.models.items():
+        rep = taskpool.evaluate(model, tasks=[task]) if task in taskpool.tasks else None
+        if rep is not None:
+            per_task.update(rep.get("tasks", {}))
+    return {"tasks": per_task, "average": average_metrics(per_task)}
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    tasks = report.get("evaluation", {}).get("tasks", {})
+    if not tasks:
+        return ""
+    metrics = sorted({k for m in tasks.values() for k in m})
+    head = "| task | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (len(metrics) + 1)]
+
+    for t, m in tasks.items():
+        cells = []
+        for k in metrics:
+            v = m.get(k, "")
+            cells.append(f"{100 * v:.2f}" if "acc" in k and isinstance(v, float) else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    avg = report["evaluation"].get("average", {})
+    cells = [f"{100 * avg[k]:.2f}" if "acc" in k and k in avg else (f"{avg[k]:.4f}" if k in avg else "") for k in metrics]
+    lines.append("| **average** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, method=None, taskpool=None,
+                log=print) -> dict[str, Any]:
+    """Run one fusion experiment and return its report (also written to ``report_path``).
+
+    ``modelpool``, ``method`` and ``taskpool`` objects may be given directly (Python API); otherwise
+    they are built from the config groups.
+    """
+    cfg = build_config(ProgramConfig, config, ignore=("hydra",))
+    method = method or build_method(cfg.method)
+    modelpool = modelpool or build_modelpool(cfg.modelpool)
+    taskpool = taskpool or build_taskpool(cfg.taskpool, device=cfg.device)
+
+    # validation before any work
+    if isinstance(method, TensorwiseMerge):
+        method.check_pool(modelpool.model_names, modelpool.has_pretrained)
+    if cfg.dry_run:
+        plan = {"method": method.name, "hyperparameters": method.hyperparameters(),
+                "models": modelpool.describe(), "taskpool": getattr(taskpool, "tasks", [])}
+        if isinstance(method, TensorwiseMerge):
+            keys = modelpool.validate()
+            plan["tensors"] = len(keys)
+        log("dry run: configuration and models are valid; nothing merged.")
+        log(json.dumps(plan, indent=2, default=str))
+        return {"dry_run": True, "plan": plan}
+
+    _seed_everything(cfg.seed)
+    base_params = None
+    t_start = time.perf_counter()
+    with measure() as m:
+        result = method.run(modelpool)
+    if not isinstance(result, FusionResult):
+        raise TypeError(f"Method '{method.name}'.run returned {type(result).__name__}, expected FusionResult.")
+    try:
+        ref_name = modelpool.base_name()
+        base_params = sum(modelpool.source(ref_name).meta(k).numel for k in modelpool.source(ref_name).keys()
+                          if modelpool.source(ref_name).meta(k).dtype.is_floating_point)
+        if result.model is not None and isinstance(result.model, nn.Module):
+            own = {k for k, _ in result.model.named_parameters()}
+            if own and not own <= set(modelpool.source(ref_name).keys()):
+                base_params = count_parameters(modelpool.load_model(ref_name))["total"]
+    except Exception:
+        base_params = None
+
+    report: dict[str, Any] = {
+        "fusion_bench_version": _version(),
+        "config": to_plain(config) if not isinstance(config, ProgramConfig) else to_plain(cfg),
+        "method": {"name": method.name, "variant": method.variant, "family": method.family,
+                   "hyperparameters": method.hyperparameters(), "uses_data": method.uses_data},
+        "seed": cfg.seed,
+        "result_kind": result.kind,
+        "cost": {"merge_wall_time_s": round(m.wall_time_s, 4), "peak_rss_mb": m.as_dict()["peak_rss_mb"],
+                 "peak_rss_delta_mb": m.as_dict()["peak_rss_delta_mb"],
+                 "extra_parameters": _extra_parameters(result, base_params),
+                 **({"peak_cuda_mb": m.as_dict()["peak_cuda_mb"]} if m.peak_cuda_bytes is not None else {})},
+        "metadata": to_plain({k: v for k, v in result.metadata.items() if _jsonable(v)}),
+        "modelpool": modelpool.describe(),
+        "checkpoint_hashes": modelpool.content_hashes(),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "platform": platform.platform(), "argv": sys.argv},
+    }
+    if result.kind != "per_task":
+        report["parameters"] = count_parameters(result.model)
+    if cfg.merged_model_path and result.kind == "merged":
+        path = modelpool.save_model(result.model, cfg.merged_model_path)
+        report["merged_model_path"] = str(path)
+        log(f"merged model saved to {path}")
+    if cfg.evaluate:
+        with measure() as em:
+            report["evaluation"] = evaluate_result(result, taskpool)
+        report["cost"]["evaluation_wall_time_s"] = round(em.wall_time_s, 4)
+        extra = getattr(taskpool, "report_extras", None)
+        if callable(extra):
+            report.update(extra())
+    report["total_wall_time_s"] = round(time.perf_counter() - t_start, 4)
+
+    out = cfg.report_path or (str(Path(cfg.output_dir) / "report.json") if cfg.output_dir else None)
+    if out:
+        with atomic_file(out, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        report["report_path"] = out
+        log(f"report written to {out}")
+    if cfg.print_table and cfg.evaluate:
+        table = format_table(report)
+        if table:
+            log(table)
+    return report
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(to_plain(v), default=None)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fusion_bench")
+    except Exception:
+        return "unknown"

@@ -1,0 +1,64 @@
+"""Task pool interface: ``evaluate(model, tasks=None) -> report``.
+
+A report is ``{"tasks": {task: {metric: value}}, "average": {metric: mean over tasks}, ...}``.
+Task pools handle :class:`fusion_bench.models.ensemble.Ensemble` models by evaluating each member
+and combining their logits with the ensemble's rule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from fusion_bench.config_schema import build_config, option, to_plain
+from fusion_bench.registry import Registry
+
+TASKPOOLS = Registry("taskpool.type", "fusion_bench.taskpool")
+register_taskpool = TASKPOOLS.register
+
+
+@dataclass
+class TaskPoolConfig:
+    name: str = option("taskpool", help="A label for reports.")
+
+
+class TaskPool(ABC):
+    config_class: ClassVar[type] = TaskPoolConfig
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None, **kwargs: Any):
+        self.config = build_config(self.config_class, config, prefix="taskpool", ignore=("type",), **kwargs)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Names of the tasks this pool evaluates (may be empty)."""
+        return []
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, tasks: list[str] | None = None) -> dict[str, Any]:
+        """Evaluate ``model`` on ``tasks`` (default: all) and return the report dict."""
+
+
+def average_metrics(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Mean of every numeric metric over tasks."""
+    keys: dict[str, list[float]] = {}
+    for m in per_task.values():
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in keys.items() if len(v) == len(per_task)}
+
+
+def build_taskpool(config: Mapping[str, Any] | TaskPool | None, **kwargs: Any) -> TaskPool:
+    """Build a task pool from its config (``type`` picks the class; default: parameter_count)."""
+    if isinstance(config, TaskPool):
+        return config
+    cfg = dict(to_plain(config or {}))
+    cls = TASKPOOLS.get(cfg.get("type", "parameter_count"))
+    fields = {f for f in getattr(cls.config_class, "__dataclass_fields__", {})}
+    extra = {k: v for k, v in kwargs.items() if k in fields and k not in cfg}
+    return cls(cfg, **extra)
