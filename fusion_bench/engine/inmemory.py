@@ -47,6 +47,8 @@ def merge_in_memory(method: TensorwiseMerge, pool: ModelPool) -> tuple[nn.Module
         sources = {n: ModuleSource(pool.load_model(n) if n != base_name else model, n) for n in all_names}
         keys = validate_sources(base_name, sources, keys=list(module_sd))
     has_base = pool.has_pretrained
+    method.prepare(sources[base_name] if has_base else None, [sources[n] for n in names], names,
+                   [k for k in keys if method.should_merge(k, sources[base_name].meta(k).dtype)])
     with torch.no_grad(), _progress(len(keys), method.name) as prog:
         task = prog.add_task(f"merging ({method.name})", total=len(keys))
         for k in keys:

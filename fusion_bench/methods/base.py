@@ -26,6 +26,7 @@ from fusion_bench.errors import ConfigError, ModelMismatchError, RegistryError, 
 from fusion_bench.utils import count_parameters
 
 if TYPE_CHECKING:
+    from fusion_bench.io.checkpoint import TensorSource
     from fusion_bench.modelpool.base import ModelPool
 
 
@@ -84,6 +85,10 @@ class FusionMethod(ABC):
     requires_pretrained: ClassVar[bool] = False
     uses_data: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
+    #: claims checked by the conformance suite (fusion_bench.testing): merging N copies of one model
+    #: gives that model back; the order of the models does not matter.
+    identity_on_equal_inputs: ClassVar[bool] = True
+    permutation_invariant: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **kwargs: Any):
         self.config = build_config(self.config_class, config, prefix="method", ignore=("name",), **kwargs)
@@ -204,6 +209,11 @@ class TensorwiseMerge(FusionMethod):
         if self.max_models is not None and n > self.max_models:
             raise ModelMismatchError(f"Method '{self.name}' merges at most {self.max_models} models, the pool has {n}: "
                                      f"{names}. Select models with modelpool.select=[...].")
+
+    def prepare(self, base: TensorSource | None, sources: list[TensorSource], names: list[str],
+                keys: list[str]) -> None:
+        """Optional pre-pass over the checkpoints before any tensor is merged (e.g. global statistics
+        such as a whole-model magnitude threshold). Read tensors one at a time; default: nothing."""
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
