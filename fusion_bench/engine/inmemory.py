@@ -28,6 +28,26 @@ def _progress(total: int, desc: str):
     return Progress(transient=True, disable=not sys.stderr.isatty() or total < 50)
 
 
+def align_keys(module_keys: list[str], file_keys: list[str]) -> dict[str, str] | None:
+    """Map a module's state-dict keys to checkpoint tensor names.
+
+    transformers may rename on load (e.g. ``CLIPVisionModel`` has ``embeddings.*`` while its files
+    hold ``vision_model.embeddings.*``). Returns None when no common prefix maps every key.
+    """
+    fset = set(file_keys)
+    if all(k in fset for k in module_keys):
+        return {k: k for k in module_keys}
+    if not module_keys:
+        return {}
+    probe = module_keys[0]
+    for fk in file_keys:
+        if fk.endswith("." + probe):
+            prefix = fk[: -len(probe)]
+            if all(prefix + k in fset for k in module_keys):
+                return {k: prefix + k for k in module_keys}
+    return None
+
+
 def merge_in_memory(method: TensorwiseMerge, pool: ModelPool) -> tuple[nn.Module, dict[str, Any]]:
     names = pool.model_names
     method.check_pool(names, pool.has_pretrained)
@@ -38,23 +58,28 @@ def merge_in_memory(method: TensorwiseMerge, pool: ModelPool) -> tuple[nn.Module
     module_sd = model.state_dict()
     all_names = [base_name, *[n for n in names if n != base_name]]
     sources: dict[str, TensorSource] = {n: pool.source(n) for n in all_names}
-    file_keys = set(sources[base_name].keys())
-    lazy = set(module_sd) <= file_keys
+    key_map = align_keys(list(module_sd), sources[base_name].keys())
+    lazy = key_map is not None
     if lazy:
-        # fine-tuned checkpoints may hold only a sub-model (e.g. vision tower of a full CLIP base)
-        keys = validate_sources(base_name, sources, keys=list(module_sd), allow_extra=False)
+        # fine-tuned checkpoints may hold only a sub-model (e.g. the vision tower of a full CLIP base)
+        file_keys = validate_sources(base_name, sources, keys=[key_map[k] for k in module_sd],
+                                     allow_extra=False)
+        keys = list(module_sd)
     else:
         sources = {n: ModuleSource(pool.load_model(n) if n != base_name else model, n) for n in all_names}
         keys = validate_sources(base_name, sources, keys=list(module_sd))
+        key_map = {k: k for k in keys}
+        file_keys = keys
     has_base = pool.has_pretrained
     method.prepare(sources[base_name] if has_base else None, [sources[n] for n in names], names,
-                   [k for k in keys if method.should_merge(k, sources[base_name].meta(k).dtype)])
+                   [k for k in file_keys if method.should_merge(k, sources[base_name].meta(k).dtype)])
     with torch.no_grad(), _progress(len(keys), method.name) as prog:
         task = prog.add_task(f"merging ({method.name})", total=len(keys))
         for k in keys:
-            base_t = sources[base_name].get(k) if has_base else None
-            tensors = [sources[n].get(k) for n in names]
-            merged = method.merge_one(k, base_t, tensors, names)
+            fk = key_map[k]
+            base_t = sources[base_name].get(fk) if has_base else None
+            tensors = [sources[n].get(fk) for n in names]
+            merged = method.merge_one(fk, base_t, tensors, names)
             target = module_sd[k]
             if merged.shape != target.shape:
                 raise RuntimeError(f"method {method.name} returned shape {tuple(merged.shape)} for '{k}', "

@@ -241,7 +241,7 @@ class ModelPool:
             if self.config.trust_remote_code:
                 kw["trust_remote_code"] = True
             try:
-                model = cls.from_pretrained(path, **kw)
+                model = _quiet_from_pretrained(cls, path, **kw)
             except Exception as ex:
                 raise CheckpointError(f"Model '{name}': {cls.__name__}.from_pretrained({path}) failed: {ex}") from ex
             return model.eval()
@@ -405,6 +405,19 @@ class ModelPool:
                 if f.is_file() and f.suffix in (".json", ".txt", ".model", ".tiktoken") and not (folder / f.name).exists() \
                         and not f.name.endswith(".index.json"):
                     shutil.copy2(f, folder / f.name)
+
+
+def _quiet_from_pretrained(cls, path, **kw):
+    """from_pretrained without the load report (a vision tower loaded from a full CLIP checkpoint
+    lists every text-tower tensor as unexpected, which is expected)."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(path, **kw)
+    finally:
+        hf_logging.set_verbosity(old)
 
 
 def _is_plain_mapping(v: Any) -> bool:
