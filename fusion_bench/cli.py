@@ -145,13 +145,8 @@ def _explain(e: Exception, overrides: list[str], compose) -> ConfigError:
     m = re.search(r"Could not find '([^/']+)/([^']+)'", msg) or re.search(r"In '[^']*': Could not find '([^/']+)/([^']+)'", msg)
     if m:
         group, name = m.group(1), m.group(2)
-        from hydra.core.global_hydra import GlobalHydra
-
-        options = []
-        try:
-            options = GlobalHydra.instance().config_loader().get_group_options(group)
-        except Exception:
-            pass
+        avail = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)*)", msg)
+        options = [ln.strip() for ln in avail.group(1).splitlines() if ln.strip()] if avail else []
         return ConfigError(f"Unknown {group} '{name}'.{did_you_mean(name, options)} Add your own with --config-dir DIR "
                            f"holding {group}/{name}.yaml.")
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
@@ -190,6 +185,26 @@ def validate_composed(cfg: Any) -> None:
     build_config(tp_cls, tp, prefix="taskpool", ignore=("type",))
 
 
+def _remove_empty_run_dir(path: str | None) -> None:
+    """A failed run leaves nothing behind: drop Hydra's run folder if it holds only Hydra's own files."""
+    import shutil
+
+    if not path:
+        return
+    d = Path(path)
+    if d.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in d.iterdir()):
+        import logging
+
+        logging.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+        parent = d.parent
+        while parent.name and parent.is_dir() and not any(parent.iterdir()) and parent.name not in (".", "/"):
+            parent.rmdir()
+            if parent.name in ("outputs", "multirun"):
+                break
+            parent = parent.parent
+
+
 def _hydra_main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -202,6 +217,7 @@ def _hydra_main() -> None:
         try:
             run_program(plain)
         except FusionBenchError as e:
+            _remove_empty_run_dir(plain.get("output_dir"))
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -163,6 +163,22 @@ def sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
+    """Parameter counts; ``weights`` counts every floating-point tensor of the state dict once
+    (parameters and float buffers, tied tensors once), which is what a merge produces."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": int(total), "trainable": int(trainable)}
+    return {"total": int(total), "trainable": int(trainable), "weights": float_numel(model)}
+
+
+def float_numel(model: torch.nn.Module) -> int:
+    seen = set()
+    n = 0
+    for t in model.state_dict().values():
+        if not t.is_floating_point():
+            continue
+        key = (t.data_ptr(), t.numel()) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        n += t.numel()
+    return int(n)

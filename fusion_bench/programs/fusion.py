@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from fusion_bench.config_schema import build_config, option, to_plain
 from fusion_bench.io.atomic import atomic_file
 from fusion_bench.methods.base import FusionResult, TensorwiseMerge, build_method
 from fusion_bench.modelpool.base import build_modelpool
 from fusion_bench.taskpool.base import average_metrics, build_taskpool
-from fusion_bench.utils import count_parameters, measure
+from fusion_bench.utils import count_parameters, float_numel, measure
 
 
 @dataclass
@@ -49,12 +48,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _extra_parameters(result: FusionResult, base_params: int | None) -> int | None:
-    if base_params is None:
-        return None
+def _extra_parameters(result: FusionResult, base_params: int) -> int:
+    """Weights held by the result beyond one model of the pool (per-task results hold one per task)."""
     if result.kind == "per_task":
-        return sum(count_parameters(m)["total"] for m in result.models.values()) - base_params
-    return count_parameters(result.model)["total"] - base_params
+        return sum(float_numel(m) for m in result.models.values()) - base_params
+    return float_numel(result.model) - base_params
 
 
 def evaluate_result(result: FusionResult, taskpool) -> dict[str, Any]:
@@ -115,22 +113,14 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
         return {"dry_run": True, "plan": plan}
 
     _seed_everything(cfg.seed)
-    base_params = None
     t_start = time.perf_counter()
     with measure() as m:
         result = method.run(modelpool)
     if not isinstance(result, FusionResult):
         raise TypeError(f"Method '{method.name}'.run returned {type(result).__name__}, expected FusionResult.")
-    try:
-        ref_name = modelpool.base_name()
-        base_params = sum(modelpool.source(ref_name).meta(k).numel for k in modelpool.source(ref_name).keys()
-                          if modelpool.source(ref_name).meta(k).dtype.is_floating_point)
-        if result.model is not None and isinstance(result.model, nn.Module):
-            own = {k for k, _ in result.model.named_parameters()}
-            if own and not own <= set(modelpool.source(ref_name).keys()):
-                base_params = count_parameters(modelpool.load_model(ref_name))["total"]
-    except Exception:
-        base_params = None
+    extra_params = result.metadata.get("extra_parameters")
+    if extra_params is None:
+        extra_params = _extra_parameters(result, float_numel(modelpool.load_model(modelpool.base_name())))
 
     report: dict[str, Any] = {
         "fusion_bench_version": _version(),
@@ -141,7 +131,7 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
         "result_kind": result.kind,
         "cost": {"merge_wall_time_s": round(m.wall_time_s, 4), "peak_rss_mb": m.as_dict()["peak_rss_mb"],
                  "peak_rss_delta_mb": m.as_dict()["peak_rss_delta_mb"],
-                 "extra_parameters": _extra_parameters(result, base_params),
+                 "extra_parameters": extra_params,
                  **({"peak_cuda_mb": m.as_dict()["peak_cuda_mb"]} if m.peak_cuda_bytes is not None else {})},
         "metadata": to_plain({k: v for k, v in result.metadata.items() if _jsonable(v)}),
         "modelpool": modelpool.describe(),
