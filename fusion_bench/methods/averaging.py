@@ -13,6 +13,7 @@ from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, registe
 
 @register_method
 class SimpleAverage(TensorwiseMerge):
+    elementwise = True  # row blocks allowed in the streaming engine
     name = "simple_average"
     summary = "Uniform average of the fine-tuned models' weights (model soup)."
     variant = ("Wortsman et al. 2022, uniform soup: theta = mean_i theta_i over the models to fuse "
@@ -31,6 +32,7 @@ class WeightedAverageConfig(TensorwiseConfig):
 
 @register_method
 class WeightedAverage(TensorwiseMerge):
+    elementwise = True  # row blocks allowed in the streaming engine
     name = "weighted_average"
     config_class: ClassVar = WeightedAverageConfig
     summary = "Weighted average of the models' weights with given weights."
@@ -59,6 +61,7 @@ class LinearInterpolationConfig(TensorwiseConfig):
 
 @register_method
 class LinearInterpolation(TensorwiseMerge):
+    elementwise = True  # row blocks allowed in the streaming engine
     name = "linear_interpolation"
     config_class: ClassVar = LinearInterpolationConfig
     summary = "Linear interpolation (1-t) a + t b of two models."
@@ -97,6 +100,7 @@ class TaskArithmeticConfig(TensorwiseConfig):
 
 @register_method
 class TaskArithmetic(TensorwiseMerge):
+    elementwise = True  # row blocks allowed in the streaming engine
     name = "task_arithmetic"
     config_class: ClassVar = TaskArithmeticConfig
     requires_pretrained = True

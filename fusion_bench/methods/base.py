@@ -197,6 +197,9 @@ class TensorwiseMerge(FusionMethod):
     #: minimum number of models (not counting ``_pretrained_``)
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    #: the output at an index depends only on the inputs at that index (and the tensor's key): the
+    #: streaming engine may then merge large tensors in row blocks (fusion_bench.engine.streaming).
+    elementwise: ClassVar[bool] = False
 
     def check_pool(self, names: list[str], has_pretrained: bool) -> None:
         """Reject pools the method cannot merge (called before any tensor is read)."""

@@ -1,0 +1,639 @@
+"""Streaming (out-of-core) merge engine: checkpoints in, sharded safetensors folder out.
+
+The engine plans the whole merge before reading any weight (every output tensor's name, shape,
+dtype and sources; vocabulary policy; mismatches), then visits the tensors in the base model's
+file order. A reader thread reads the inputs of the next work units (whole tensors, or row blocks
+of large ones) with ``preadv`` into a bounded queue while the main thread merges the current unit
+with the method's own :meth:`~fusion_bench.methods.base.TensorwiseMerge.merge_one` (so results
+equal the in-memory engine) and writes it at its final offset in the output shard. Peak memory is
+(queue depth + 1) x (number of inputs) x (largest unit), independent of the model size.
+
+Row blocks: a tensor larger than ``block_elements`` is merged in blocks of rows when the method
+says it can be (``elementwise = True``: the output at an index depends only on the inputs at that
+index; or the two-phase protocol ``block_stats`` + ``merge_block``: per-model statistics over the
+whole tensor, read one model at a time, then an element-wise merge of each block given them).
+Other methods get whole tensors.
+
+The output is written into a temporary folder beside the destination and renamed at the end; an
+error or interruption leaves nothing at the destination.
+
+Python API::
+
+    from fusion_bench.engine.streaming import merge_to_folder, plan_merge
+    info = merge_to_folder(method, modelpool, "out/merged")      # from_pretrained loads it
+    print(plan_merge(method, modelpool).summary())                # dry run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError
+from fusion_bench.io.atomic import atomic_dir
+from fusion_bench.io.checkpoint import SAFE_INDEX, TensorMeta, TensorSource
+from fusion_bench.io.stream import ShardedWriter, StreamReader, dtype_size, iter_row_blocks
+
+if TYPE_CHECKING:
+    from fusion_bench.modelpool.base import ModelPool
+
+#: elements of one input in one row block (4 Mi elements = 16 MiB in float32)
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+#: resident memory of a Python process with torch and fusion_bench imported (for the dry-run estimate)
+PROCESS_BASELINE_BYTES = 260 * 2**20
+#: files copied from the base (or vocabulary source) folder beside the merged weights
+SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template",
+                           "spiece", "sentencepiece")
+
+
+def parse_size(value: int | str, key: str = "max_shard_size") -> int:
+    """'5GB', '500MB', '20KB', '2GiB' or an integer number of bytes."""
+    if isinstance(value, int):
+        return value
+    s = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            try:
+                return int(float(s[: -len(u)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r} is not a size; write e.g. '5GB', '500MB' or a number of bytes.") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# readers: one interface over safetensors files (preadv) and other tensor sources
+# ----------------------------------------------------------------------------------------------
+class SourceReader:
+    """The reader interface (``keys``, ``meta``, ``read(key, rows)``) over any :class:`TensorSource`
+    (state dicts, modules, .bin files): used where the checkpoint is not safetensors."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+        self.name = source.name
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in set(self.keys())
+
+    def meta(self, key: str) -> TensorMeta:
+        return self.source.meta(key)
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self.source.get(key)
+        if rows is not None and t.dim() > 0:
+            t = t[rows[0]:rows[1]]
+        return t
+
+    def total_bytes(self) -> int:
+        return sum(self.meta(k).nbytes for k in self.keys())
+
+    def close(self) -> None:
+        pass
+
+
+class ReaderSource(TensorSource):
+    """A :class:`TensorSource` view of a reader (for methods' ``prepare`` pre-pass)."""
+
+    def __init__(self, reader: Any):
+        self.reader = reader
+        self.name = reader.name
+
+    def keys(self) -> list[str]:
+        return self.reader.keys()
+
+    def meta(self, key: str) -> TensorMeta:
+        return self.reader.meta(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.reader.read(key)
+
+    def content_hash(self) -> str:  # pragma: no cover - not used by the engine
+        raise NotImplementedError
+
+
+def checkpoint_folder(pool: ModelPool, name: str) -> Path | None:
+    """The folder or file of checkpoint ``name`` when it is on disk (None for in-memory models)."""
+    kind = pool.kind(name)
+    if kind == "hf":
+        return pool.hf_folder(name)
+    if kind == "file":
+        return Path(os.path.expanduser(str(pool.entry(name))))
+    return None
+
+
+def open_reader(pool: ModelPool, name: str) -> Any:
+    """A reader of model ``name``: :class:`StreamReader` for safetensors on disk, else a
+    :class:`SourceReader` over the pool's lazy source."""
+    p = checkpoint_folder(pool, name)
+    if p is not None and ((p.is_dir() and ((p / SAFE_INDEX).exists() or any(p.glob("*.safetensors"))))
+                          or p.suffix == ".safetensors"):
+        return StreamReader(p, name)
+    return SourceReader(pool.source(name))
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One output tensor.
+
+    ``mode="merge"``: rows ``[0, merge_rows)`` are ``method.merge_one`` of the inputs' rows (every
+    model, plus the base); rows ``[merge_rows, shape[0])`` are copied from ``tail_from``.
+    ``mode="copy"``: the tensor is ``inputs[copy_from]`` (cast to ``dtype``).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    mode: Literal["merge", "copy"]
+    inputs: dict[str, str]
+    copy_from: str | None = None
+    merge_rows: int | None = None
+    tail_from: str | None = None
+    blocks: list[tuple[int, int]] | None = None
+    stats: bool = False
+    in_dtype: torch.dtype | None = None
+
+    @property
+    def out_bytes(self) -> int:
+        n = dtype_size(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergePlan:
+    """What a streaming merge will do, computed before any weight is read."""
+
+    method: str
+    base: str | None
+    models: list[str]
+    jobs: list[Job]
+    mismatches: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    peak_unit_bytes: int = 0
+    peak_memory_bytes: int = 0
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    config_from: str | None = None
+
+    def summary(self) -> str:
+        gib = 2**30
+        lines = [
+            f"streaming plan for method '{self.method}': {len(self.jobs)} output tensors, "
+            f"{len(self.models)} models" + (f" + base '{self.base}'" if self.base else ""),
+            f"  bytes to read:    {self.bytes_read / gib:8.3f} GiB",
+            f"  bytes to write:   {self.bytes_written / gib:8.3f} GiB",
+            f"  planned peak RSS: {self.peak_memory_bytes / gib:8.3f} GiB (estimate: process baseline "
+            f"{PROCESS_BASELINE_BYTES / gib:.2f} GiB + buffers of the largest work unit)",
+            f"  merged in row blocks: {sum(1 for j in self.jobs if j.blocks and len(j.blocks) > 1)} tensors; "
+            f"copied: {sum(1 for j in self.jobs if j.mode == 'copy')}",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.mismatches:
+            lines.append(f"  {len(self.mismatches)} mismatch(es) (the merge would stop before reading any weight):")
+            lines += [f"    - {m}" for m in self.mismatches]
+        else:
+            lines.append("  names and shapes agree across models")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "base": self.base, "models": self.models, "tensors": len(self.jobs),
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "planned_peak_rss_bytes": self.peak_memory_bytes, "mismatches": list(self.mismatches),
+                "notes": list(self.notes)}
+
+
+def _blockable(method: Any) -> tuple[bool, bool]:
+    """(row blocks allowed, needs the whole-tensor statistics pass)."""
+    if getattr(method, "elementwise", False):
+        return True, False
+    if callable(getattr(method, "merge_block", None)) and callable(getattr(method, "block_stats", None)):
+        return True, True
+    return False, False
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype_size(dtype)
+    for s in shape:
+        n *= s
+    return n
+
+
+def plan_merge(method: Any, pool: ModelPool, *, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+               prefetch: int = 2, readers: dict[str, Any] | None = None) -> MergePlan:
+    """Plan a streaming merge: output tensors, row blocks, bytes, peak memory and mismatches.
+
+    Nothing but headers is read. Mismatches are collected (not raised) so that a dry run can list
+    them all; :func:`merge_to_folder` raises on the first.
+
+    Args:
+        method: a :class:`~fusion_bench.methods.base.TensorwiseMerge`, or a method with a
+            ``stream_plan(pool, readers, out_dtype)`` (e.g. passthrough / layer stacking).
+        pool: the model pool.
+        block_elements: elements per input in one row block.
+        prefetch: work units read ahead of the merge.
+        readers: already opened readers (name -> reader), else opened here.
+    """
+    from fusion_bench.methods.base import TensorwiseMerge
+
+    own = readers is None
+    readers = readers if readers is not None else {}
+    names = pool.model_names
+    base = pool.base_name()
+    for n in [base, *names]:
+        if n not in readers:
+            readers[n] = open_reader(pool, n)
+    out_dtype = getattr(pool, "dtype", None)
+    plan = MergePlan(method=method.name, base=base if pool.has_pretrained else None, models=list(names), jobs=[])
+    if callable(getattr(method, "stream_plan", None)):
+        jobs, updates = method.stream_plan(pool, readers, out_dtype)
+        plan.jobs, plan.config_updates = jobs, updates
+        plan.config_from = getattr(method, "config_source", lambda p: None)(pool)
+    elif isinstance(method, TensorwiseMerge):
+        method.check_pool(names, pool.has_pretrained)
+        _plan_tensorwise(method, pool, readers, plan, out_dtype, block_elements)
+    else:
+        raise ConfigError(f"Method '{method.name}' does not merge tensor by tensor, so it cannot run in the "
+                          "streaming engine; use engine=memory.")
+    # figures
+    n_in = len(names) + (1 if pool.has_pretrained else 0)
+    peak_unit = 0
+    for j in plan.jobs:
+        plan.bytes_written += j.out_bytes
+        in_dt = j.in_dtype or j.dtype
+        if j.mode == "copy":
+            plan.bytes_read += _nbytes(j.shape, in_dt)
+            unit_elems = (j.blocks[0][1] - j.blocks[0][0]) * (j.out_bytes // max(1, j.shape[0] * dtype_size(j.dtype))) \
+                if j.blocks and j.shape else max(1, j.out_bytes // dtype_size(j.dtype))
+            unit = unit_elems * (dtype_size(in_dt) * (prefetch + 1) + 4)
+        else:
+            rows = j.merge_rows if j.merge_rows is not None else (j.shape[0] if j.shape else 1)
+            row_elems = 1
+            for s in j.shape[1:]:
+                row_elems *= s
+            plan.bytes_read += n_in * rows * row_elems * dtype_size(in_dt) * (2 if j.stats else 1)
+            unit_rows = max(b - a for a, b in j.blocks) if j.blocks else rows
+            unit_elems = unit_rows * row_elems
+            # native inputs in the queue and in hand, their float32 copies, the method's workspace
+            unit = unit_elems * n_in * (dtype_size(in_dt) * (prefetch + 1) + 4 * 3)
+            if j.stats:
+                full = rows * row_elems
+                unit = max(unit, full * (dtype_size(in_dt) * 2 * (prefetch + 1) + 4 * 4))
+        peak_unit = max(peak_unit, unit)
+    plan.peak_unit_bytes = peak_unit
+    plan.peak_memory_bytes = PROCESS_BASELINE_BYTES + peak_unit
+    if own:
+        for r in readers.values():
+            r.close()
+    return plan
+
+
+def _plan_tensorwise(method: Any, pool: ModelPool, readers: dict[str, Any], plan: MergePlan,
+                     out_dtype: torch.dtype | None, block_elements: int) -> None:
+    names = pool.model_names
+    base = pool.base_name()
+    ref = readers[base]
+    rules: dict[str, Any] = {}
+    vocab_rules = getattr(pool, "vocab_rules", None)
+    if callable(vocab_rules):
+        rules, notes, problems = vocab_rules(readers)
+        plan.notes += notes
+        plan.mismatches += problems
+        plan.config_updates.update(getattr(pool, "vocab_config_updates", lambda: {})())
+        plan.config_from = getattr(pool, "config_source", lambda: None)()
+    can_block, stats = _blockable(method)
+    ref_keys = ref.keys()
+    ref_set = set(ref_keys)
+    for n in names:
+        if n == base:
+            continue
+        r = readers[n]
+        keys = r.keys()
+        missing = [k for k in ref_keys if k not in r]
+        extra = [k for k in keys if k not in ref_set]
+        for k in missing:
+            plan.mismatches.append(f"model '{n}' lacks tensor '{k}' that base model '{base}' has")
+        for k in extra:
+            plan.mismatches.append(f"model '{n}' has tensor '{k}' that base model '{base}' lacks")
+        for k in ref_keys:
+            if k not in r:
+                continue
+            a, b = ref.meta(k), r.meta(k)
+            rule = rules.get(k)
+            if a.shape != b.shape and not (rule is not None and a.shape[1:] == b.shape[1:]):
+                plan.mismatches.append(f"tensor '{k}' has shape {list(b.shape)} in model '{n}' but "
+                                       f"{list(a.shape)} in base model '{base}'")
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                plan.mismatches.append(f"tensor '{k}' is {b.dtype} in model '{n}' but {a.dtype} in base '{base}'")
+    for k in ref_keys:
+        meta = ref.meta(k)
+        rule = rules.get(k)
+        in_dtype = meta.dtype
+        dt = out_dtype if (out_dtype is not None and meta.dtype.is_floating_point) else meta.dtype
+        shape = meta.shape
+        row_elems = 1
+        for s in shape[1:]:
+            row_elems *= s
+        if rule is not None and rule.mode == "copy":
+            src_shape = readers[rule.source].meta(k).shape
+            blocks = list(iter_row_blocks(src_shape[0], row_elems, block_elements)) if src_shape else None
+            plan.jobs.append(Job(k, src_shape, dt, "copy", {rule.source: k}, copy_from=rule.source, blocks=blocks,
+                                 in_dtype=readers[rule.source].meta(k).dtype))
+            continue
+        if not method.should_merge(k, meta.dtype):
+            blocks = list(iter_row_blocks(shape[0], row_elems, block_elements)) if shape else None
+            plan.jobs.append(Job(k, shape, dt, "copy", {base: k}, copy_from=base, blocks=blocks, in_dtype=in_dtype))
+            continue
+        inputs = {n: k for n in ([base] if pool.has_pretrained else []) + names}
+        merge_rows = None
+        tail_from = None
+        if rule is not None and rule.mode == "shared_rows":
+            merge_rows = rule.rows
+            tail_from = rule.source
+            shape = (readers[rule.source].meta(k).shape[0], *shape[1:])
+        rows = merge_rows if merge_rows is not None else (shape[0] if shape else 1)
+        blocks = None
+        if shape and rows * row_elems > block_elements and can_block:
+            blocks = list(iter_row_blocks(rows, row_elems, block_elements))
+        elif shape and merge_rows is not None:
+            blocks = [(0, merge_rows)]
+        plan.jobs.append(Job(k, shape, dt, "merge", inputs, merge_rows=merge_rows, tail_from=tail_from,
+                             blocks=blocks, stats=stats and blocks is not None and len(blocks) > 1,
+                             in_dtype=in_dtype))
+        big = rows * row_elems > block_elements and not can_block
+        if big and len(plan.notes) < 50:
+            plan.notes.append(f"tensor '{k}' ({rows * row_elems} elements) is merged whole: method "
+                              f"'{method.name}' cannot merge row blocks")
+
+
+# ----------------------------------------------------------------------------------------------
+# execution
+# ----------------------------------------------------------------------------------------------
+_END = object()
+
+
+class _Prefetcher(threading.Thread):
+    """Reads work units ahead of the merge into a bounded queue (overlaps I/O with compute)."""
+
+    def __init__(self, units: Iterator[tuple], depth: int):
+        super().__init__(daemon=True, name="fusion_bench-prefetch")
+        self.units = units
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for u in self.units:
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(u, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+            self._put(_END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[tuple]:
+        while True:
+            item = self.q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:  # drain so that the producer is not blocked
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self.join(timeout=5)
+
+
+def _units(plan: MergePlan, readers: dict[str, Any], base: str | None, names: list[str]) -> Iterator[tuple]:
+    """Work units in plan order: ('copy', job, row_start, tensor), ('stats', job, i, base, tensor),
+    ('merge', job, row_start, base, tensors)."""
+    for j in plan.jobs:
+        if j.mode == "copy":
+            r = readers[j.copy_from]
+            src_key = j.inputs[j.copy_from]
+            if j.blocks:
+                for s, e in j.blocks:
+                    yield ("copy", j, s, r.read(src_key, (s, e)))
+            else:
+                yield ("copy", j, 0, r.read(src_key))
+            continue
+        key_of = j.inputs
+        if j.stats:
+            full = (0, j.merge_rows) if j.merge_rows is not None else None
+            b = readers[base].read(key_of[base], full) if base is not None else None
+            for i, n in enumerate(names):
+                yield ("stats", j, i, b, readers[n].read(key_of[n], full))
+            del b
+        for rows in (j.blocks or [None]):
+            b = readers[base].read(key_of[base], rows) if base is not None else None
+            ts = [readers[n].read(key_of[n], rows) for n in names]
+            yield ("merge", j, rows[0] if rows else 0, b, ts)
+        if j.tail_from is not None and j.merge_rows is not None and j.merge_rows < j.shape[0]:
+            row_elems = max(1, j.out_bytes // max(1, j.shape[0] * dtype_size(j.dtype)))
+            for s, e in iter_row_blocks(j.shape[0] - j.merge_rows, row_elems, DEFAULT_BLOCK_ELEMENTS):
+                rows = (j.merge_rows + s, j.merge_rows + e)
+                yield ("copy", j, rows[0], readers[j.tail_from].read(j.inputs.get(j.tail_from, j.key), rows))
+
+
+def _check_finite(key: str, names: list[str], tensors: list[torch.Tensor]) -> None:
+    for n, t in zip(names, tensors):
+        if t.dtype.is_floating_point and not torch.isfinite(t).all():
+            raise ModelMismatchError(
+                f"Model '{n}' has non-finite values (NaN/inf) in tensor '{key}'; fix or drop that checkpoint.")
+
+
+class _Runner:
+    def __init__(self, method: Any, plan: MergePlan, writer: ShardedWriter, names: list[str]):
+        self.method = method
+        self.plan = plan
+        self.writer = writer
+        self.names = names
+        self.stats: dict[str, list[Any]] = {}
+
+    def handle(self, unit: tuple) -> None:
+        kind, job = unit[0], unit[1]
+        if kind == "copy":
+            self.writer.write(job.key, unit[3].to(job.dtype), row_start=unit[2])
+            return
+        m = self.method
+        if kind == "stats":
+            _, _, i, b, t = unit
+            name = self.names[i]
+            _check_finite(job.key, [name], [t])
+            cd = m.compute_dtype(t.dtype)
+            st = m.block_stats(job.key, b.to(cd) if b is not None else None, t.to(cd), name)
+            self.stats.setdefault(job.key, []).append(st)
+            return
+        _, _, row_start, b, ts = unit
+        if job.stats:
+            ref = b if b is not None else ts[0]
+            _check_finite(job.key, self.names, ts)
+            cd = m.compute_dtype(ref.dtype)
+            rows = (row_start, row_start + ref.shape[0])
+            out = m.merge_block(job.key, b.to(cd) if b is not None else None, [t.to(cd) for t in ts], self.names,
+                                self.stats[job.key], rows).to(ref.dtype)
+            if job.blocks and rows[1] == job.blocks[-1][1]:
+                self.stats.pop(job.key, None)
+        else:
+            out = m.merge_one(job.key, b, ts, self.names)
+        self.writer.write(job.key, out.to(job.dtype), row_start=row_start)
+
+
+def _copy_side_files(pool: ModelPool, plan: MergePlan, folder: Path) -> list[str]:
+    """config.json (updated), generation config and tokenizer files beside the weights."""
+    copied: list[str] = []
+    cfg_name = plan.config_from or pool.base_name()
+    src = checkpoint_folder(pool, cfg_name) if cfg_name in pool else None
+    if src is not None and src.is_dir():
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix in SIDE_FILE_SUFFIXES and not f.name.endswith(".index.json"):
+                shutil.copy2(f, folder / f.name)
+                copied.append(f.name)
+    tok = getattr(pool.config, "tokenizer", None)
+    if tok:
+        tp = Path(os.path.expanduser(str(tok)))
+        if not tp.is_dir():
+            from fusion_bench.modelpool.base import resolve_hf_path
+
+            tp = resolve_hf_path(str(tok), "tokenizer")
+        for f in sorted(tp.iterdir()):
+            if f.is_file() and f.name.startswith(TOKENIZER_FILE_PREFIXES):
+                shutil.copy2(f, folder / f.name)
+                copied.append(f.name)
+    cfg_path = folder / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(plan.config_updates)
+        dtypes = {j.dtype for j in plan.jobs if j.dtype.is_floating_point}
+        if len(dtypes) == 1:
+            dname = str(next(iter(dtypes))).removeprefix("torch.")
+            if "torch_dtype" in cfg:
+                cfg["torch_dtype"] = dname
+            cfg["dtype"] = dname
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+def _progress(total: int, enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeRemainingColumn(), transient=True, disable=not enabled)
+
+
+def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
+                    block_elements: int = DEFAULT_BLOCK_ELEMENTS, max_shard_size: int | str = "5GB",
+                    prefetch: int = 2, overwrite: bool = True, progress: bool | None = None,
+                    copy_side_files: bool = True) -> dict[str, Any]:
+    """Merge ``pool`` with ``method`` tensor by tensor and write the result to ``out_dir``.
+
+    Args:
+        method: a tensor-wise method (or one with ``stream_plan``).
+        pool: the model pool (``_pretrained_`` is the base).
+        out_dir: the output folder (sharded safetensors, config, generation config, tokenizer);
+            written under a temporary name and renamed at the end.
+        block_elements: elements per input in one row block of a large tensor.
+        max_shard_size: maximum shard size ('5GB', '500MB', bytes).
+        prefetch: work units read ahead (each holds one unit of every input).
+        overwrite: replace an existing ``out_dir`` (only after the merge succeeded).
+        progress: show a progress bar (default: when stderr is a terminal).
+        copy_side_files: copy config.json, generation_config.json and tokenizer files.
+    Returns:
+        information on the merge: plan figures, wall time, shards written.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"Output folder {out_dir} already exists; pass overwrite=True or choose another path.")
+    if block_elements < 1:
+        raise ConfigError(f"block_elements={block_elements} must be positive.")
+    shard_bytes = parse_size(max_shard_size)
+    names = pool.model_names
+    base = pool.base_name()
+    readers = {n: open_reader(pool, n) for n in dict.fromkeys([base, *names])}
+    try:
+        plan = plan_merge(method, pool, block_elements=block_elements, prefetch=prefetch, readers=readers)
+        if plan.mismatches:
+            more = f" (and {len(plan.mismatches) - 1} more; run a dry run to list them)" if len(plan.mismatches) > 1 else ""
+            raise ModelMismatchError(f"Cannot merge: {plan.mismatches[0]}{more}. Use checkpoints of one "
+                                     "architecture, or for a vocabulary-size difference use modelpool.type=causal_lm "
+                                     "with modelpool.vocab_policy.")
+        if callable(getattr(method, "prepare", None)) and not callable(getattr(method, "stream_plan", None)):
+            merge_keys = [j.key for j in plan.jobs if j.mode == "merge"]
+            method.prepare(ReaderSource(readers[base]) if pool.has_pretrained else None,
+                           [ReaderSource(readers[n]) for n in names], names, merge_keys)
+        in_base = base if pool.has_pretrained else None
+        if callable(getattr(method, "stream_plan", None)):
+            in_base = None
+        show = sys.stderr.isatty() if progress is None else progress
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            writer = ShardedWriter(tmp, [(j.key, j.shape, j.dtype) for j in plan.jobs], max_shard_bytes=shard_bytes)
+            try:
+                runner = _Runner(method, plan, writer, names)
+                pre = _Prefetcher(_units(plan, readers, in_base, names), prefetch)
+                pre.start()
+                try:
+                    with torch.no_grad(), _progress(len(plan.jobs), show) as prog:
+                        task = prog.add_task(f"merging ({method.name})", total=len(plan.jobs))
+                        last = None
+                        for unit in pre:
+                            runner.handle(unit)
+                            if unit[1] is not last:
+                                prog.advance(task)
+                                last = unit[1]
+                finally:
+                    pre.close()
+                weight_map = writer.finish()
+            finally:
+                writer.close()
+            side = _copy_side_files(pool, plan, tmp) if copy_side_files else []
+            shards = sorted({v for v in weight_map.values()})
+    finally:
+        for r in readers.values():
+            r.close()
+    info = plan.as_dict()
+    info.update({"engine": "streaming", "output": str(out_dir), "shards": shards, "side_files": side,
+                 "merge_wall_time_s": round(time.perf_counter() - t0, 4), "block_elements": block_elements})
+    return info
