@@ -58,6 +58,10 @@ class ModelPoolConfig:
     tokenizer: str | None = option(None, help="Tokenizer folder or hub id saved beside merged language models.")
     processor: str | None = option(None, help="Image processor folder or hub id saved beside merged vision models.")
     select: list[str] | None = option(None, help="Use only these model names (plus '_pretrained_').")
+    tasks: list[str] = option([], help="Task names: with model_template, generates one model entry per task "
+                              "(one source of truth instead of a hand-written list).")
+    model_template: str | None = option(None, help="Checkpoint of each task's model, with '{task}' in it, e.g. "
+                                        "'tanganke/clip-vit-base-patch32_{task}'. Needs `tasks`.")
     datasets: dict[str, Any] = option(
         {}, help="Optional per-task datasets: {task: {train: ..., val: ..., test: ...}} (paths or hub ids).")
     trust_remote_code: bool = option(False, help="Passed to from_pretrained for hub models with custom code.")
@@ -146,9 +150,18 @@ class ModelPool:
                     plain[k] = v
             kwargs["models"] = plain
         self.config: ModelPoolConfig = build_config(ModelPoolConfig, config, prefix="modelpool", ignore=("type",), **kwargs)
-        entries: dict[str, Any] = {**to_plain(self.config.models), **live}
+        generated = {}
+        if self.config.model_template is not None:
+            if "{task}" not in self.config.model_template:
+                raise ConfigError("modelpool.model_template must contain '{task}', e.g. 'org/model_{task}'.")
+            if not self.config.tasks:
+                raise ConfigError("modelpool.model_template needs modelpool.tasks (the task names).")
+            generated = {t: self.config.model_template.replace("{task}", t) for t in self.config.tasks}
+        elif self.config.tasks:
+            raise ConfigError("modelpool.tasks is set without modelpool.model_template; set both or neither.")
+        entries: dict[str, Any] = {**to_plain(self.config.models), **generated, **live}
         # keep the user's order with live modules where they were given
-        if models is not None:
+        if models is not None and not generated:
             entries = {k: entries[k] for k in models}
         if self.config.select is not None:
             unknown = [s for s in self.config.select if s not in entries]
