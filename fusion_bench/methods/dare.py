@@ -1,0 +1,101 @@
+"""DARE (Drop And REscale) before task arithmetic or TIES (Yu et al., ICML 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fusion_bench.config_schema import option
+from fusion_bench.errors import ConfigError
+from fusion_bench.kernels import dare as K
+from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
+from fusion_bench.utils import seeded_generator
+
+
+@dataclass
+class DareTaskArithmeticConfig(TensorwiseConfig):
+    scaling_factor: float = option(0.3, help="lambda: theta = theta_0 + lambda * sum_i DARE(tau_i).")
+    sparsity_ratio: float = option(
+        0.5, help="p, the probability of dropping each task-vector entry (FusionBench's name); in [0, 1), or "
+        "[0, 1] with rescale=false.")
+    rescale: bool = option(True, help="Multiply kept entries by 1/(1-p) (DARE); false: drop only.")
+    seed: int = option(0, help="Random seed; each tensor of each model draws from a generator seeded with "
+                       "(seed, tensor name, model name), so results do not depend on the visiting order.")
+
+    def __post_init__(self) -> None:
+        p = self.sparsity_ratio
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"method.sparsity_ratio={p} must be in [0, 1).")
+        if self.rescale and p >= 1.0:
+            raise ConfigError("method.sparsity_ratio=1 drops every entry and 1/(1-p) is infinite: use a value "
+                              "below 1, or set method.rescale=false.")
+
+
+@dataclass
+class DareTiesConfig(DareTaskArithmeticConfig):
+    sign_election: str = option("mass", choices=("mass", "count"),
+                                help="TIES sign election on the DARE'd task vectors: 'mass' (sum) or 'count'.")
+    merge_func: str = option("mean", choices=("mean", "sum", "max"),
+                             help="Disjoint merge of entries agreeing with the elected sign: 'mean' (TIES), "
+                             "'sum' or 'max'.")
+
+
+class _Dare(TensorwiseMerge):
+    requires_pretrained = True
+
+    def generators(self, key: str, names: list[str]):
+        p = self.config.sparsity_ratio
+        return [seeded_generator(self.config.seed, key, n) if p > 0 else None for n in names]
+
+
+@register_method
+class DareTaskArithmetic(_Dare):
+    """DARE then task arithmetic.
+
+    Paper: Yu et al., "Language Models are Super Mario" (ICML 2024), with task arithmetic (Ilharco
+    et al., ICLR 2023). Variant: each entry of tau_i = theta_i - theta_0 dropped with probability p
+    (u < p, u ~ U[0,1) from a generator seeded by (seed, tensor, model)), kept entries scaled by
+    1/(1-p) when rescale; theta = theta_0 + lambda * sum_i DARE(tau_i).
+
+    Args:
+        config: :class:`DareTaskArithmeticConfig` (scaling_factor, sparsity_ratio, rescale, seed, exclude).
+    """
+
+    name = "dare_task_arithmetic"
+    config_class: ClassVar = DareTaskArithmeticConfig
+    summary = "DARE (random drop p, rescale 1/(1-p)) on each task vector, then task arithmetic."
+    variant = ("Yu et al. 2024 (DARE) + Ilharco et al. 2023: tau~_i = m_i * tau_i / (1-p) with m_ij = [u_ij >= p], "
+               "u ~ U[0,1) seeded per (seed, tensor, model) (no 1/(1-p) when rescale=false); "
+               "theta = theta_0 + lambda * sum_i tau~_i.")
+
+    def merge_tensor(self, key, base, tensors, names):
+        c = self.config
+        return K.dare_task_arithmetic(base, tensors, c.sparsity_ratio, self.generators(key, names),
+                                      scaling_factor=c.scaling_factor, rescale=c.rescale)
+
+
+@register_method
+class DareTies(_Dare):
+    """DARE then TIES sign election and disjoint merge (no top-k trim), as mergekit's ``dare_ties``.
+
+    Paper: Yu et al. (ICML 2024) + Yadav et al. (NeurIPS 2023). Variant: tau~_i = DARE(tau_i) as in
+    ``dare_task_arithmetic``; gamma = sgn(sum_i tau~_i) (mass) or by count; merged = mean of the
+    tau~_i entries whose sign equals gamma (0 where gamma = 0); theta = theta_0 + lambda * merged.
+
+    Args:
+        config: :class:`DareTiesConfig` (scaling_factor, sparsity_ratio, rescale, seed, sign_election,
+            merge_func, exclude).
+    """
+
+    name = "dare_ties"
+    config_class: ClassVar = DareTiesConfig
+    summary = "DARE on each task vector, then TIES sign election and disjoint mean (mergekit dare_ties)."
+    variant = ("Yu et al. 2024 (DARE) + Yadav et al. 2023 (TIES) as mergekit dare_ties: tau~_i = DARE(tau_i) "
+               "(u < p dropped, 1/(1-p) rescale, seeded per tensor and model), no magnitude trim; sign elected by "
+               "mass (or count); disjoint mean of agreeing entries (0 on a zero vote); theta = theta_0 + lambda * merged.")
+
+    def merge_tensor(self, key, base, tensors, names):
+        c = self.config
+        return K.dare_ties(base, tensors, c.sparsity_ratio, self.generators(key, names),
+                           scaling_factor=c.scaling_factor, rescale=c.rescale,
+                           sign_election=c.sign_election, merge=c.merge_func)

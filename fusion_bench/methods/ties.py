@@ -1,0 +1,135 @@
+"""TIES-merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fusion_bench.config_schema import option
+from fusion_bench.errors import ConfigError, ModelMismatchError
+from fusion_bench.kernels import ties as K
+from fusion_bench.methods.base import FusionResult, TensorwiseConfig, TensorwiseMerge, register_method
+
+
+def check_fraction(value: float, key: str, *, upper_open: bool = False) -> None:
+    """Raise a ConfigError unless 0 <= value <= 1 (or < 1 when ``upper_open``)."""
+    ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
+    if not ok:
+        rng = "[0, 1)" if upper_open else "[0, 1]"
+        raise ConfigError(f"method.{key}={value} must be in {rng}.")
+
+
+@dataclass
+class TiesMergingConfig(TensorwiseConfig):
+    scaling_factor: float = option(0.3, help="lambda: theta = theta_0 + lambda * merged task vector.")
+    density: float = option(
+        0.2, help="Fraction of each task vector's entries kept by the magnitude trim (top-k%, k = density; "
+        "FusionBench's threshold=20 is density=0.2). Entries tied with the k-th largest magnitude are all kept.")
+    trim_scope: str = option(
+        "global", choices=("global", "tensor"),
+        help="'global': top-k over the whole flattened task vector of each model (paper, FusionBench; exact "
+        "threshold from a radix-select pre-pass reading one tensor at a time); 'tensor': top-k per tensor (mergekit).")
+    sign_election: str = option(
+        "mass", choices=("mass", "count"),
+        help="Elected sign per entry: 'mass' = sign of the sum of trimmed task vectors (paper); 'count' = "
+        "sign of the sum of their signs. A zero vote elects 0 and the merged entry is 0.")
+    merge_func: str = option(
+        "mean", choices=("mean", "sum", "max"),
+        help="Disjoint merge over entries agreeing with the elected sign: 'mean' (paper), 'sum' "
+        "(FusionBench merge_func=sum) or 'max' (largest agreeing magnitude).")
+
+    def __post_init__(self) -> None:
+        check_fraction(self.density, "density")
+
+
+class _SignMerge(TensorwiseMerge):
+    """Shared plumbing of TIES-style merges (task vectors against ``_pretrained_``)."""
+
+    requires_pretrained = True
+
+
+@register_method
+class TiesMerging(_SignMerge):
+    """TIES-merging of task vectors.
+
+    Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    Variant: see :mod:`fusion_bench.kernels.ties` (trim to top-``density`` magnitudes globally per
+    model or per tensor, ties at the threshold kept; sign by total mass (or count); disjoint mean
+    of agreeing entries; theta_0 + lambda * merged).
+
+    Args:
+        config: :class:`TiesMergingConfig` (scaling_factor, density, trim_scope, sign_election,
+            merge_func, exclude).
+    """
+
+    name = "ties_merging"
+    config_class: ClassVar = TiesMergingConfig
+    summary = "TIES-merging: trim task vectors to their top-k% magnitudes, elect signs, disjoint mean."
+    variant = ("Yadav et al. 2023 (TIES): tau_i = theta_i - theta_0 trimmed to |tau_i| >= its k-th largest "
+               "magnitude (k = round(density * n), over the whole model when trim_scope=global, per tensor when "
+               "trim_scope=tensor; ties at the threshold kept); sign elected per entry by total mass "
+               "(sign_election=mass) or count; disjoint mean (merge_func) over non-zero entries agreeing with "
+               "the elected sign (a zero vote gives 0); theta = theta_0 + lambda * merged.")
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        self._thresholds: dict[str, float] | None = None
+        self._threshold_dtype = torch.float32
+
+    def prepare(self, base, sources, names, keys) -> None:
+        """Global trim: the exact k-th largest |tau| of each model over all merged tensors.
+
+        Radix selection over the float bit patterns (:class:`fusion_bench.kernels.ties.KthLargestSelector`):
+        2 passes over the checkpoints (4 for float64 models), one tensor of one model in memory at a time.
+        """
+        self._thresholds = None
+        if self.config.trim_scope != "global":
+            return
+        if base is None:
+            raise ModelMismatchError(f"Method '{self.name}' needs the base model: add '_pretrained_' to the pool.")
+        metas = {k: base.meta(k) for k in keys}
+        dtype = torch.float64 if any(self.compute_dtype(m.dtype) == torch.float64 for m in metas.values()) \
+            else torch.float32
+        self._threshold_dtype = dtype
+        total = sum(m.numel for m in metas.values())
+        k = K.keep_count(total, self.config.density)
+        if k >= total or k <= 0:  # keep everything / nothing: no pass needed
+            value = 0.0 if k >= total else float("inf")
+            self._thresholds = {n: value for n in names}
+            return
+        sel = K.KthLargestSelector([k] * len(names), dtype)
+        while not sel.done:
+            sel.start_pass()
+            for key in keys:
+                b = base.get(key).to(dtype)
+                for i, (n, src) in enumerate(zip(names, sources)):
+                    tau = src.get(key).to(dtype) - b
+                    tau.abs_()
+                    if not torch.isfinite(tau).all():
+                        raise ModelMismatchError(
+                            f"Model '{n}' (or the base) has non-finite values (NaN/inf) in tensor '{key}'; "
+                            "fix or drop that checkpoint.")
+                    sel.add(i, tau)
+            sel.finish_pass()
+        self._thresholds = dict(zip(names, sel.values()))
+
+    def merge_tensor(self, key, base, tensors, names):
+        c = self.config
+        if c.trim_scope == "tensor":
+            return K.ties_merge(base, tensors, density=c.density, scaling_factor=c.scaling_factor,
+                                sign_election=c.sign_election, merge=c.merge_func)
+        if self._thresholds is None:
+            raise RuntimeError(f"{self.name}: prepare() must run before merge_tensor() with trim_scope=global "
+                               "(the engines call it).")
+        if base.dtype != self._threshold_dtype:  # mixed float32/float64 pool: compare in the wider type
+            base, tensors = base.to(self._threshold_dtype), [t.to(self._threshold_dtype) for t in tensors]
+        return K.ties_merge(base, tensors, thresholds=[self._thresholds[n] for n in names],
+                            scaling_factor=c.scaling_factor, sign_election=c.sign_election, merge=c.merge_func)
+
+    def run(self, modelpool) -> FusionResult:
+        result = super().run(modelpool)
+        if self._thresholds is not None:
+            result.metadata["trim_thresholds"] = dict(self._thresholds)
+        return result
