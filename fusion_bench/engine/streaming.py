@@ -9,10 +9,20 @@ equal the in-memory engine) and writes it at its final offset in the output shar
 (queue depth + 1) x (number of inputs) x (largest unit), independent of the model size.
 
 Row blocks: a tensor larger than ``block_elements`` is merged in blocks of rows when the method
-says it can be (``elementwise = True``: the output at an index depends only on the inputs at that
-index; or the two-phase protocol ``block_stats`` + ``merge_block``: per-model statistics over the
-whole tensor, read one model at a time, then an element-wise merge of each block given them).
-Other methods get whole tensors.
+says it can be. Either ``elementwise = True`` (the output at an index depends only on the inputs
+at that index: ``merge_one`` is applied to each block), or the block protocol:
+
+- ``begin_blocks(key, shape, names) -> state`` (optional): called once before the first block
+  (e.g. per-model random generators whose streams continue from block to block);
+- ``block_stats(key, base, tensor, name) -> stat`` (optional): a statistic of one model's whole
+  tensor (e.g. a magnitude threshold), computed before any block; the engine reads one model at
+  a time and passes the tensors in their stored dtype (the method chunks its own arithmetic);
+- ``merge_block(key, base, tensors, names, ctx, rows) -> tensor``: merge rows ``[rows[0],
+  rows[1])`` given ``ctx`` (:class:`BlockContext`: ``stats`` per model and ``state``); inputs in
+  the compute dtype. Blocks are visited in row order.
+
+The merged result must equal ``merge_one`` on the whole tensor (tested per method). Other
+methods get whole tensors.
 
 The output is written into a temporary folder beside the destination and renamed at the end; an
 error or interruption leaves nothing at the destination.
@@ -75,6 +85,13 @@ def parse_size(value: int | str, key: str = "max_shard_size") -> int:
         return int(s)
     except ValueError:
         raise ConfigError(f"{key}={value!r} is not a size; write e.g. '5GB', '500MB' or a number of bytes.") from None
+
+
+def human_bytes(n: int) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +190,7 @@ class Job:
     blocks: list[tuple[int, int]] | None = None
     stats: bool = False
     in_dtype: torch.dtype | None = None
+    protocol: bool = False  # merged with the method's merge_block (else merge_one per block)
 
     @property
     def out_bytes(self) -> int:
@@ -200,14 +218,14 @@ class MergePlan:
     config_from: str | None = None
 
     def summary(self) -> str:
-        gib = 2**30
         lines = [
             f"streaming plan for method '{self.method}': {len(self.jobs)} output tensors, "
             f"{len(self.models)} models" + (f" + base '{self.base}'" if self.base else ""),
-            f"  bytes to read:    {self.bytes_read / gib:8.3f} GiB",
-            f"  bytes to write:   {self.bytes_written / gib:8.3f} GiB",
-            f"  planned peak RSS: {self.peak_memory_bytes / gib:8.3f} GiB (estimate: process baseline "
-            f"{PROCESS_BASELINE_BYTES / gib:.2f} GiB + buffers of the largest work unit)",
+            f"  bytes to read:    {human_bytes(self.bytes_read)}",
+            f"  bytes to write:   {human_bytes(self.bytes_written)}",
+            f"  planned peak RSS: {human_bytes(self.peak_memory_bytes)} (estimate: process baseline "
+            f"{human_bytes(PROCESS_BASELINE_BYTES)} + buffers of the largest work unit, "
+            f"{human_bytes(self.peak_unit_bytes)})",
             f"  merged in row blocks: {sum(1 for j in self.jobs if j.blocks and len(j.blocks) > 1)} tensors; "
             f"copied: {sum(1 for j in self.jobs if j.mode == 'copy')}",
         ]
@@ -226,12 +244,20 @@ class MergePlan:
                 "notes": list(self.notes)}
 
 
+@dataclass
+class BlockContext:
+    """What ``merge_block`` gets besides the inputs: per-model ``stats`` (or None) and ``state``."""
+
+    stats: list[Any] | None = None
+    state: Any = None
+
+
 def _blockable(method: Any) -> tuple[bool, bool]:
     """(row blocks allowed, needs the whole-tensor statistics pass)."""
+    if callable(getattr(method, "merge_block", None)):
+        return True, callable(getattr(method, "block_stats", None))
     if getattr(method, "elementwise", False):
         return True, False
-    if callable(getattr(method, "merge_block", None)) and callable(getattr(method, "block_stats", None)):
-        return True, True
     return False, False
 
 
@@ -380,9 +406,10 @@ def _plan_tensorwise(method: Any, pool: ModelPool, readers: dict[str, Any], plan
             blocks = list(iter_row_blocks(rows, row_elems, block_elements))
         elif shape and merge_rows is not None:
             blocks = [(0, merge_rows)]
+        use_blocks = blocks is not None and len(blocks) > 1
         plan.jobs.append(Job(k, shape, dt, "merge", inputs, merge_rows=merge_rows, tail_from=tail_from,
-                             blocks=blocks, stats=stats and blocks is not None and len(blocks) > 1,
-                             in_dtype=in_dtype))
+                             blocks=blocks, stats=stats and use_blocks, in_dtype=in_dtype,
+                             protocol=use_blocks and callable(getattr(method, "merge_block", None))))
         big = rows * row_elems > block_elements and not can_block
         if big and len(plan.notes) < 50:
             plan.notes.append(f"tensor '{k}' ({rows * row_elems} elements) is merged whole: method "
@@ -490,7 +517,16 @@ class _Runner:
         self.plan = plan
         self.writer = writer
         self.names = names
-        self.stats: dict[str, list[Any]] = {}
+        self.ctx: dict[str, BlockContext] = {}
+
+    def _context(self, job: Job) -> BlockContext:
+        ctx = self.ctx.get(job.key)
+        if ctx is None:
+            begin = getattr(self.method, "begin_blocks", None)
+            rows = job.merge_rows if job.merge_rows is not None else job.shape[0]
+            state = begin(job.key, (rows, *job.shape[1:]), self.names) if callable(begin) else None
+            ctx = self.ctx[job.key] = BlockContext(stats=[] if job.stats else None, state=state)
+        return ctx
 
     def handle(self, unit: tuple) -> None:
         kind, job = unit[0], unit[1]
@@ -502,20 +538,19 @@ class _Runner:
             _, _, i, b, t = unit
             name = self.names[i]
             _check_finite(job.key, [name], [t])
-            cd = m.compute_dtype(t.dtype)
-            st = m.block_stats(job.key, b.to(cd) if b is not None else None, t.to(cd), name)
-            self.stats.setdefault(job.key, []).append(st)
+            self._context(job).stats.append(m.block_stats(job.key, b, t, name))
             return
         _, _, row_start, b, ts = unit
-        if job.stats:
+        if job.protocol:
             ref = b if b is not None else ts[0]
             _check_finite(job.key, self.names, ts)
             cd = m.compute_dtype(ref.dtype)
             rows = (row_start, row_start + ref.shape[0])
+            ctx = self._context(job)
             out = m.merge_block(job.key, b.to(cd) if b is not None else None, [t.to(cd) for t in ts], self.names,
-                                self.stats[job.key], rows).to(ref.dtype)
+                                ctx, rows).to(ref.dtype)
             if job.blocks and rows[1] == job.blocks[-1][1]:
-                self.stats.pop(job.key, None)
+                self.ctx.pop(job.key, None)
         else:
             out = m.merge_one(job.key, b, ts, self.names)
         self.writer.write(job.key, out.to(job.dtype), row_start=row_start)

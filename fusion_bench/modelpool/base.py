@@ -138,6 +138,9 @@ class ModelPool:
         config: a :class:`ModelPoolConfig` or mapping for the remaining options (keywords win).
     """
 
+    #: the config dataclass (subclasses registered with ``register_modelpool`` extend it)
+    config_class: type = ModelPoolConfig
+
     def __init__(self, models: Mapping[str, Any] | None = None, config: ModelPoolConfig | Mapping | None = None,
                  **kwargs: Any):
         live = {}
@@ -149,7 +152,8 @@ class ModelPool:
                 else:
                     plain[k] = v
             kwargs["models"] = plain
-        self.config: ModelPoolConfig = build_config(ModelPoolConfig, config, prefix="modelpool", ignore=("type",), **kwargs)
+        self.config: ModelPoolConfig = build_config(type(self).config_class, config, prefix="modelpool",
+                                                    ignore=("type",), **kwargs)
         generated = {}
         if self.config.model_template is not None:
             if "{task}" not in self.config.model_template:
