@@ -1,0 +1,1 @@
+"""The offline benchmark: image-classification tasks, a small CLIP, its fine-tuned zoo and leaderboards."""
