@@ -58,8 +58,8 @@ from fusion_bench.io.stream import ShardedWriter, StreamReader, dtype_size, iter
 if TYPE_CHECKING:
     from fusion_bench.modelpool.base import ModelPool
 
-#: elements of one input in one row block (4 Mi elements = 16 MiB in float32)
-DEFAULT_BLOCK_ELEMENTS = 1 << 22
+#: elements of one input in one row block (2 Mi elements = 8 MiB in float32)
+DEFAULT_BLOCK_ELEMENTS = 1 << 21
 #: resident memory of a Python process with torch and fusion_bench imported (for the dry-run estimate)
 PROCESS_BASELINE_BYTES = 260 * 2**20
 #: files copied from the base (or vocabulary source) folder beside the merged weights
@@ -255,7 +255,8 @@ class BlockContext:
 def _blockable(method: Any) -> tuple[bool, bool]:
     """(row blocks allowed, needs the whole-tensor statistics pass)."""
     if callable(getattr(method, "merge_block", None)):
-        return True, callable(getattr(method, "block_stats", None))
+        needs = getattr(method, "needs_block_stats", None)
+        return True, callable(getattr(method, "block_stats", None)) and (needs() if callable(needs) else True)
     if getattr(method, "elementwise", False):
         return True, False
     return False, False

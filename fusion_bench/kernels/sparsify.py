@@ -1,0 +1,212 @@
+"""Task-vector sparsification and generalized task arithmetic (the mergekit family of merges).
+
+A task vector tau_i = theta_i - theta_0 is sparsified (some entries set to 0, the kept ones
+possibly rescaled), weighted by w_i, optionally filtered by a sign consensus, summed and
+optionally normalised, then added to the base. Sparsifications (one tensor at a time):
+
+- ``magnitude`` (TIES trim, Yadav et al. NeurIPS 2023 as in mergekit): keep |tau| >= the k-th
+  largest |tau| with k = floor(density * n) (mergekit's k); every entry tied with the threshold
+  is kept (mergekit keeps exactly k, choosing among ties by an unstable sort).
+- ``breadcrumbs`` (Model Breadcrumbs, Davari & Belilovsky 2023): remove the n_top = floor(gamma * n)
+  largest magnitudes (outliers) and the smallest ones so that floor(density * n) entries stay
+  (n_top shrinks when density + gamma > 1): keep lo <= |tau| < hi with lo = the
+  (n_top + floor(density * n))-th largest and hi = the n_top-th largest (hi = +inf when n_top = 0).
+  Ties at lo are kept, ties at hi removed.
+- ``random`` (DARE, Yu et al. ICML 2024): keep entry j when u_j >= 1 - density, u = torch.rand
+  from the caller's generator (the draw of :func:`fusion_bench.kernels.dare.dare_mask`); kept
+  entries are divided by density when ``rescale``.
+- ``della`` (DELLA MagPrune, Deep et al. 2024): within each row (a 1-D tensor is one row; more
+  dimensions are flattened after the first), entries are ranked by magnitude (ascending, ties
+  broken by position: a stable sort), rank r in 0..m-1, and kept with probability
+  p = density - epsilon + 2 * epsilon * r / (m - 1) (p = density when m = 1): kept when u < p with
+  u = torch.rand from the caller's generator; kept entries are divided by p when ``rescale``.
+
+Consensus (TIES sign election as in mergekit): ``sum``: the elected sign is +1 where
+sum_i w_i tau~_i >= 0, else -1; ``count``: +1 where sum_i sgn(w_i tau~_i) >= 0. Entry i
+participates where sgn(w_i tau~_i) equals the elected sign (so zeros never do). Without
+consensus every entry participates.
+
+Merge: delta = sum_i w_i tau~_i m_i; with ``normalize`` delta /= sum_i w_i m_i (with consensus: a
+zero divisor becomes 1; without: the divisor is sum_i w_i, replaced by 1 when |.| < 1e-8);
+theta = theta_0 + lambda * delta.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fusion_bench.kernels.dare import dare_mask
+from fusion_bench.kernels.ties import KthLargestSelector
+
+#: elements per chunk when streaming |a - b| through the radix selector
+CHUNK = 1 << 20
+
+SPARSIFICATIONS = ("none", "magnitude", "breadcrumbs", "random", "della")
+CONSENSUS = ("none", "sum", "count")
+
+
+def magnitude_k(numel: int, density: float) -> int:
+    """mergekit's number of kept entries: floor(density * numel), clamped to [0, numel]."""
+    return min(numel, max(0, math.floor(density * numel * (1 + 1e-12))))
+
+
+def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """(n_top, n_keep): outliers removed from the top and entries kept (see the module docstring)."""
+    n_keep = magnitude_k(numel, density)
+    n_top = min(numel, max(0, math.floor(gamma * numel * (1 + 1e-12))))
+    n_bot = numel - n_keep - n_top
+    if n_bot < 0:
+        n_top += n_bot
+    return n_top, n_keep
+
+
+def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[int],
+                         chunk: int = CHUNK) -> list[float]:
+    """Exact k-th largest of |a - b| (|a| when b is None) for each k in ``ks``, computed in chunks.
+
+    The difference is formed in float32 (float64 for float64 inputs) chunk by chunk, so memory is
+    the inputs plus one chunk; the selection is the radix select of
+    :class:`fusion_bench.kernels.ties.KthLargestSelector` (+inf for k <= 0, 0 for k > n).
+    """
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    fa = a.reshape(-1)
+    fb = b.reshape(-1) if b is not None else None
+    n = fa.numel()
+    sel = KthLargestSelector(list(ks), dt)
+    while not sel.done:
+        sel.start_pass()
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            v = fa[s:e].to(dt)
+            if fb is not None:
+                v = v - fb[s:e].to(dt)
+            v = v.abs_()
+            for i in range(len(ks)):
+                sel.add(i, v)
+        sel.finish_pass()
+    return sel.values()
+
+
+def magnitude_thresholds(tau_or_theta: torch.Tensor, base: torch.Tensor | None, method: str, density: float,
+                         gamma: float = 0.01) -> tuple[float, float]:
+    """(lo, hi): the kept magnitude band of one task vector for ``magnitude`` or ``breadcrumbs``.
+
+    ``tau_or_theta - base`` is the task vector (``base=None``: the first argument is the task vector).
+    """
+    n = tau_or_theta.numel()
+    if method == "magnitude":
+        k = magnitude_k(n, density)
+        return kth_largest_abs_diff(tau_or_theta, base, [k])[0], math.inf
+    if method == "breadcrumbs":
+        n_top, n_keep = breadcrumbs_counts(n, density, gamma)
+        lo, hi = kth_largest_abs_diff(tau_or_theta, base, [n_top + n_keep, n_top])
+        if n_keep == 0:
+            lo = math.inf
+        return lo, (math.inf if n_top == 0 else hi)
+    raise ValueError(f"no magnitude thresholds for sparsification {method!r}")
+
+
+def band_mask(tau: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Entries with lo <= |tau| < hi."""
+    a = tau.abs()
+    m = a >= lo
+    if hi != math.inf:
+        m &= a < hi
+    return m
+
+
+def della_keep_prob(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune keep probabilities, row by row (see the module docstring)."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    m = rows.shape[1]
+    if m == 1:
+        return torch.full_like(tau, density)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+    p = (density - epsilon) + (2 * epsilon / (m - 1)) * ranks.to(tau.dtype)
+    return p.reshape(tau.shape)
+
+
+def sparsify(tau: torch.Tensor, method: str, density: float, *, rescale: bool = False,
+             generator: torch.Generator | None = None, thresholds: tuple[float, float] | None = None,
+             gamma: float = 0.01, epsilon: float = 0.15) -> torch.Tensor:
+    """Sparsify one task vector (see the module docstring for each method's exact rule).
+
+    Args:
+        tau: the task vector (or a row block of it; then pass ``thresholds`` for magnitude methods,
+            and a generator whose stream continues from the previous block for random ones).
+        method: 'none', 'magnitude', 'breadcrumbs', 'random' or 'della'.
+        density: fraction of entries kept (expected fraction for random methods); >= 1 keeps all.
+        rescale: random methods: divide kept entries by their keep probability.
+        generator: random methods: the source of the uniforms.
+        thresholds: magnitude methods: (lo, hi) of the whole tensor (default: computed on ``tau``).
+        gamma: breadcrumbs: fraction of largest magnitudes removed.
+        epsilon: della: half-width of the keep probabilities around density.
+    """
+    if method == "none" or density >= 1.0:
+        return tau
+    if method in ("magnitude", "breadcrumbs"):
+        lo, hi = thresholds if thresholds is not None else magnitude_thresholds(tau, None, method, density, gamma)
+        return tau * band_mask(tau, lo, hi)
+    if generator is None:
+        raise ValueError(f"sparsification {method!r} needs a seeded generator")
+    if method == "random":
+        if density <= 0:
+            return torch.zeros_like(tau)
+        out = tau * dare_mask(tau.shape, 1.0 - density, generator)
+        return out / density if rescale else out
+    if method == "della":
+        if density <= 0:
+            return torch.zeros_like(tau)
+        p = della_keep_prob(tau, density, epsilon)
+        u = torch.rand(tau.shape, generator=generator, dtype=torch.float32).to(tau.dtype)
+        keep = u < p
+        out = tau * keep
+        return torch.where(keep, out / p, out) if rescale else out
+    raise ValueError(f"unknown sparsification {method!r}; use one of {SPARSIFICATIONS}")
+
+
+def gta_merge(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float], *,
+              consensus: str = "none", normalize: bool = False, scaling_factor: float = 1.0) -> torch.Tensor:
+    """theta_0 + lambda * (sum_i w_i tau_i m_i) [/ sum_i w_i m_i]: the merge step of generalized task arithmetic.
+
+    Args:
+        base: theta_0.
+        taus: the (already sparsified) task vectors, same shape as ``base``.
+        weights: w_i, one per task vector.
+        consensus: 'none', 'sum' or 'count' (module docstring).
+        normalize: divide by the participating weights' sum.
+        scaling_factor: lambda.
+    """
+    out = torch.zeros_like(base)
+    if consensus == "none":
+        for w, t in zip(weights, taus):
+            out.add_(t, alpha=float(w))
+        if normalize:
+            div = float(sum(weights))
+            out.div_(div if abs(div) >= 1e-8 else 1.0)
+        return base + scaling_factor * out
+    if consensus not in CONSENSUS:
+        raise ValueError(f"unknown consensus {consensus!r}; use one of {CONSENSUS}")
+    vote = torch.zeros_like(base)
+    for w, t in zip(weights, taus):
+        if consensus == "sum":
+            vote.add_(t, alpha=float(w))
+        else:
+            vote.add_((t * float(w)).sign_())
+    elected = torch.where(vote >= 0, 1.0, -1.0).to(base.dtype)
+    div = torch.zeros_like(base) if normalize else None
+    for w, t in zip(weights, taus):
+        wt = t * float(w)
+        agree = wt.sign() == elected
+        out.add_(wt * agree)
+        if div is not None:
+            div.add_(agree.to(base.dtype), alpha=float(w))
+    if div is not None:
+        div[div == 0] = 1.0
+        out.div_(div)
+    return base + scaling_factor * out

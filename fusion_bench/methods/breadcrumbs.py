@@ -1,0 +1,45 @@
+"""Model Breadcrumbs (Davari & Belilovsky, 2023): task vectors without outliers and small entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fusion_bench.config_schema import option
+from fusion_bench.kernels import sparsify as K
+from fusion_bench.methods.base import register_method
+from fusion_bench.methods.sparsify import GeneralizedTaskArithmetic, GTAConfig
+
+
+@dataclass
+class BreadcrumbsConfig(GTAConfig):
+    sparsification: str = option("breadcrumbs", choices=("breadcrumbs",),
+                                 help="Fixed: drop the gamma largest and the smallest magnitudes of each tensor.")
+    density: float = option(0.9, help="Fraction of each task vector's entries kept per tensor (paper: 1 - beta - gamma "
+                            "with beta the bottom fraction).")
+    gamma: float = option(0.01, help="Fraction of the largest magnitudes (outliers) removed per tensor.")
+    scaling_factor: float = option(0.3, help="lambda: theta = theta_0 + lambda * sum_i w_i mask_i tau_i.")
+    consensus: str = option("none", choices=K.CONSENSUS,
+                            help="'none' (paper; mergekit breadcrumbs) or 'sum' (mergekit breadcrumbs_ties).")
+
+
+@register_method
+class ModelBreadcrumbs(GeneralizedTaskArithmetic):
+    """Model Breadcrumbs: mask each tensor's task vector to a magnitude band, then task arithmetic.
+
+    Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
+    Masks" (2023). Variant: per tensor, the n_top = floor(gamma n) largest |tau| and the smallest are
+    removed so that floor(density n) stay (ties at the lower bound kept, at the upper removed);
+    theta = theta_0 + lambda * sum_i w_i mask_i tau_i (consensus=sum adds TIES sign election, as
+    mergekit's breadcrumbs_ties).
+
+    Args:
+        config: :class:`BreadcrumbsConfig`.
+    """
+
+    name = "model_breadcrumbs"
+    config_class: ClassVar = BreadcrumbsConfig
+    summary = "Model Breadcrumbs: per-tensor magnitude band (drop outliers and small entries), then task arithmetic."
+    variant = ("Davari & Belilovsky 2023: keep lo <= |tau| < hi per tensor, hi = n_top-th largest (n_top = "
+               "floor(gamma n)), lo = (n_top + floor(density n))-th largest; theta = theta_0 + lambda sum_i w_i "
+               "mask_i tau_i (optional TIES sign consensus).")
