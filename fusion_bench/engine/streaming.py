@@ -673,3 +673,65 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
     info.update({"engine": "streaming", "output": str(out_dir), "shards": shards, "side_files": side,
                  "merge_wall_time_s": round(time.perf_counter() - t0, 4), "block_elements": block_elements})
     return info
+
+
+# ----------------------------------------------------------------------------------------------
+# program integration
+# ----------------------------------------------------------------------------------------------
+def streaming_applicable(method: Any, pool: ModelPool) -> bool:
+    """True when ``method`` merges tensor by tensor (or has a stream plan) and every model is on disk."""
+    from fusion_bench.methods.base import TensorwiseMerge
+
+    if not (isinstance(method, TensorwiseMerge) or callable(getattr(method, "stream_plan", None))):
+        return False
+    return all(checkpoint_folder(pool, n) is not None for n in pool.names)
+
+
+class StreamedModel(torch.nn.Module):
+    """Stand-in for a merged model that was streamed to disk: parameters on the meta device (shapes
+    only, no memory) so that reports can count them; load the folder to use the model."""
+
+    def __init__(self, plan: MergePlan, folder: str | os.PathLike):
+        super().__init__()
+        self.folder = str(folder)
+        self._names = []
+        for i, j in enumerate(plan.jobs):
+            if j.dtype.is_floating_point:
+                self.register_parameter(f"p{i}", torch.nn.Parameter(torch.empty(j.shape, dtype=j.dtype, device="meta"),
+                                                                    requires_grad=False))
+                self._names.append(j.key)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not callable by design
+        raise TypeError(f"The merged model was streamed to {self.folder}; load it with from_pretrained.")
+
+
+def run_streaming(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *, load: bool = False,
+                  **kwargs: Any) -> Any:
+    """Stream the merge to ``out_dir`` and return a FusionResult (the model loaded from the folder when
+    ``load``, else a :class:`StreamedModel` of meta tensors)."""
+    from fusion_bench.methods.base import FusionResult
+    from fusion_bench.modelpool.base import resolve_model_class
+
+    info = merge_to_folder(method, pool, out_dir, **kwargs)
+    readers = {n: open_reader(pool, n) for n in dict.fromkeys([pool.base_name(), *pool.model_names])}
+    try:
+        base_numel = sum(readers[pool.base_name()].meta(k).numel for k in readers[pool.base_name()].keys()
+                         if readers[pool.base_name()].meta(k).dtype.is_floating_point)
+        plan = plan_merge(method, pool, readers=readers) if not load else None
+    finally:
+        for r in readers.values():
+            r.close()
+    if load:
+        cls = resolve_model_class(getattr(pool.config, "model_class", "auto"))
+        try:
+            model = cls.from_pretrained(out_dir).eval()
+        except Exception as e:
+            raise CheckpointError(f"The merged folder {out_dir} does not load with {cls.__name__}: {e}") from e
+        out_numel = sum(p.numel() for p in model.parameters())
+    else:
+        model = StreamedModel(plan, out_dir)
+        out_numel = sum(p.numel() for p in model.parameters())
+    meta = {"method": method.name, "variant": method.variant, "hyperparameters": method.hyperparameters(),
+            "method_wall_time_s": info["merge_wall_time_s"], "extra_parameters": int(out_numel - base_numel),
+            "streaming": info}
+    return FusionResult("merged", model=model, metadata=meta)

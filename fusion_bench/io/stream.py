@@ -290,7 +290,7 @@ class ShardedWriter:
         t = tensor.detach().contiguous().cpu()
         nbytes = t.numel() * t.element_size()
         if nbytes:
-            view = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
             fd = self._fd_of[loc.file]
             off = loc.offset + row_start * loc.row_bytes
             done = 0

@@ -81,9 +81,7 @@ def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[i
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             v = fa[s:e].to(dt)
-            if fb is not None:
-                v = v - fb[s:e].to(dt)
-            v = v.abs_()
+            v = (v - fb[s:e].to(dt)).abs_() if fb is not None else v.abs()  # never modify the input
             for i in range(len(ks)):
                 sel.add(i, v)
         sel.finish_pass()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fusion_bench.config_schema import build_config, option, to_plain
+from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.io.atomic import atomic_file
 from fusion_bench.methods.base import FusionResult, TensorwiseMerge, build_method
 from fusion_bench.modelpool.base import build_modelpool
@@ -36,6 +37,10 @@ class ProgramConfig:
     evaluate: bool = option(True, help="Evaluate the result with the task pool.")
     print_table: bool = option(True, help="Print the per-task table after evaluation.")
     output_dir: str | None = option(None, help="Run folder (set by the CLI to Hydra's output folder).")
+    engine: str = option("auto", choices=("auto", "memory", "streaming"),
+                         help="How tensor-wise merges run: 'streaming' reads and writes tensor by tensor "
+                         "(out-of-core, needs merged_model_path); 'memory' holds the merged model; 'auto' streams "
+                         "when the result is only written (merged_model_path set, evaluate=false).")
 
 
 def _seed_everything(seed: int) -> None:
@@ -102,10 +107,30 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
     # validation before any work
     if isinstance(method, TensorwiseMerge):
         method.check_pool(modelpool.model_names, modelpool.has_pretrained)
+    from fusion_bench.engine.streaming import streaming_applicable
+
+    can_stream = streaming_applicable(method, modelpool)
+    streaming = cfg.engine == "streaming" or (cfg.engine == "auto" and can_stream and bool(cfg.merged_model_path)
+                                              and not cfg.evaluate)
+    if streaming and not can_stream:
+        raise ConfigError(f"engine=streaming: method '{method.name}' does not merge tensor by tensor or a model is "
+                          "not on disk; use engine=memory.")
+    if streaming and not cfg.merged_model_path and not cfg.dry_run:
+        raise ConfigError("engine=streaming writes the merged model to disk: set merged_model_path=<folder>.")
     if cfg.dry_run:
         plan = {"method": method.name, "hyperparameters": method.hyperparameters(),
                 "models": modelpool.describe(), "taskpool": getattr(taskpool, "tasks", [])}
-        if isinstance(method, TensorwiseMerge):
+        if streaming:
+            from fusion_bench.engine.streaming import plan_merge
+
+            splan = plan_merge(method, modelpool)
+            log(splan.summary())
+            plan["streaming"] = splan.as_dict()
+            plan["tensors"] = len(splan.jobs)
+            if splan.mismatches:
+                raise ModelMismatchError(f"dry run: {len(splan.mismatches)} mismatch(es), first: "
+                                         f"{splan.mismatches[0]}.")
+        elif isinstance(method, TensorwiseMerge):
             keys = modelpool.validate()
             plan["tensors"] = len(keys)
         log("dry run: configuration and models are valid; nothing merged.")
@@ -115,7 +140,12 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
     _seed_everything(cfg.seed)
     t_start = time.perf_counter()
     with measure() as m:
-        result = method.run(modelpool)
+        if streaming:
+            from fusion_bench.engine.streaming import run_streaming
+
+            result = run_streaming(method, modelpool, cfg.merged_model_path, load=cfg.evaluate)
+        else:
+            result = method.run(modelpool)
     if not isinstance(result, FusionResult):
         raise TypeError(f"Method '{method.name}'.run returned {type(result).__name__}, expected FusionResult.")
     extra_params = result.metadata.get("extra_parameters")
@@ -141,7 +171,10 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
     }
     if result.kind != "per_task":
         report["parameters"] = count_parameters(result.model)
-    if cfg.merged_model_path and result.kind == "merged":
+    report["engine"] = "streaming" if streaming else "memory"
+    if streaming:
+        report["merged_model_path"] = str(cfg.merged_model_path)
+    elif cfg.merged_model_path and result.kind == "merged":
         path = modelpool.save_model(result.model, cfg.merged_model_path)
         report["merged_model_path"] = str(path)
         log(f"merged model saved to {path}")

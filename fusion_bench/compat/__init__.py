@@ -1,0 +1,1 @@
+"""Compatibility front-ends for other merging tools' configuration formats (mergekit)."""

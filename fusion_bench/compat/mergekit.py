@@ -1,0 +1,430 @@
+"""mergekit compatibility: run a mergekit merge YAML with fusion_bench's streaming engine.
+
+    fusion_bench mergekit config.yml OUT_DIR [--dry-run] [--max-shard-size 5GB] [--block-elements N]
+
+Accepted keys: ``models`` (each ``model`` + ``parameters``), ``base_model``, ``merge_method``,
+``parameters`` (global), ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer.source``,
+``slices`` (``passthrough`` only). Parameters may be scalars, layer gradients (lists of numbers,
+interpolated over the layers: t = i / (L - 1) for layer i of L, t = 0 for the embeddings and t = 1
+for the tensors after the layers, as mergekit) or lists of ``{filter, value}`` (the first entry
+whose filter is absent, ``*`` or a substring of the tensor name wins). A model's own parameters win
+over the global ones.
+
+Method mapping (see docs/mergekit.md for the variants and the differences):
+
+=================  ==========================================================================
+mergekit           fusion_bench
+=================  ==========================================================================
+linear             :class:`MergekitLinear` (weighted average; ``normalize`` default true)
+task_arithmetic    ``generalized_task_arithmetic`` sparsification none, no consensus
+ties               ... magnitude (k = floor(density n) per tensor, ties kept), consensus sum, normalize
+dare_ties          ... random (DARE, 1/density rescale), consensus sum
+dare_linear        ... random, no consensus
+breadcrumbs(_ties) ... breadcrumbs (gamma outliers removed), [consensus sum]
+della(_linear)     ... della (MagPrune per row, 1/p rescale), [consensus sum, normalize], lambda
+slerp              :class:`MergekitSlerp` (fusion_bench's SLERP kernel, per-tensor ``t``)
+karcher            ``karcher_mean`` (max_iter, tol)
+passthrough        ``passthrough`` (slices of layer ranges)
+=================  ==========================================================================
+
+Computation is in float32 (float64 for float64 inputs) whatever ``dtype`` says; the output is
+written in ``out_dtype`` (else ``dtype``, else the base model's dtype). Random masks come from
+fusion_bench's per-tensor seeded generators, not mergekit's global RNG, so DARE/DELLA merges are
+equal in distribution, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from fusion_bench.errors import ConfigError, did_you_mean
+from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge
+
+TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "slices", "name"}
+UNSUPPORTED_KEYS = {"modules": "per-module merges", "chat_template": "chat template selection"}
+GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+               "della_linear")
+SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough")
+LAYER_RX = re.compile(r"\.layers\.(\d+)\.")
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter settings (scalars, gradients, filters)
+# ----------------------------------------------------------------------------------------------
+def evaluate_setting(tensor: str, setting: Any, t: float, where: str = "parameter") -> Any:
+    """Value of a mergekit parameter setting for tensor ``tensor`` at depth ``t`` in [0, 1]."""
+    if isinstance(setting, (bool, int, float, str)) or setting is None:
+        return setting
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, (list, tuple)):
+        if not setting:
+            raise ConfigError(f"{where} is an empty list; give a value, a gradient [a, b, ...] or filters.")
+        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            x = t * (len(setting) - 1)
+            i0 = int(x)
+            i1 = min(len(setting) - 1, i0 + 1)
+            f = x - i0
+            return (1 - f) * setting[i0] + f * setting[i1]
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        for i, cond in enumerate(setting):
+            if not isinstance(cond, Mapping) or "value" not in cond:
+                raise ConfigError(f"{where}[{i}]={cond!r}: a conditional parameter needs 'value' (and optionally "
+                                  "'filter').")
+            extra = set(cond) - {"value", "filter"}
+            if extra:
+                raise ConfigError(f"{where}[{i}] has unknown key(s) {sorted(extra)}; use 'filter' and 'value'.")
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or flt in tensor:
+                return evaluate_setting(tensor, cond["value"], t, f"{where}[{i}].value")
+        return None
+    raise ConfigError(f"{where}={setting!r} is not a number, a gradient list or a list of filters.")
+
+
+def depth_t(key: str, num_layers: int) -> float:
+    """mergekit's t: i / (L - 1) in layer i, 0 for embeddings (before the layers), 1 after them."""
+    m = LAYER_RX.search(key)
+    if m:
+        return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+    return 0.0 if "embed" in key or ".wte." in key else 1.0
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: str
+    parameters: dict[str, Any]
+
+
+class ParameterResolver:
+    """Per-tensor, per-model parameter values (model parameters, then global, then the default)."""
+
+    def __init__(self, entries: list[ModelEntry], global_params: dict[str, Any], num_layers: int):
+        self.by_name = {e.name: e for e in entries}
+        self.global_params = global_params
+        self.num_layers = num_layers
+
+    def value(self, name: str, key: str, model: str | None, default: Any = None, required: bool = False) -> Any:
+        t = depth_t(key, self.num_layers)
+        if model is not None and model in self.by_name:
+            p = self.by_name[model].parameters
+            if name in p:
+                v = evaluate_setting(key, p[name], t, f"models[{model}].parameters.{name}")
+                if v is not None:
+                    return v
+        if name in self.global_params:
+            v = evaluate_setting(key, self.global_params[name], t, f"parameters.{name}")
+            if v is not None:
+                return v
+        if required:
+            raise ConfigError(f"mergekit parameter '{name}' is missing for model '{model}' (tensor '{key}'); add "
+                              f"parameters: {{{name}: ...}} to that model or to the global parameters.")
+        return default
+
+    def gta_params(self, key: str, names: list[str]) -> tuple[list[float], list[float]]:
+        return ([float(self.value("weight", key, n, required=True)) for n in names],
+                [float(self.value("density", key, n, default=1.0)) for n in names])
+
+
+# ----------------------------------------------------------------------------------------------
+# methods with per-tensor parameters
+# ----------------------------------------------------------------------------------------------
+class MergekitLinear(TensorwiseMerge):
+    """mergekit ``linear``: theta = sum_i w_i theta_i [/ sum_i w_i], w_i evaluated per tensor.
+
+    Paper: Wortsman et al. 2022 (model soups) with per-model weights. Variant: mergekit linear,
+    ``normalize`` true by default (divisor sum_i w_i; 1 when |sum| < 1e-8).
+
+    Args:
+        resolver: the parameter resolver of the YAML.
+        normalize: divide by the weights' sum.
+    """
+
+    name = "mergekit_linear"
+    config_class: ClassVar = TensorwiseConfig
+    variant = "mergekit linear: sum_i w_i theta_i / sum_i w_i (normalize) with per-tensor weights."
+    elementwise = True
+
+    def __init__(self, resolver: ParameterResolver, normalize: bool = True):
+        super().__init__()
+        self.resolver = resolver
+        self.normalize = normalize
+
+    def merge_tensor(self, key, base, tensors, names):
+        w = [float(self.resolver.value("weight", key, n, required=True)) for n in names]
+        out = torch.zeros_like(tensors[0])
+        for wi, t in zip(w, tensors):
+            out.add_(t, alpha=wi)
+        if self.normalize:
+            s = sum(w)
+            out.div_(s if abs(s) >= 1e-8 else 1.0)
+        return out
+
+
+class MergekitSlerp(TensorwiseMerge):
+    """mergekit ``slerp``: spherical interpolation from the base (t = 0) to the other model (t = 1).
+
+    Paper: Shoemake 1985. Variant: :func:`fusion_bench.kernels.slerp.slerp` with ``t`` evaluated
+    per tensor (filters, gradients) from the YAML.
+
+    Args:
+        resolver: the parameter resolver of the YAML.
+    """
+
+    name = "mergekit_slerp"
+    config_class: ClassVar = TensorwiseConfig
+    variant = "mergekit slerp: slerp(base, other, t) per tensor, t from filters/gradients."
+    requires_pretrained = True
+    min_models = 1
+    max_models = 1
+
+    def __init__(self, resolver: ParameterResolver):
+        super().__init__()
+        self.resolver = resolver
+
+    def merge_tensor(self, key, base, tensors, names):
+        from fusion_bench.kernels.slerp import slerp
+
+        t = self.resolver.value("t", key, None, required=True)
+        return slerp(base, tensors[0], float(t))
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML -> (method, pool)
+# ----------------------------------------------------------------------------------------------
+def _model_ref(ref: Any, where: str) -> str:
+    if isinstance(ref, Mapping):
+        if "model" in ref and isinstance(ref["model"], (str, Mapping)):
+            return _model_ref(ref["model"], where)
+        if "path" in ref:
+            if ref.get("lora"):
+                raise ConfigError(f"{where}: LoRA model references are not supported; merge the adapter first.")
+            return str(ref["path"])
+        raise ConfigError(f"{where}={ref!r} is not a model reference (a path or hub id).")
+    s = str(ref)
+    if "+" in s and not Path(s).exists():
+        raise ConfigError(f"{where}='{s}': 'model+lora' references are not supported; merge the LoRA first.")
+    return s
+
+
+def _unique_name(path: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path.rstrip("/")).name or "model")
+    name, i = base, 1
+    while name in taken or name == "_pretrained_":
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def _num_layers(path: str) -> int:
+    p = Path(path)
+    cfg = p / "config.json"
+    if cfg.exists():
+        c = json.loads(cfg.read_text())
+        for k in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(c.get(k), int):
+                return c[k]
+    from fusion_bench.io.stream import StreamReader
+
+    idx = {int(m.group(1)) for k in StreamReader(p).keys() if (m := LAYER_RX.search(k))}
+    return max(idx) + 1 if idx else 1
+
+
+@dataclass
+class MergekitPlan:
+    method: Any
+    pool: Any
+    merge_method: str
+    notes: list[str]
+
+
+def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan:
+    """Translate a mergekit YAML (path or mapping) into a fusion_bench method and causal-LM pool."""
+    import yaml
+
+    from fusion_bench.methods import build_method
+    from fusion_bench.modelpool.causal_lm import CausalLMPool
+
+    if not isinstance(config, Mapping):
+        p = Path(config)
+        if not p.exists():
+            raise ConfigError(f"mergekit config {p} does not exist.")
+        try:
+            config = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"mergekit config {p} is not valid YAML: {e}") from e
+    cfg = dict(config)
+    for k in cfg:
+        if k in UNSUPPORTED_KEYS:
+            raise ConfigError(f"mergekit key '{k}' ({UNSUPPORTED_KEYS[k]}) is not supported by fusion_bench.")
+        if k not in TOP_KEYS:
+            raise ConfigError(f"Unknown mergekit key '{k}'.{did_you_mean(k, TOP_KEYS)}")
+    method_name = cfg.get("merge_method")
+    if method_name not in SUPPORTED:
+        raise ConfigError(f"mergekit merge_method={method_name!r} is not supported.{did_you_mean(str(method_name), SUPPORTED)}"
+                          " See docs/mergekit.md for the supported methods.")
+    notes: list[str] = []
+    gparams = dict(cfg.get("parameters") or {})
+    base_path = _model_ref(cfg["base_model"], "base_model") if cfg.get("base_model") else None
+    taken: set[str] = set()
+    entries: list[ModelEntry] = []
+    models: dict[str, str] = {}
+    if base_path is not None:
+        models["_pretrained_"] = base_path
+    if method_name == "passthrough":
+        if cfg.get("models") and not cfg.get("slices"):
+            raw = [{"sources": [{"model": m.get("model"), "layer_range": [0, _num_layers(_model_ref(m.get("model"), "models"))]}]}
+                   for m in cfg["models"]]
+        else:
+            raw = cfg.get("slices") or []
+        if not raw:
+            raise ConfigError("passthrough needs 'slices' (or one model in 'models').")
+        slices = []
+        path_names: dict[str, str] = {}
+        for i, s in enumerate(raw):
+            srcs = s.get("sources") or []
+            if len(srcs) != 1:
+                raise ConfigError(f"slices[{i}] has {len(srcs)} sources; passthrough takes exactly one per slice.")
+            src = srcs[0]
+            path = _model_ref(src.get("model"), f"slices[{i}].sources[0].model")
+            if path not in path_names:
+                path_names[path] = "_pretrained_" if path == base_path else _unique_name(path, taken)
+                models.setdefault(path_names[path], path)
+            lr = list(src.get("layer_range") or [])
+            if len(lr) != 2:
+                raise ConfigError(f"slices[{i}].sources[0].layer_range must be [start, end].")
+            slices.append({"model": path_names[path], "layers": [int(lr[0]), int(lr[1])]})
+        pool = _make_pool(CausalLMPool, models, cfg, notes)
+        method = build_method({"name": "passthrough", "slices": slices})
+        return MergekitPlan(method, pool, method_name, notes)
+    if cfg.get("slices"):
+        raise ConfigError(f"'slices' is supported only with merge_method=passthrough, not {method_name}; use 'models'.")
+    raw_models = cfg.get("models") or []
+    if not raw_models:
+        raise ConfigError("The mergekit config has no 'models'.")
+    for i, m in enumerate(raw_models):
+        if not isinstance(m, Mapping) or "model" not in m:
+            raise ConfigError(f"models[{i}] needs a 'model' key (path or hub id).")
+        extra = set(m) - {"model", "parameters"}
+        if extra:
+            raise ConfigError(f"models[{i}] has unknown key(s) {sorted(extra)}; use 'model' and 'parameters'.")
+        path = _model_ref(m["model"], f"models[{i}].model")
+        if path == base_path and method_name != "linear":
+            notes.append(f"models[{i}] is the base model; it is not merged with itself (as mergekit)")
+            continue
+        name = _unique_name(path, taken)
+        models[name] = path
+        entries.append(ModelEntry(name, path, dict(m.get("parameters") or {})))
+    if method_name != "linear" and base_path is None:
+        raise ConfigError(f"merge_method={method_name} needs base_model.")
+    ref_path = base_path or entries[0].path
+    resolver = ParameterResolver(entries, gparams, _num_layers(ref_path) if Path(ref_path).exists() else 1)
+    if method_name == "linear":
+        if base_path is not None and all(e.path != base_path for e in entries):
+            models.pop("_pretrained_", None)  # linear does not use a base model
+        method: Any = MergekitLinear(resolver, normalize=bool(gparams.get("normalize", True)))
+    elif method_name == "slerp":
+        method = MergekitSlerp(resolver)
+    elif method_name == "karcher":
+        opts = {k: gparams[k] for k in ("max_iter", "tol") if k in gparams}
+        if base_path not in [e.path for e in entries]:
+            models.pop("_pretrained_", None)  # karcher does not use a base model
+        method = build_method({"name": "karcher_mean", **opts})
+    else:
+        from fusion_bench.methods.sparsify import MERGEKIT_PRESETS
+
+        spars, consensus, norm_default, rescale_default = MERGEKIT_PRESETS[method_name]
+        first = entries[0].name if entries else None
+        key0 = "model.layers.0.mlp.down_proj.weight"
+        lam = resolver.value("lambda", key0, first, default=1.0) if spars == "della" else 1.0
+        opts = {"sparsification": spars, "consensus": consensus,
+                "normalize": bool(gparams.get("normalize", norm_default)),
+                "rescale": bool(gparams.get("rescale", rescale_default)),
+                "scaling_factor": float(lam)}
+        if "gamma" in gparams or any("gamma" in e.parameters for e in entries):
+            opts["gamma"] = float(resolver.value("gamma", key0, first, default=0.01))
+        if "epsilon" in gparams or any("epsilon" in e.parameters for e in entries):
+            opts["epsilon"] = float(resolver.value("epsilon", key0, first, default=0.15))
+        if "int8_mask" in gparams:
+            notes.append("int8_mask only changes mergekit's mask dtype; ignored")
+        method = build_method({"name": "generalized_task_arithmetic", **opts})
+        method.tensor_params = resolver.gta_params
+        for e in entries:  # fail early on a missing weight
+            resolver.gta_params("model.embed_tokens.weight", [e.name])
+    pool = _make_pool(CausalLMPool, models, cfg, notes)
+    return MergekitPlan(method, pool, method_name, notes)
+
+
+def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: list[str]):
+    dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    if cfg.get("dtype") and cfg.get("out_dtype") and cfg["dtype"] != cfg["out_dtype"]:
+        notes.append(f"computation is in float32; output written as {cfg['out_dtype']}")
+    tok = cfg.get("tokenizer_source")
+    if isinstance(cfg.get("tokenizer"), Mapping):
+        extra = set(cfg["tokenizer"]) - {"source"}
+        if extra:
+            raise ConfigError(f"tokenizer.{sorted(extra)[0]} is not supported (only tokenizer.source).")
+        tok = cfg["tokenizer"].get("source")
+    vocab_source = None
+    if tok == "union":
+        raise ConfigError("tokenizer_source: union (building a merged vocabulary) is not supported; use 'base' or a "
+                          "model path: rows the models share are merged, the rest come from that model.")
+    if tok not in (None, "base"):
+        path = _model_ref(tok, "tokenizer_source")
+        names = [n for n, p in models.items() if p == path]
+        if not names:
+            raise ConfigError(f"tokenizer_source='{path}' is not one of the merged models.")
+        vocab_source = names[0]
+    pool_cfg = {"models": models, "dtype": dtype, "vocab_policy": "shared_rows"}
+    if vocab_source is not None:
+        pool_cfg["vocab_source"] = vocab_source
+    return cls(config=pool_cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``fusion_bench mergekit CONFIG OUT_DIR``: run a mergekit YAML with the streaming engine."""
+    from fusion_bench.engine.streaming import DEFAULT_BLOCK_ELEMENTS, merge_to_folder, plan_merge
+
+    ap = argparse.ArgumentParser(prog="fusion_bench mergekit",
+                                 description="Run a mergekit merge YAML with fusion_bench's streaming engine.")
+    ap.add_argument("config", help="mergekit YAML")
+    ap.add_argument("out_dir", nargs="?", help="output folder (required unless --dry-run)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (peak memory, bytes, mismatches) only")
+    ap.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    ap.add_argument("--block-elements", type=int, default=DEFAULT_BLOCK_ELEMENTS,
+                    help="elements per input in one row block of a large tensor")
+    ap.add_argument("--prefetch", type=int, default=2, help="work units read ahead of the merge")
+    ap.add_argument("--no-overwrite", action="store_true", help="fail if OUT_DIR exists")
+    args = ap.parse_args(argv)
+    plan = load_mergekit_config(args.config)
+    for n in plan.notes:
+        print(f"note: {n}")
+    if args.dry_run:
+        p = plan_merge(plan.method, plan.pool, block_elements=args.block_elements, prefetch=args.prefetch)
+        print(p.summary())
+        return 1 if p.mismatches else 0
+    if not args.out_dir:
+        raise ConfigError("Give the output folder: fusion_bench mergekit CONFIG OUT_DIR (or --dry-run).")
+    info = merge_to_folder(plan.method, plan.pool, args.out_dir, block_elements=args.block_elements,
+                           max_shard_size=args.max_shard_size, prefetch=args.prefetch,
+                           overwrite=not args.no_overwrite)
+    print(f"merged ({plan.merge_method}) into {info['output']}: {len(info['shards'])} shard(s), "
+          f"{info['bytes_written'] / 2**20:.1f} MiB written in {info['merge_wall_time_s']:.2f} s")
+    return 0
+
+
+__all__ = ["evaluate_setting", "depth_t", "load_mergekit_config", "main", "MergekitLinear", "MergekitSlerp"]
