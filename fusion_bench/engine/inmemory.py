@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from fusion_bench.engine.validate import validate_sources
+from fusion_bench.engine.validate import align_keys, aligned_sources, untied_keys, validate_sources  # noqa: F401
 from fusion_bench.io.checkpoint import ModuleSource, TensorSource
 
 if TYPE_CHECKING:
@@ -28,46 +28,31 @@ def _progress(total: int, desc: str):
     return Progress(transient=True, disable=not sys.stderr.isatty() or total < 50)
 
 
-def align_keys(module_keys: list[str], file_keys: list[str]) -> dict[str, str] | None:
-    """Map a module's state-dict keys to checkpoint tensor names.
-
-    transformers may rename on load (e.g. ``CLIPVisionModel`` has ``embeddings.*`` while its files
-    hold ``vision_model.embeddings.*``). Returns None when no common prefix maps every key.
-    """
-    fset = set(file_keys)
-    if all(k in fset for k in module_keys):
-        return {k: k for k in module_keys}
-    if not module_keys:
-        return {}
-    probe = module_keys[0]
-    for fk in file_keys:
-        if fk.endswith("." + probe):
-            prefix = fk[: -len(probe)]
-            if all(prefix + k in fset for k in module_keys):
-                return {k: prefix + k for k in module_keys}
-    return None
-
-
 def merge_in_memory(method: TensorwiseMerge, pool: ModelPool) -> tuple[nn.Module, dict[str, Any]]:
     names = pool.model_names
     method.check_pool(names, pool.has_pretrained)
     base_name = pool.base_name()
+    pool.check_architectures([base_name, *names])  # before loading anything
     model = pool.load_model(base_name)
     if pool.kind(base_name) == "module":
         model = copy.deepcopy(model)  # never modify the caller's module
     module_sd = model.state_dict()
     all_names = [base_name, *[n for n in names if n != base_name]]
     sources: dict[str, TensorSource] = {n: pool.source(n) for n in all_names}
-    key_map = align_keys(list(module_sd), sources[base_name].keys())
-    lazy = key_map is not None
-    if lazy:
-        # fine-tuned checkpoints may hold only a sub-model (e.g. the vision tower of a full CLIP base)
-        file_keys = validate_sources(base_name, sources, keys=[key_map[k] for k in module_sd],
-                                     allow_extra=False)
-        keys = list(module_sd)
+    module_keys = untied_keys(model.state_dict(keep_vars=True), sources[base_name].keys())
+    aligned = aligned_sources(base_name, sources, module_keys)
+    lazy = aligned is not None
+    if aligned is not None:
+        # fine-tuned checkpoints may hold only a sub-model (e.g. the vision tower of a full CLIP base),
+        # possibly under names that differ from the base's by a prefix
+        sources, key_map = aligned
+        file_keys = validate_sources(base_name, sources, keys=[key_map[k] for k in module_keys], allow_extra=False)
+        keys = module_keys
     else:
-        sources = {n: ModuleSource(pool.load_model(n) if n != base_name else model, n) for n in all_names}
-        keys = validate_sources(base_name, sources, keys=list(module_sd))
+        # read the base from its own copy: the output module is written while merging
+        base_module = pool.entry(base_name) if pool.kind(base_name) == "module" else pool.load_model(base_name)
+        sources = {n: ModuleSource(pool.load_model(n) if n != base_name else base_module, n) for n in all_names}
+        keys = validate_sources(base_name, sources, keys=module_keys)
         key_map = {k: k for k in keys}
         file_keys = keys
     has_base = pool.has_pretrained

@@ -339,9 +339,21 @@ class ModelPool:
         names = names if names is not None else self.names
         ref_name = self.base_name()
         ref = self.source(ref_name)
+        self._check_hf_configs(names)
+        if keys is None:
+            # the tensors of the module that is merged (e.g. only the vision tower of a full CLIP base),
+            # with checkpoints whose names differ by a prefix viewed under the base's names
+            from fusion_bench.engine.validate import aligned_sources, validate_sources
+
+            module_keys = self.module_state_keys(ref_name)
+            if module_keys is not None:
+                aligned = aligned_sources(ref_name, {n: self.source(n) for n in dict.fromkeys([ref_name, *names])},
+                                          module_keys)
+                if aligned is not None:
+                    srcs, key_map = aligned
+                    return validate_sources(ref_name, srcs, keys=[key_map[k] for k in module_keys])
         ref_metas = ref.metas()
         keys = list(keys) if keys is not None else list(ref_metas)
-        self._check_hf_configs(names)
         for n in names:
             if n == ref_name:
                 continue
@@ -366,6 +378,43 @@ class ModelPool:
                         "differences, resize embeddings first or exclude the embedding tensors).")
         return keys
 
+    def module_state_keys(self, name: str) -> list[str] | None:
+        """State-dict keys (tied aliases removed) of the module :meth:`load_model` gives for ``name``, found
+        without reading weights (Hugging Face models are built on the meta device). None when unknown
+        (plain state dicts without ``architecture``, or a model that cannot be built from its config)."""
+        from fusion_bench.engine.validate import untied_keys
+
+        kind = self.kind(name)
+        try:
+            if kind == "module":
+                module = self._entries[name]
+            elif kind == "hf":
+                path = resolve_hf_path(str(self._entries[name]), name)
+                cls = resolve_model_class(self.config.model_class)
+                trust = {"trust_remote_code": True} if self.config.trust_remote_code else {}
+                if hasattr(cls, "_from_config"):  # a concrete class, e.g. CLIPVisionModel
+                    cfg = cls.config_class.from_pretrained(path, **trust)
+                    with torch.device("meta"):
+                        module = cls._from_config(cfg)
+                else:  # an Auto class
+                    from transformers import AutoConfig
+
+                    cfg = AutoConfig.from_pretrained(path, **trust)
+                    with torch.device("meta"):
+                        module = cls.from_config(cfg, **trust)
+            elif self.config.architecture is not None:
+                with torch.device("meta"):
+                    module = self.build_architecture()
+            else:
+                return None
+        except Exception:
+            return None
+        return untied_keys(module.state_dict(keep_vars=True), self.source(name).keys())
+
+    def check_architectures(self, names: list[str] | None = None) -> None:
+        """Raise ModelMismatchError when Hugging Face models of the pool have different ``model_type``s."""
+        self._check_hf_configs(names if names is not None else self.names)
+
     def _check_hf_configs(self, names: list[str]) -> None:
         types = {}
         for n in names:
@@ -375,7 +424,9 @@ class ModelPool:
             if cfg.exists():
                 mt = json.loads(cfg.read_text()).get("model_type")
                 types[n] = mt
-        if len(set(types.values())) > 1:
+        # a tower saved alone (CLIPVisionModel: 'clip_vision_model') belongs to its full model ('clip')
+        family = {n: str(t).removesuffix("_vision_model").removesuffix("_text_model") for n, t in types.items()}
+        if len(set(family.values())) > 1:
             raise ModelMismatchError(
                 f"Models have different architectures (config.json model_type): {types}. Merge models of one architecture.")
 
