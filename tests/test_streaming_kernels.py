@@ -1,0 +1,213 @@
+"""Kernels of the streaming-era methods against naive references written from the papers' formulas:
+sparsifications (magnitude, Model Breadcrumbs, DARE, DELLA), generalized task arithmetic, Karcher mean."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusion_bench.kernels import sparsify as K
+from fusion_bench.kernels.karcher import karcher_mean
+from fusion_bench.methods import build_method
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _desc_magnitudes(t: torch.Tensor) -> list[float]:
+    return sorted((abs(float(x)) for x in t.reshape(-1)), reverse=True)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.37, 0.5, 0.99, 1.0])
+def test_magnitude_sparsify_naive(density):
+    tau = _rand((7, 5), 1)
+    tau[0, :3] = 0.25  # ties
+    n = tau.numel()
+    k = int(density * n)
+    mags = _desc_magnitudes(tau)
+    thr = mags[k - 1] if k > 0 else math.inf
+    expect = torch.tensor([[float(x) if (abs(float(x)) >= thr or density >= 1) else 0.0 for x in row] for row in tau])
+    got = K.sparsify(tau, "magnitude", density)
+    assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.05), (0.8, 0.3), (0.3, 0.0)])
+def test_breadcrumbs_sparsify_naive(density, gamma):
+    tau = _rand((6, 6), 2)
+    n = tau.numel()
+    keep = math.floor(density * n)
+    top = math.floor(gamma * n)
+    if n - keep - top < 0:  # not enough entries: remove fewer outliers
+        top = n - keep
+    mags = _desc_magnitudes(tau)
+    hi = mags[top - 1] if top > 0 else math.inf
+    lo = mags[top + keep - 1] if keep > 0 else math.inf
+    expect = torch.zeros_like(tau)
+    for i in range(6):
+        for j in range(6):
+            a = abs(float(tau[i, j]))
+            if lo <= a < hi:
+                expect[i, j] = tau[i, j]
+    got = K.sparsify(tau, "breadcrumbs", density, gamma=gamma)
+    assert torch.equal(got, expect)
+    assert int((got != 0).sum()) == keep
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_random_sparsify_naive(rescale):
+    tau = _rand((4, 9), 3)
+    d = 0.6
+    u = torch.rand((4, 9), generator=torch.Generator().manual_seed(7))
+    expect = torch.zeros_like(tau)
+    for i in range(4):
+        for j in range(9):
+            if float(u[i, j]) >= 1 - d:
+                expect[i, j] = tau[i, j] / d if rescale else tau[i, j]
+    got = K.sparsify(tau, "random", d, rescale=rescale, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
+def test_della_sparsify_naive():
+    tau = _rand((3, 6), 4)
+    tau[1, 2] = tau[1, 4]  # a tie: broken by position
+    d, eps = 0.5, 0.2
+    u = torch.rand((3, 6), generator=torch.Generator().manual_seed(9))
+    expect = torch.zeros_like(tau)
+    for i in range(3):
+        row = [abs(float(x)) for x in tau[i]]
+        order = sorted(range(6), key=lambda j: (row[j], j))
+        rank = {j: r for r, j in enumerate(order)}
+        for j in range(6):
+            p = d - eps + 2 * eps * rank[j] / 5
+            if float(u[i, j]) < p:
+                expect[i, j] = tau[i, j] / p
+    got = K.sparsify(tau, "della", d, rescale=True, epsilon=eps, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-7)
+    # a 1-D tensor is one row
+    v = _rand((5,), 5)
+    p = K.della_keep_prob(v, d, eps)
+    ranks = sorted(range(5), key=lambda j: (abs(float(v[j])), j))
+    for r, j in enumerate(ranks):
+        assert abs(float(p[j]) - (d - eps + 2 * eps * r / 4)) < 1e-6
+
+
+@pytest.mark.parametrize("consensus", ["none", "sum", "count"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gta_merge_naive(consensus, normalize):
+    base = _rand((3, 4), 10)
+    taus = [_rand((3, 4), 11 + i) * (i + 1) for i in range(3)]
+    taus[0][0, 0] = 0.0
+    w = [0.5, 1.5, -0.25]
+    lam = 0.7
+    got = K.gta_merge(base, taus, w, consensus=consensus, normalize=normalize, scaling_factor=lam)
+    expect = torch.zeros_like(base)
+    for i in range(3):
+        for j in range(4):
+            wt = [w[m] * float(taus[m][i, j]) for m in range(3)]
+            if consensus == "none":
+                mask = [1.0] * 3
+                div = sum(w)
+            else:
+                vote = sum(wt) if consensus == "sum" else sum((x > 0) - (x < 0) for x in wt)
+                elected = 1 if vote >= 0 else -1
+                mask = [1.0 if ((x > 0) - (x < 0)) == elected else 0.0 for x in wt]
+                div = sum(w[m] * mask[m] for m in range(3)) or 1.0
+            delta = sum(wt[m] * mask[m] for m in range(3))
+            if normalize:
+                delta /= div
+            expect[i, j] = float(base[i, j]) + lam * delta
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+
+
+def _karcher_naive(vectors, weights, iters=10, tol=1e-5):
+    """Riemannian mean on the sphere with python floats (Karcher 1977, unit gradient steps)."""
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    def norm(a):
+        return math.sqrt(dot(a, a))
+
+    norms = [norm(v) for v in vectors]
+    xs = [[x / n for x in v] for v, n in zip(vectors, norms)]
+    ws = sum(weights)
+    u = [sum(w * x[i] for w, x in zip(weights, xs)) for i in range(len(xs[0]))]
+    un = norm(u)
+    u = [x / un for x in u]
+    for _ in range(iters):
+        g = [0.0] * len(u)
+        for w, x in zip(weights, xs):
+            c = max(-1.0, min(1.0, dot(u, x)))
+            th = math.acos(c)
+            f = th / math.sin(th) if th >= 1e-7 else 1.0
+            for i in range(len(u)):
+                g[i] += w / ws * (x[i] - c * u[i]) * f
+        gn = norm(g)
+        if gn < tol:
+            break
+        u = [math.cos(gn) * a + math.sin(gn) / gn * b for a, b in zip(u, g)]
+        n = norm(u)
+        u = [a / n for a in u]
+    mean_norm = sum(w * n for w, n in zip(weights, norms)) / ws
+    return [a * mean_norm for a in u]
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5]])
+def test_karcher_naive(weights):
+    ts = [_rand((2, 3), 20 + i) for i in range(3)]
+    got = karcher_mean([t.double() for t in ts], weights, max_iter=10, tol=1e-9)
+    expect = _karcher_naive([t.reshape(-1).tolist() for t in ts], weights or [1.0] * 3, iters=10, tol=1e-9)
+    torch.testing.assert_close(got.reshape(-1), torch.tensor(expect, dtype=torch.float64), rtol=1e-9, atol=1e-10)
+
+
+def test_karcher_closed_forms():
+    x = torch.tensor([3.0, 0.0])
+    y = torch.tensor([0.0, 1.0])
+    got = karcher_mean([x, y], max_iter=50, tol=1e-9)
+    # geodesic midpoint of the directions, scaled by the mean norm 2
+    torch.testing.assert_close(got, torch.tensor([2 / math.sqrt(2), 2 / math.sqrt(2)]), rtol=1e-5, atol=1e-6)
+    t = _rand((4, 4), 3)
+    torch.testing.assert_close(karcher_mean([t, t, t]), t, rtol=1e-6, atol=1e-6)
+    assert torch.equal(karcher_mean([torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
+
+
+def test_methods_match_kernel_composition():
+    """model_breadcrumbs and della = task vectors -> sparsify -> gta_merge with their defaults."""
+    base = _rand((8, 8), 30)
+    ts = [base + 0.1 * _rand((8, 8), 31 + i) for i in range(3)]
+    names = ["a", "b", "c"]
+    m = build_method({"name": "model_breadcrumbs", "density": 0.7, "gamma": 0.05, "scaling_factor": 0.4})
+    got = m.merge_tensor("k", base, ts, names)
+    taus = [K.sparsify(t - base, "breadcrumbs", 0.7, gamma=0.05) for t in ts]
+    expect = base + 0.4 * sum(taus)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+    from fusion_bench.utils import seeded_generator
+
+    d = build_method({"name": "della", "density": 0.6, "epsilon": 0.1, "seed": 5})
+    got = d.merge_tensor("k", base, ts, names)
+    taus = [K.sparsify(t - base, "della", 0.6, rescale=True, epsilon=0.1, generator=seeded_generator(5, "k", n))
+            for t, n in zip(ts, names)]
+    expect = K.gta_merge(base, taus, [1.0] * 3, consensus="sum", normalize=True)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
+def test_config_errors():
+    from fusion_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="epsilon"):
+        build_method({"name": "della", "density": 0.1, "epsilon": 0.2})
+    with pytest.raises(ConfigError, match="sparsification"):
+        build_method({"name": "generalized_task_arithmetic", "sparsification": "magnitud"})
+    with pytest.raises(ConfigError, match="max_iter"):
+        build_method({"name": "karcher_mean", "max_iter": 0})
