@@ -200,6 +200,21 @@ def test_task_arithmetic_and_simple_average(families, family, tmp_path):
     assert json.loads((tmp_path / "ta" / "config.json").read_text())["model_type"] == merged.config.model_type
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_engine_auto_without_evaluation(families, family, tmp_path):
+    """evaluate=false streams to disk where the files are the merged module; a CLIP vision tower of a full
+    CLIP base (or prefix-renamed checkpoints) falls back to the in-memory engine. Same numbers either way."""
+    from fusion_bench.programs.fusion import run_program
+
+    fam = families[family]
+    base, fts = saved_family_tensors(fam)
+    rep = run_program({"method": {"name": "task_arithmetic", "scaling_factor": TA_LAMBDA},
+                       "modelpool": pool_config(fam), "merged_model_path": str(tmp_path / "out"), "evaluate": False,
+                       "print_table": False}, log=lambda *a: None)
+    assert rep["engine"] == ("memory" if family == "clip_vision" else "streaming")
+    assert_module_matches(fam["cls"].from_pretrained(tmp_path / "out"), reference_task_arithmetic(base, fts, TA_LAMBDA))
+
+
 OTHER_METHODS = {
     "ties_merging": {"scaling_factor": 0.5, "density": 0.4},
     "dare_task_arithmetic": {"scaling_factor": 0.5, "sparsity_ratio": 0.3, "seed": 3},

@@ -684,7 +684,27 @@ def streaming_applicable(method: Any, pool: ModelPool) -> bool:
 
     if not (isinstance(method, TensorwiseMerge) or callable(getattr(method, "stream_plan", None))):
         return False
-    return all(checkpoint_folder(pool, n) is not None for n in pool.names)
+    return all(checkpoint_folder(pool, n) is not None for n in pool.names) and _files_are_the_module(pool)
+
+
+def _files_are_the_module(pool: ModelPool) -> bool:
+    """False when the merged module is a part of the base checkpoint (a CLIP vision tower of a full CLIP
+    base) or the checkpoints name its tensors differently (by a prefix): the streaming engine merges
+    the base checkpoint's tensors under their file names, the in-memory engine maps both cases."""
+    from fusion_bench.engine.validate import RenamedSource, aligned_sources
+
+    keys_of = getattr(pool, "module_state_keys", None)
+    base = pool.base_name()
+    module_keys = keys_of(base) if callable(keys_of) else None
+    if module_keys is None:
+        return True
+    sources = {n: pool.source(n) for n in pool.names}
+    aligned = aligned_sources(base, sources, module_keys)
+    if aligned is None:
+        return True  # the plan reports the mismatches
+    views, key_map = aligned
+    return set(key_map.values()) == set(sources[base].keys()) and \
+        not any(isinstance(v, RenamedSource) for v in views.values())
 
 
 class StreamedModel(torch.nn.Module):
