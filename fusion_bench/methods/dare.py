@@ -47,6 +47,20 @@ class _Dare(TensorwiseMerge):
         p = self.config.sparsity_ratio
         return [seeded_generator(self.config.seed, key, n) if p > 0 else None for n in names]
 
+    # streaming engine row-block protocol: one generator per model for the whole tensor, drawn block
+    # after block in row order (torch's CPU uniform stream is sequential, so blocks equal one draw)
+    def begin_blocks(self, key, shape, names):
+        return self.generators(key, names)
+
+    def merge_block(self, key, base, tensors, names, ctx, rows):
+        return self.merge_with(base, tensors, ctx.state)
+
+    def merge_tensor(self, key, base, tensors, names):
+        return self.merge_with(base, tensors, self.generators(key, names))
+
+    def merge_with(self, base, tensors, generators):
+        raise NotImplementedError
+
 
 @register_method
 class DareTaskArithmetic(_Dare):
@@ -68,9 +82,9 @@ class DareTaskArithmetic(_Dare):
                "u ~ U[0,1) seeded per (seed, tensor, model) (no 1/(1-p) when rescale=false); "
                "theta = theta_0 + lambda * sum_i tau~_i.")
 
-    def merge_tensor(self, key, base, tensors, names):
+    def merge_with(self, base, tensors, generators):
         c = self.config
-        return K.dare_task_arithmetic(base, tensors, c.sparsity_ratio, self.generators(key, names),
+        return K.dare_task_arithmetic(base, tensors, c.sparsity_ratio, generators,
                                       scaling_factor=c.scaling_factor, rescale=c.rescale)
 
 
@@ -94,8 +108,8 @@ class DareTies(_Dare):
                "(u < p dropped, 1/(1-p) rescale, seeded per tensor and model), no magnitude trim; sign elected by "
                "mass (or count); disjoint mean of agreeing entries (0 on a zero vote); theta = theta_0 + lambda * merged.")
 
-    def merge_tensor(self, key, base, tensors, names):
+    def merge_with(self, base, tensors, generators):
         c = self.config
-        return K.dare_ties(base, tensors, c.sparsity_ratio, self.generators(key, names),
+        return K.dare_ties(base, tensors, c.sparsity_ratio, generators,
                            scaling_factor=c.scaling_factor, rescale=c.rescale,
                            sign_election=c.sign_election, merge=c.merge_func)

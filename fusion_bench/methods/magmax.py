@@ -31,6 +31,7 @@ class MagMax(TensorwiseMerge):
     name = "magmax"
     config_class: ClassVar = MagMaxConfig
     requires_pretrained = True
+    elementwise = True  # row blocks allowed in the streaming engine
     summary = "MagMax: per parameter, the task-vector entry of largest magnitude across models."
     variant = ("Marczak et al. 2024 (MagMax): tau_max[j] = tau_{i*}[j], i* = argmax_i |tau_i[j]| (magnitude ties: the "
                "larger signed value); theta = theta_0 + lambda * tau_max.")

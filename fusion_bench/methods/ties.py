@@ -10,7 +10,13 @@ import torch
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels import ties as K
-from fusion_bench.methods.base import FusionResult, TensorwiseConfig, TensorwiseMerge, register_method
+from fusion_bench.methods.base import (
+    FusionResult,
+    TensorwiseConfig,
+    TensorwiseMerge,
+    all_finite,
+    register_method,
+)
 
 
 def check_fraction(value: float, key: str, *, upper_open: bool = False) -> None:
@@ -77,6 +83,9 @@ class TiesMerging(_SignMerge):
         super().__init__(config, **kwargs)
         self._thresholds: dict[str, float] | None = None
         self._threshold_dtype = torch.float32
+        if self.config.trim_scope == "tensor":
+            # streaming engine, large tensors in row blocks: per-model thresholds of the whole tensor first
+            self.block_stats = self._tensor_threshold
 
     def prepare(self, base, sources, names, keys) -> None:
         """Global trim: the exact k-th largest |tau| of each model over all merged tensors.
@@ -106,8 +115,7 @@ class TiesMerging(_SignMerge):
                 b = base.get(key).to(dtype)
                 for i, (n, src) in enumerate(zip(names, sources)):
                     tau = src.get(key).to(dtype) - b
-                    tau.abs_()
-                    if not torch.isfinite(tau).all():
+                    if not all_finite(tau):
                         raise ModelMismatchError(
                             f"Model '{n}' (or the base) has non-finite values (NaN/inf) in tensor '{key}'; "
                             "fix or drop that checkpoint.")
@@ -115,18 +123,36 @@ class TiesMerging(_SignMerge):
             sel.finish_pass()
         self._thresholds = dict(zip(names, sel.values()))
 
+    def _global_thresholds(self, names: list[str]) -> list[float]:
+        if self._thresholds is None:
+            raise RuntimeError(f"{self.name}: prepare() must run before merging with trim_scope=global "
+                               "(the engines call it).")
+        return [self._thresholds[n] for n in names]
+
     def merge_tensor(self, key, base, tensors, names):
         c = self.config
         if c.trim_scope == "tensor":
             return K.ties_merge(base, tensors, density=c.density, scaling_factor=c.scaling_factor,
                                 sign_election=c.sign_election, merge=c.merge_func)
-        if self._thresholds is None:
-            raise RuntimeError(f"{self.name}: prepare() must run before merge_tensor() with trim_scope=global "
-                               "(the engines call it).")
-        if base.dtype != self._threshold_dtype:  # mixed float32/float64 pool: compare in the wider type
+        return self._merge_with(base, tensors, self._global_thresholds(names))
+
+    def _merge_with(self, base, tensors, thresholds):
+        c = self.config
+        if c.trim_scope == "global" and base.dtype != self._threshold_dtype:
+            # mixed float32/float64 pool: compare in the type the thresholds were selected in
             base, tensors = base.to(self._threshold_dtype), [t.to(self._threshold_dtype) for t in tensors]
-        return K.ties_merge(base, tensors, thresholds=[self._thresholds[n] for n in names],
-                            scaling_factor=c.scaling_factor, sign_election=c.sign_election, merge=c.merge_func)
+        return K.ties_merge(base, tensors, thresholds=thresholds, scaling_factor=c.scaling_factor,
+                            sign_election=c.sign_election, merge=c.merge_func)
+
+    # streaming engine row-block protocol: with its thresholds known, TIES is element-wise
+    def _tensor_threshold(self, key, base, tensor, name) -> float:
+        cd = self.compute_dtype(base.dtype)
+        tau = tensor.to(cd) - base.to(cd)
+        return K.kth_largest_abs(tau, K.keep_count(tau.numel(), self.config.density))
+
+    def merge_block(self, key, base, tensors, names, ctx, rows):
+        thresholds = list(ctx.stats) if ctx.stats is not None else self._global_thresholds(names)
+        return self._merge_with(base, tensors, thresholds)
 
     def run(self, modelpool) -> FusionResult:
         result = super().run(modelpool)
