@@ -1,0 +1,281 @@
+"""The leaderboard: every registered method that applies, run on the offline CLIP zoo on equal terms.
+
+    fusion_bench leaderboard [--scale full|tiny] [--root DIR] [--out DIR] [--methods a,b,...]
+                             [--max-samples N] [--corruption NAME]
+
+For every method of :func:`fusion_bench.methods.list_methods` (so new methods appear without
+edits) the zoo's model pool is fused with the method's documented defaults and the result is
+evaluated zero-shot on the eight tasks by :func:`fusion_bench.programs.run_program`. Methods that
+do not apply are listed with the reason (training methods, methods for a fixed number of models
+other than eight, methods whose run fails on the zoo). Reference rows: the pretrained CLIP and the
+individual fine-tuned models (each on its own task).
+
+Outputs (written atomically into ``--out``, default ``./leaderboard``): ``leaderboard.md``,
+``leaderboard.csv``, ``leaderboard.json`` (per-task accuracy, average, normalized accuracy = mean
+over tasks of accuracy / fine-tuned accuracy, merge wall time, peak memory, extra parameters, data
+used) and ``leaderboard.png`` (average accuracy against merge time and against peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fusion_bench.errors import ConfigError, FusionBenchError, did_you_mean
+from fusion_bench.io.atomic import atomic_file, atomic_path
+
+PRETRAINED_ROW = "pretrained"
+FINETUNED_ROW = "fine-tuned (individual)"
+
+
+def applicability(method_cls: type, names: list[str], has_pretrained: bool) -> str | None:
+    """None when the method can run on the zoo's pool; else the reason it is skipped."""
+    from fusion_bench.methods.base import TensorwiseMerge
+
+    if method_cls.family == "training":
+        return "trains models (it built the zoo's fine-tuned models: see the 'fine-tuned (individual)' row)"
+    if method_cls.requires_pretrained and not has_pretrained:
+        return "needs the pretrained model"
+    if issubclass(method_cls, TensorwiseMerge):
+        try:
+            method_cls().check_pool(names, has_pretrained)
+        except FusionBenchError as e:
+            return f"does not apply to {len(names)} models with default options: {e}"
+    return None
+
+
+def _per_task_acc(report: dict[str, Any]) -> dict[str, float]:
+    return {t: float(m["accuracy"]) for t, m in report.get("tasks", {}).items() if "accuracy" in m}
+
+
+def _row(name: str, kind: str, accs: dict[str, float], tasks: list[str], finetuned: dict[str, float] | None,
+         **extra: Any) -> dict[str, Any]:
+    avg = sum(accs[t] for t in tasks) / len(tasks) if all(t in accs for t in tasks) else None
+    norm = None
+    if finetuned and avg is not None and all(finetuned.get(t) for t in tasks):
+        norm = sum(accs[t] / finetuned[t] for t in tasks) / len(tasks)
+    return {"method": name, "kind": kind, "accuracy": {t: accs.get(t) for t in tasks}, "average": avg,
+            "normalized": norm, **extra}
+
+
+def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Path = "leaderboard",
+                    methods: list[str] | None = None, max_samples: int | None = None,
+                    corruption: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the leaderboard and write its tables and plot; return the JSON document.
+
+    Args:
+        scale: the zoo's scale (``full`` or ``tiny``).
+        root: the zoo folder (default: the scale's default cache folder).
+        out: output folder.
+        methods: only these registered methods (default: all).
+        max_samples: evaluate at most this many test images per task.
+        corruption: evaluate on this corrupted test split (robustness) instead of the clean one.
+        log: where progress lines go (default: stderr).
+    """
+    from fusion_bench.methods import get_method_class, list_methods
+    from fusion_bench.modelpool.clip_zoo import CLIPZooModelPool
+    from fusion_bench.programs.fusion import evaluate_result, run_program
+    from fusion_bench.taskpool.clip_zoo import CLIPZooTaskPool
+    from fusion_bench.utils import measure
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    out = Path(out)
+    registered = list_methods()
+    chosen = registered if not methods else list(methods)
+    for m in chosen:
+        if m not in registered:
+            raise ConfigError(f"leaderboard --methods names unknown method '{m}'.{did_you_mean(m, registered)}")
+    t_start = time.perf_counter()
+    pool = CLIPZooModelPool({"scale": scale, "root": root})
+    taskpool = CLIPZooTaskPool({"scale": scale, "root": root, "max_samples": max_samples, "corruption": corruption})
+    tasks = taskpool.tasks
+    names = pool.model_names
+
+    # references ------------------------------------------------------------------------------
+    from fusion_bench.methods.base import FusionResult
+
+    with measure() as em:
+        pre_rep = taskpool.evaluate(pool.load_pretrained_model())
+    eval_time_one_model = em.wall_time_s
+    pre_acc = _per_task_acc(pre_rep)
+    ft_models = {t: pool.load_model(t) for t in names}
+    ft_rep = evaluate_result(FusionResult("per_task", models=ft_models), taskpool)
+    ft_acc = _per_task_acc(ft_rep)
+    del ft_models
+    rows = [_row(PRETRAINED_ROW, "reference", pre_acc, tasks, ft_acc, merge_time_s=0.0, peak_rss_mb=None,
+                 extra_parameters=0, data="none", evaluation_time_s=round(eval_time_one_model, 2)),
+            _row(FINETUNED_ROW, "reference", ft_acc, tasks, ft_acc, merge_time_s=None, peak_rss_mb=None,
+                 extra_parameters=(len(names) - 1) * _params(pool), data="train split (fine-tuning)")]
+    log(f"leaderboard: pretrained {100 * rows[0]['average']:.2f}, fine-tuned {100 * rows[1]['average']:.2f} "
+        f"(one model on {len(tasks)} tasks evaluated in {eval_time_one_model:.1f}s)")
+
+    # methods ---------------------------------------------------------------------------------
+    skipped: dict[str, str] = {}
+    reports_dir = out / "reports"
+    for name in chosen:
+        cls = get_method_class(name)
+        why = applicability(cls, names, pool.has_pretrained)
+        if why is not None:
+            skipped[name] = why
+            log(f"leaderboard: skip {name}: {why}")
+            continue
+        try:
+            method = cls()
+            rep = run_program({"print_table": False, "report_path": str(reports_dir / f"{name}.json"), "seed": 0},
+                              modelpool=pool, method=method, taskpool=taskpool, log=lambda s: None)
+        except FusionBenchError as e:
+            skipped[name] = f"failed on the zoo: {e}"
+            log(f"leaderboard: {name} failed: {e}")
+            continue
+        except Exception as e:  # a method bug must not stop the other methods; it is reported
+            skipped[name] = f"error: {type(e).__name__}: {e}"
+            log(f"leaderboard: {name} raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+            continue
+        cost = rep.get("cost", {})
+        rows.append(_row(name, cls.family, _per_task_acc(rep.get("evaluation", {})), tasks, ft_acc,
+                         merge_time_s=cost.get("merge_wall_time_s"), peak_rss_mb=cost.get("peak_rss_mb"),
+                         extra_parameters=cost.get("extra_parameters"),
+                         data="train split" if cls.uses_data else "none",
+                         evaluation_time_s=cost.get("evaluation_wall_time_s"),
+                         hyperparameters=rep.get("method", {}).get("hyperparameters")))
+        r = rows[-1]
+        log(f"leaderboard: {name:28s} avg {_pct(r['average'])}  normalized {_pct(r['normalized'])}  "
+            f"merge {r['merge_time_s']:.2f}s")
+
+    doc = {"zoo": {"scale": scale, "root": str(pool.zoo.root), "corruption": corruption, "max_samples": max_samples},
+           "tasks": tasks, "rows": rows, "skipped": skipped,
+           "evaluation_time_one_model_s": round(eval_time_one_model, 2),
+           "total_time_s": round(time.perf_counter() - t_start, 2)}
+    write_outputs(doc, out)
+    return doc
+
+
+def _params(pool) -> int:
+    src = pool.source(pool.model_names[0])
+    return int(sum(src.meta(k).numel for k in src.keys() if src.meta(k).dtype.is_floating_point))
+
+
+def _pct(v: float | None) -> str:
+    return "  -  " if v is None else f"{100 * v:5.2f}"
+
+
+def _sorted_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    refs = [r for r in doc["rows"] if r["kind"] == "reference"]
+    rest = sorted((r for r in doc["rows"] if r["kind"] != "reference"),
+                  key=lambda r: -(r["average"] if r["average"] is not None else -1))
+    return refs + rest
+
+
+def _fmt_num(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    tasks = doc["tasks"]
+    head = ["method", "kind", *tasks, "avg", "norm", "merge s", "peak MB", "extra params", "data"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in _sorted_rows(doc):
+        cells = [r["method"], r["kind"], *[_pct(r["accuracy"][t]).strip() for t in tasks], _pct(r["average"]).strip(),
+                 _pct(r["normalized"]).strip(), _fmt_num(r.get("merge_time_s")), _fmt_num(r.get("peak_rss_mb"), 0),
+                 _fmt_num(r.get("extra_parameters")), r.get("data", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    z = doc["zoo"]
+    note = [f"Zoo scale `{z['scale']}`" + (f", corruption `{z['corruption']}`" if z.get("corruption") else "")
+            + f"; accuracy in %, normalized = mean over tasks of accuracy / fine-tuned accuracy; one model "
+            f"evaluated on {len(tasks)} tasks in {doc['evaluation_time_one_model_s']:.1f} s."]
+    if doc["skipped"]:
+        note.append("")
+        note.append("Not run:")
+        note += [f"- `{k}`: {v}" for k, v in doc["skipped"].items()]
+    return "\n".join(lines + [""] + note) + "\n"
+
+
+def to_csv(doc: dict[str, Any]) -> str:
+    tasks = doc["tasks"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "kind", *tasks, "average", "normalized", "merge_time_s", "peak_rss_mb",
+                "extra_parameters", "data", "evaluation_time_s"])
+    for r in _sorted_rows(doc):
+        w.writerow([r["method"], r["kind"], *[r["accuracy"][t] for t in tasks], r["average"], r["normalized"],
+                    r.get("merge_time_s"), r.get("peak_rss_mb"), r.get("extra_parameters"), r.get("data"),
+                    r.get("evaluation_time_s")])
+    return buf.getvalue()
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Average accuracy against merge wall time and against peak memory (PNG, matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["rows"] if r["average"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, label in ((axes[0], "merge_time_s", "merge wall time (s)"), (axes[1], "peak_rss_mb", "peak memory (MB)")):
+        for r in rows:
+            x = r.get(key)
+            if r["kind"] == "reference":
+                ax.axhline(100 * r["average"], ls="--", lw=1, color="grey")
+                ax.text(0.01, 100 * r["average"], r["method"], transform=ax.get_yaxis_transform(), fontsize=8,
+                        va="bottom", color="grey")
+                continue
+            if x is None:
+                continue
+            color = {"merging": "tab:blue", "ensemble": "tab:orange", "mixing": "tab:green"}.get(r["kind"], "tab:red")
+            ax.scatter([x], [100 * r["average"]], color=color)
+            ax.annotate(r["method"], (x, 100 * r["average"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("average accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"fusion_bench leaderboard: CLIP zoo ({doc['zoo']['scale']}), accuracy vs cost")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(doc: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "leaderboard.json", "w") as f:
+        json.dump(doc, f, indent=2, default=str)
+    with atomic_file(out / "leaderboard.md", "w") as f:
+        f.write(to_markdown(doc))
+    with atomic_file(out / "leaderboard.csv", "w") as f:
+        f.write(to_csv(doc))
+    plot(doc, out / "leaderboard.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fusion_bench leaderboard``; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="fusion_bench leaderboard",
+                                 description="Run every registered method on the offline CLIP zoo and tabulate.")
+    ap.add_argument("--scale", default="full", choices=("full", "tiny"))
+    ap.add_argument("--root", default=None, help="zoo folder (default $FUSION_BENCH_ZOO or ~/.cache/fusion_bench/zoo-<scale>)")
+    ap.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
+    ap.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
+    ap.add_argument("--max-samples", type=int, default=None, help="test images per task (default: all)")
+    ap.add_argument("--corruption", default=None, help="evaluate on this corrupted test split (robustness)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption)
+    print(to_markdown(doc))
+    print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) in {doc['total_time_s']:.1f}s")
+    return 0

@@ -1,0 +1,436 @@
+"""The offline CLIP model zoo: task data, a CLIP pretrained from scratch, eight fine-tuned encoders.
+
+    fusion_bench zoo build [--scale tiny|full] [--root DIR] [--force] [--threads N]
+    fusion_bench zoo verify [--scale ...] [--root DIR]      # check every entry's content hashes
+    fusion_bench zoo path [--scale ...] [--root DIR]        # print the cache folder
+
+The zoo reproduces FusionBench's CLIP-ViT experiment (one pretrained CLIP, eight image
+classification tasks, one fine-tuned vision encoder per task) at a size that builds on a laptop
+CPU. The cache root is ``--root``, else ``$FUSION_BENCH_ZOO``, else
+``~/.cache/fusion_bench/zoo-<scale>``. Its entries:
+
+- ``data/<task>``: the task's DatasetDict (train / validation / test and one ``test_<corruption>``
+  split per corruption, for robustness evaluation), saved with ``save_to_disk``;
+- ``pretrained``: the full ``CLIPModel`` with its tokenizer and image processor;
+- ``finetuned/<task>``: the ``CLIPVisionModel`` fine-tuned on the task by the ``clip_finetune``
+  method, with the processor.
+
+Each entry is written atomically (temporary folder, then rename) and holds ``ENTRY.json``: the
+sha256 of every file, the build key (scale settings, code version and the content hashes of the
+entries it was built from) and the build time. A build skips entries whose files match their
+hashes and key, and rebuilds the others, so a killed build resumes where it stopped and a damaged
+entry is detected and rebuilt. ``manifest.json`` at the root summarises the entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusion_bench.benchmark.clip_pretrain import CLIPPretrainConfig
+from fusion_bench.errors import CheckpointError, ConfigError, FusionBenchError, did_you_mean
+from fusion_bench.io.atomic import atomic_dir, atomic_file
+
+ZOO_VERSION = 1
+ENTRY_FILE = "ENTRY.json"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ZooScale:
+    """Everything that decides a zoo's content (part of every entry's build key)."""
+
+    data_scale: str = field(metadata={"help": "scale passed to the task builders (full or tiny)"})
+    pretrain: CLIPPretrainConfig = field(metadata={"help": "the from-scratch CLIP"})
+    pretrain_pairs: int = field(metadata={"help": "image-caption pairs drawn from the train splits"})
+    finetune: dict[str, Any] = field(metadata={"help": "clip_finetune options"})
+    seed: int = field(default=0, metadata={"help": "seed of data, pretraining and fine-tuning"})
+    robustness: bool = field(default=True, metadata={"help": "add corrupted test splits"})
+
+
+SCALES: dict[str, ZooScale] = {
+    "full": ZooScale(
+        data_scale="full",
+        pretrain=CLIPPretrainConfig(image_size=32, patch_size=4, vision_hidden=128, vision_layers=4, vision_heads=4,
+                                    text_hidden=128, text_layers=2, text_heads=4, projection_dim=128, vocab_size=1024,
+                                    max_length=32, steps=1500, batch_size=128, lr=1e-3, warmup_steps=100),
+        pretrain_pairs=40000,
+        finetune=dict(mode="full", steps=250, batch_size=64, lr=3e-4, warmup_steps=25),
+    ),
+    "tiny": ZooScale(
+        data_scale="tiny",
+        pretrain=CLIPPretrainConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+                                    text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, vocab_size=700,
+                                    max_length=24, steps=30, batch_size=32, lr=2e-3, warmup_steps=5),
+        pretrain_pairs=400,
+        finetune=dict(mode="full", steps=12, batch_size=32, lr=1e-3, warmup_steps=2),
+    ),
+}
+
+
+def scale_spec(scale: str) -> ZooScale:
+    if scale not in SCALES:
+        raise ConfigError(f"Unknown zoo scale '{scale}'.{did_you_mean(scale, SCALES)}")
+    return SCALES[scale]
+
+
+def default_root(scale: str) -> Path:
+    """``$FUSION_BENCH_ZOO`` (the folder of this scale's zoo) or ``~/.cache/fusion_bench/zoo-<scale>``."""
+    env = os.environ.get("FUSION_BENCH_ZOO")
+    if env:
+        return Path(os.path.expanduser(env))
+    return Path.home() / ".cache" / "fusion_bench" / f"zoo-{scale}"
+
+
+# ----------------------------------------------------------------------------------------------
+# entries: hashes, keys, verification
+# ----------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    from fusion_bench.utils import sha256_file
+
+    return sha256_file(path)
+
+
+def hash_folder(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative POSIX paths), ``ENTRY.json`` excluded."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != ENTRY_FILE:
+            out[p.relative_to(folder).as_posix()] = _sha256(p)
+    return out
+
+
+def content_hash(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(files):
+        h.update(f"{k}\0{files[k]}\n".encode())
+    return h.hexdigest()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_entry(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / ENTRY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_entry(folder: Path, key: str | None = None) -> str | None:
+    """None when ``folder`` is a complete entry (hashes match, and ``key`` when given); else why not."""
+    if not folder.is_dir():
+        return "missing"
+    meta = read_entry(folder)
+    if meta is None or "files" not in meta:
+        return f"{ENTRY_FILE} missing or unreadable"
+    if key is not None and meta.get("key") != key:
+        return "built with other settings or from other inputs (build key changed)"
+    files = hash_folder(folder)
+    expected = meta["files"]
+    for name, digest in expected.items():
+        if name not in files:
+            return f"file {name} missing"
+        if files[name] != digest:
+            return f"file {name} damaged (sha256 mismatch)"
+    extra = sorted(set(files) - set(expected))
+    if extra:
+        return f"unexpected file {extra[0]}"
+    return None
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on the zoo folder so two builds never write the same entries."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock, atomic entries still keep the cache valid
+        yield
+        return
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------
+# the zoo
+# ----------------------------------------------------------------------------------------------
+class Zoo:
+    """A built (or to be built) zoo folder.
+
+    Args:
+        scale: ``full`` or ``tiny``.
+        root: the cache folder (default: :func:`default_root`).
+    """
+
+    def __init__(self, scale: str = "full", root: str | os.PathLike | None = None):
+        self.scale = scale
+        self.spec = scale_spec(scale)
+        self.root = Path(os.path.expanduser(str(root))) if root is not None else default_root(scale)
+
+    # paths ------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        from fusion_bench.benchmark.tasks import TASK_NAMES
+
+        return list(TASK_NAMES)
+
+    def data_path(self, task: str) -> Path:
+        return self.root / "data" / task
+
+    @property
+    def pretrained_path(self) -> Path:
+        return self.root / "pretrained"
+
+    def finetuned_path(self, task: str) -> Path:
+        return self.root / "finetuned" / task
+
+    def task_spec(self, task: str):
+        from fusion_bench.benchmark.tasks import get_task_spec
+
+        return get_task_spec(task)
+
+    def corruptions(self) -> list[str]:
+        if not self.spec.robustness:
+            return []
+        from fusion_bench.benchmark.tasks import CORRUPTIONS
+
+        return list(CORRUPTIONS)
+
+    def entries(self) -> list[tuple[str, Path]]:
+        out = [(f"data/{t}", self.data_path(t)) for t in self.tasks]
+        out.append(("pretrained", self.pretrained_path))
+        out += [(f"finetuned/{t}", self.finetuned_path(t)) for t in self.tasks]
+        return out
+
+    # keys -------------------------------------------------------------------------------------
+    def _spec_dict(self) -> dict[str, Any]:
+        return {"version": ZOO_VERSION, "scale": self.scale, **asdict(self.spec)}
+
+    def _content(self, folder: Path) -> str:
+        meta = read_entry(folder)
+        return content_hash(meta["files"]) if meta else "missing"
+
+    def entry_key(self, name: str) -> str:
+        s = self._spec_dict()
+        if name.startswith("data/"):
+            return _key(name, s["version"], s["data_scale"], s["seed"], s["robustness"])
+        if name == "pretrained":
+            return _key(name, s["version"], s["pretrain"], s["pretrain_pairs"], s["data_scale"], s["seed"])
+        task = name.split("/", 1)[1]
+        return _key(name, s["version"], s["finetune"], s["seed"], self._content(self.pretrained_path),
+                    self._content(self.data_path(task)))
+
+    def status(self) -> dict[str, str | None]:
+        """Entry name -> None when valid, else the reason it must be (re)built."""
+        return {name: check_entry(path, self.entry_key(name)) for name, path in self.entries()}
+
+    def is_built(self) -> bool:
+        return all(v is None for v in self.status().values())
+
+    # build ------------------------------------------------------------------------------------
+    def build(self, force: bool = False, log: Callable[[str], None] | None = None,
+              progress: bool | None = None) -> dict[str, Any]:
+        """Build every missing, damaged or outdated entry; return per-entry build times.
+
+        Args:
+            force: rebuild every entry.
+            log: a function printing one line (default: print to stderr).
+            progress: show rich progress bars (default: when stderr is a terminal).
+        """
+        log = log or (lambda s: print(s, file=sys.stderr))
+        show = sys.stderr.isatty() if progress is None else progress
+        times: dict[str, Any] = {}
+        t_all = time.perf_counter()
+        with _lock(self.root), _Bars(show) as bars:
+            names = self.entries()
+            overall = bars.add("zoo " + self.scale, len(names))
+            for name, path in names:
+                key = self.entry_key(name)  # finetuned keys depend on entries built just before
+                why = "forced" if force else check_entry(path, key)
+                if why is None:
+                    times[name] = {"status": "cached", **(read_entry(path) or {}).get("stats", {})}
+                    bars.advance(overall)
+                    continue
+                if why != "missing":
+                    log(f"zoo: rebuilding {name}: {why}")
+                t0 = time.perf_counter()
+                stats = self._build_entry(name, path, key, bars)
+                dt = time.perf_counter() - t0
+                times[name] = {"status": "built", "build_time_s": round(dt, 2), **stats}
+                log(f"zoo: built {name} in {dt:.1f}s")
+                bars.advance(overall)
+            total = time.perf_counter() - t_all
+            self._write_manifest(times, total)
+        return {"root": str(self.root), "entries": times, "total_time_s": round(total, 2)}
+
+    def _write_manifest(self, times: dict[str, Any], total: float) -> None:
+        entries = {}
+        for name, path in self.entries():
+            meta = read_entry(path) or {}
+            entries[name] = {"content_hash": content_hash(meta.get("files", {})), "key": meta.get("key"),
+                             "build_time_s": meta.get("build_time_s"), "stats": meta.get("stats", {})}
+        doc = {"zoo_version": ZOO_VERSION, "scale": self.scale, "settings": self._spec_dict(), "entries": entries,
+               "last_build": {"total_time_s": round(total, 2),
+                              "entries": {k: v.get("status") for k, v in times.items()}}}
+        with atomic_file(self.root / MANIFEST, "w") as f:
+            json.dump(doc, f, indent=2, default=str)
+
+    def _build_entry(self, name: str, path: Path, key: str, bars: _Bars) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        with atomic_dir(path) as tmp:
+            if name.startswith("data/"):
+                stats = self._build_data(name.split("/", 1)[1], tmp)
+            elif name == "pretrained":
+                stats = self._build_pretrained(tmp, bars)
+            else:
+                stats = self._build_finetuned(name.split("/", 1)[1], tmp, bars)
+            meta = {"entry": name, "key": key, "zoo_version": ZOO_VERSION, "scale": self.scale,
+                    "build_time_s": round(time.perf_counter() - t0, 2), "stats": stats, "files": hash_folder(tmp)}
+            (tmp / ENTRY_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        return stats
+
+    def _build_data(self, task: str, out: Path) -> dict[str, Any]:
+        from datasets import DatasetDict
+
+        from fusion_bench.benchmark import tasks as T
+
+        dd = T.build_task_dataset(task, scale=self.spec.data_scale, seed=self.spec.seed)
+        splits = dict(dd)
+        for c in self.corruptions():
+            splits[f"test_{c}"] = T.build_corrupted_test(dd["test"], c, seed=self.spec.seed)
+        DatasetDict(splits).save_to_disk(str(out))
+        return {"splits": {k: len(v) for k, v in splits.items()}}
+
+    def _build_pretrained(self, out: Path, bars: _Bars) -> dict[str, Any]:
+        from fusion_bench.benchmark import tasks as T
+        from fusion_bench.benchmark.clip_pretrain import pretrain_clip, save_clip
+
+        pairs = T.pretraining_pairs(self.spec.data_scale, self.spec.seed, self.spec.pretrain_pairs)
+        images = [p[0] for p in pairs]
+        captions = [p[1] for p in pairs]
+        bar = bars.add("pretraining CLIP", self.spec.pretrain.steps)
+        model, processor, stats = pretrain_clip(images, captions, self.spec.pretrain,
+                                                progress=lambda s, n, loss: bars.update(bar, s, f"loss {loss:.3f}"))
+        save_clip(model, processor, out)
+        return stats
+
+    def _build_finetuned(self, task: str, out: Path, bars: _Bars) -> dict[str, Any]:
+        from fusion_bench.methods.clip_finetune import CLIPFinetune
+        from fusion_bench.modelpool.base import ModelPool
+
+        pool = ModelPool(models={"_pretrained_": str(self.pretrained_path)}, model_class="clip_vision",
+                         processor=str(self.pretrained_path),
+                         datasets={task: {"train": str(self.data_path(task))}})
+        pool.task_info = lambda t: _spec_info(self.task_spec(t))  # type: ignore[attr-defined]
+        method = CLIPFinetune(dict(self.spec.finetune), tasks=[task], seed=self.spec.seed, device="cpu")
+        bar = bars.add(f"fine-tuning {task}", method.config.steps)
+        method.on_step = lambda s, n, loss: bars.update(bar, s, f"loss {loss:.3f}")
+        result = method.run(pool)
+        from transformers import CLIPProcessor
+
+        processor = CLIPProcessor.from_pretrained(self.pretrained_path)
+        result.models[task].save_pretrained(out)  # inside the entry's atomic folder
+        processor.save_pretrained(out)
+        return dict(result.metadata.get("training", {}).get(task, {}))
+
+
+def _spec_info(spec: Any) -> dict[str, Any]:
+    return {"classnames": list(spec.classnames), "templates": list(spec.templates)}
+
+
+class _Bars:
+    """rich progress bars, or nothing when not shown."""
+
+    def __init__(self, show: bool):
+        self.show = show
+        self._p = None
+
+    def __enter__(self) -> _Bars:
+        if self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+    def add(self, desc: str, total: int) -> int:
+        return self._p.add_task(desc, total=total, info="") if self._p is not None else 0
+
+    def update(self, task: int, completed: int, info: str = "") -> None:
+        if self._p is not None:
+            self._p.update(task, completed=completed, info=info)
+
+    def advance(self, task: int) -> None:
+        if self._p is not None:
+            self._p.advance(task)
+
+
+def ensure_zoo(scale: str = "full", root: str | os.PathLike | None = None, build: bool = True,
+               log: Callable[[str], None] | None = None) -> Zoo:
+    """The zoo of ``scale`` at ``root``, built first when incomplete (unless ``build=False``, which raises)."""
+    zoo = Zoo(scale, root)
+    bad = {k: v for k, v in zoo.status().items() if v is not None}
+    if bad:
+        if not build:
+            name, why = next(iter(bad.items()))
+            raise CheckpointError(f"The {scale} zoo at {zoo.root} is incomplete ({name}: {why}); run "
+                                  f"`fusion_bench zoo build --scale {scale} --root {zoo.root}`.")
+        zoo.build(log=log)
+    return zoo
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``fusion_bench zoo build|verify|path``; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="fusion_bench zoo", description="Build or check the offline CLIP model zoo.")
+    ap.add_argument("action", choices=("build", "verify", "path"))
+    ap.add_argument("--scale", default="full", choices=sorted(SCALES), help="zoo size (tiny: seconds, for tests)")
+    ap.add_argument("--root", default=None, help="cache folder (default $FUSION_BENCH_ZOO or ~/.cache/fusion_bench/zoo-<scale>)")
+    ap.add_argument("--force", action="store_true", help="rebuild every entry")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    zoo = Zoo(args.scale, args.root)
+    if args.action == "path":
+        print(zoo.root)
+        return 0
+    if args.action == "verify":
+        bad = 0
+        for name, why in zoo.status().items():
+            print(f"{name:28s} {'ok' if why is None else why}")
+            bad += why is not None
+        return 1 if bad else 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        rep = zoo.build(force=args.force)
+    except FusionBenchError:
+        raise
+    for name, st in rep["entries"].items():
+        t = st.get("build_time_s")
+        print(f"{name:28s} {st['status']:7s} {'' if t is None else f'{t:8.1f}s'}")
+    print(f"zoo ({args.scale}) ready at {zoo.root} in {rep['total_time_s']:.1f}s")
+    return 0
