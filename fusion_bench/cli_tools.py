@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 
+def methods_markdown() -> str:
+    """The methods table of the README (``fusion_bench methods --markdown``)."""
+    from fusion_bench.methods import get_method_class, list_methods
+
+    rows = ["| method | family | needs base | uses data | variant |", "|---|---|---|---|---|"]
+    for name in list_methods():
+        cls = get_method_class(name)
+        variant = " ".join(cls.variant.split()).replace("|", "\\|")
+        rows.append(f"| `{name}` | {cls.family} | {'yes' if cls.requires_pretrained else 'no'} | "
+                    f"{'yes' if cls.uses_data else 'no'} | {variant} |")
+    return "\n".join(rows)
+
+
 def list_methods_main(argv: list[str]) -> int:
+    if argv == ["--markdown"]:
+        print(methods_markdown())
+        return 0
     from rich.console import Console
     from rich.table import Table
 
