@@ -321,3 +321,13 @@ def test_image_size_mismatch_is_reported(tiny, tmp_path):
     vision = CLIPVisionModel.from_pretrained(other)
     with pytest.raises(ModelMismatchError, match="expects 64x64 images"):
         make_pool(tiny).evaluate(vision, tasks=["colors"])
+
+
+def test_bf16_precision_close_to_float32(tiny):
+    vision = perturbed_vision(tiny["clip"], seed=8, scale=0.3)
+    exact = make_pool(tiny).evaluate(vision, tasks=["colors"])["tasks"]["colors"]
+    fast = make_pool(tiny, precision="bf16").evaluate(vision, tasks=["colors"])["tasks"]["colors"]
+    assert fast["loss"] == pytest.approx(exact["loss"], rel=0.05)
+    assert abs(fast["accuracy"] - exact["accuracy"]) <= 2 / 18
+    with pytest.raises(ConfigError, match="precision"):
+        make_pool(tiny, precision="fp8")

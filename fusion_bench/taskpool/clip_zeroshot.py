@@ -94,6 +94,10 @@ class CLIPZeroShotTaskPoolConfig(TaskPoolConfig):
         None, help="Default caption templates for tasks without their own; null: a built-in generic set.")
     batch_size: int = option(256, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    precision: str = option(
+        "float32", choices=("float32", "bf16"),
+        help="Image-encoder arithmetic: float32 (exact reference numbers), or bf16 autocast (about 2x faster on "
+        "CPUs with AMX/AVX512-BF16 and on GPUs; accuracies can differ slightly from float32).")
     cache_dir: str | None = option(
         None, help="Cache folder for heads and preprocessed images; null: $FUSION_BENCH_CACHE or "
         "~/.cache/fusion_bench.")
@@ -397,7 +401,8 @@ class CLIPZeroShotTaskPool(TaskPool):
         n = labels.numel()
         bs = self.config.batch_size
         dtypes = [next(v.parameters()).dtype for v, _ in parts]
-        with torch.inference_mode():
+        amp = self.config.precision == "bf16"
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for s in range(0, n, bs):
                 x = pixels[s:s + bs].to(device, non_blocking=True)
                 y = labels[s:s + bs].to(device)
