@@ -55,16 +55,20 @@ def convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
-def motion_kernel(length: float, angle: float) -> np.ndarray:
-    """Normalised line kernel of ``length`` pixels through the centre at ``angle`` radians (supersampled)."""
-    k = int(2 * math.ceil(length / 2) + 1)
-    ss = 8
+def motion_kernel(length: int, angle: float) -> np.ndarray:
+    """Normalised line kernel: the ``length`` pixels of a digital line through the centre at ``angle`` rad.
+
+    The pixels hit by points sampled densely along the segment of ``length - 1`` pixels (centre to centre)
+    get equal weight.
+    """
+    length = int(length)
+    half = (length - 1) / 2
+    k = 2 * int(math.ceil(half)) + 1
     ker = np.zeros((k, k))
-    for t in np.linspace(-length / 2, length / 2, int(length * ss) + 1):
-        x, y = k // 2 + t * math.cos(angle), k // 2 + t * math.sin(angle)
-        xi, yi = int(round(x)), int(round(y))
+    for t in np.linspace(-half, half, 8 * length + 1):
+        xi, yi = int(math.floor(k // 2 + t * math.cos(angle) + 0.5)), int(math.floor(k // 2 + t * math.sin(angle) + 0.5))
         if 0 <= xi < k and 0 <= yi < k:
-            ker[yi, xi] += 1.0
+            ker[yi, xi] = 1.0
     return ker / ker.sum()
 
 

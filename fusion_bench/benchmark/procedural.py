@@ -57,18 +57,19 @@ def _background(rng: np.random.Generator, base: np.ndarray, spread: float = 0.25
 
 
 def letter_image(rng: np.random.Generator, label: int) -> Image.Image:
-    """A letter (either case) in a random font, size, rotation, position and colours, with clutter."""
+    """A letter (upper case, or lower case one time in four) in a random font, size, rotation, position
+    and colours, sometimes with a clutter stroke."""
     ch = LETTERS[label]
-    ch = ch.upper() if rng.random() < 0.5 else ch
+    ch = ch if rng.random() < 0.25 else ch.upper()
     font = text_fonts()[rng.integers(len(text_fonts()))]
     bg_c, fg_c = contrasting_colors(rng, 0.3)
     img = _background(rng, bg_c)
-    if rng.random() < 0.4:  # a clutter stroke behind the letter
+    if rng.random() < 0.2:  # a clutter stroke behind the letter
         p0, p1 = rng.random(2), rng.random(2)
-        img = compose(img, line_mask(tuple(p0), tuple(p1), rng.uniform(0.03, 0.07)), jitter_color(rng, tuple(fg_c), 0.4))
-    mask = glyph_mask(ch, font, rng.uniform(0.55, 0.85), rng.uniform(-20, 20),
-                      (0.5 + rng.uniform(-0.1, 0.1), 0.5 + rng.uniform(-0.1, 0.1)))
-    return finish(compose(img, mask, fg_c), rng, rng.uniform(0.0, 0.06))
+        img = compose(img, line_mask(tuple(p0), tuple(p1), rng.uniform(0.03, 0.06)), jitter_color(rng, tuple(fg_c), 0.4))
+    mask = glyph_mask(ch, font, rng.uniform(0.62, 0.85), rng.uniform(-12, 12),
+                      (0.5 + rng.uniform(-0.07, 0.07), 0.5 + rng.uniform(-0.07, 0.07)))
+    return finish(compose(img, mask, fg_c), rng, rng.uniform(0.0, 0.05))
 
 
 def house_number_image(rng: np.random.Generator, label: int) -> Image.Image:
@@ -434,7 +435,7 @@ def aerial_image(rng: np.random.Generator, label: int) -> Image.Image:
 # geometric shapes
 
 SHAPES = (
-    "circle", "ellipse", "square", "rectangle", "triangle", "pentagon", "hexagon", "star", "cross",
+    "circle", "ellipse", "square", "rectangle", "triangle", "trapezoid", "hexagon", "star", "cross",
     "heart", "crescent", "ring", "arrow", "semicircle",
 )
 
@@ -447,8 +448,8 @@ def _shape_outline(name: str) -> np.ndarray | None:
         return np.array([[-1, -0.5], [1, -0.5], [1, 0.5], [-1, 0.5]]) * 0.95
     if name == "triangle":
         return regular_polygon(3, 1.0) + np.array([0, 0.2])
-    if name == "pentagon":
-        return regular_polygon(5, 1.0)
+    if name == "trapezoid":
+        return np.array([[-1.0, 0.55], [1.0, 0.55], [0.45, -0.55], [-0.45, -0.55]])
     if name == "hexagon":
         return regular_polygon(6, 1.0)
     if name == "star":
@@ -480,7 +481,7 @@ def shape_image(rng: np.random.Generator, label: int) -> Image.Image:
     img = _background(rng, bg_c, 0.3)
     for _ in range(int(rng.integers(0, 3))):  # small distractor blobs
         img = compose(img, ellipse_mask(*rng.uniform(0.05, 0.95, 2), *rng.uniform(0.03, 0.06, 2)), rng.random(3))
-    r = rng.uniform(0.28, 0.42)
+    r = rng.uniform(0.32, 0.44)
     cx, cy = 0.5 + rng.uniform(-0.08, 0.08, 2)
     ang = rng.uniform(0, 2 * math.pi)
     if name == "circle":

@@ -228,8 +228,8 @@ _add(
         "letters", P.LETTERS,
         ("a photo of the letter {}.", "the letter {}.", "a picture of the letter {}.",
          "the character {} in some font.", "a rendered letter {}.", "the letter {}, printed in colour."),
-        "A Latin letter (upper or lower case) rendered in one of 21 fonts, rotated, shifted, coloured, "
-        "with a clutter stroke and pixel noise.",
+        "A Latin letter (upper case, lower case one time in four) rendered in one of 21 fonts, rotated, shifted, coloured, "
+        "sometimes with a clutter stroke, with pixel noise.",
         "rendered with PIL from matplotlib's bundled TrueType fonts (DejaVu, STIX, Computer Modern)",
     ),
     _procedural(P.letter_image), ("a letter.", "a character in some font.", "some text.", "a printed character."),
@@ -512,10 +512,18 @@ def save_task(name: str, root: str | os.PathLike, scale: str = "full", seed: int
         "splits": {s: len(dd[s]) for s in dd},
         "content_hash": dataset_hash(dd),
     }
-    with atomic_dir(dest) as tmp:
-        dd.save_to_disk(str(tmp))
-        with atomic_file(tmp / _META, "w") as f:
-            json.dump(meta, f, indent=2)
+    from datasets.utils import logging as ds_logging
+
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # quiet: a task saves in well under a second
+    try:
+        with atomic_dir(dest) as tmp:
+            dd.save_to_disk(str(tmp))
+            with atomic_file(tmp / _META, "w") as f:
+                json.dump(meta, f, indent=2)
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
     return dest
 
 
