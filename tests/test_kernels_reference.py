@@ -156,6 +156,43 @@ def test_selector_streams_and_chunks():
         assert sel.values()[s] == allv[k - 1]
 
 
+def _select(chunks_per_stream, ks, **kw):
+    """Drive a KthLargestSelector over per-stream chunk lists, slicing by its stride like a caller."""
+    sel = T.KthLargestSelector(ks, torch.float32, totals=[sum(c.numel() for c in cs) for cs in chunks_per_stream],
+                               **kw)
+    while not sel.done:
+        sel.start_pass()
+        for s, cs in enumerate(chunks_per_stream):
+            for c in cs:
+                sel.add(s, c.reshape(-1)[:: sel.stride])
+        sel.finish_pass()
+    return sel
+
+
+def test_selector_sample_and_bracket_exact():
+    g = torch.Generator().manual_seed(11)
+    data = [[torch.randn(n, generator=g) * 0.01 for n in (60_000, 7, 40_003)], [torch.randn(100_010, generator=g)]]
+    for ks in ([1, 1], [20_002, 500], [99_000, 100_010]):
+        sel = _select(data, ks, sample_stride=31, min_sampled=1000)
+        assert sel.passes == 2  # sampling pass + one full pass
+        for s, k in enumerate(ks):
+            want = sorted(torch.cat(data[s]).abs().tolist(), reverse=True)[k - 1]
+            assert sel.values()[s] == want
+
+
+def test_selector_bracket_miss_falls_back_exactly():
+    # the sampled entries (every 31st) are huge, the others small: the sampled bracket holds only the
+    # huge values, the 10000-th largest is not among them, so the stream falls back to radix select
+    # (still exact); the second stream's bracket holds
+    x = 0.5 + torch.arange(31 * 4000) * 1e-6
+    x[::31] = 1e3
+    y = torch.randn(50_000, generator=torch.Generator().manual_seed(2))
+    sel = _select([[x], [y]], [10_000, 777], sample_stride=31, min_sampled=1000)
+    assert sel.passes == 4  # sample, bracket, two radix passes
+    assert sel.values()[0] == sorted(x.abs().tolist(), reverse=True)[9999]
+    assert sel.values()[1] == sorted(y.abs().tolist(), reverse=True)[776]
+
+
 def _pool(n_models=3, seed=0, shapes=None):
     shapes = shapes or {"a.weight": (5, 4), "a.bias": (5,), "b.weight": (3, 5), "pos": None}
     base = {}

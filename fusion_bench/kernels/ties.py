@@ -37,7 +37,7 @@ SignElection = Literal["mass", "count"]
 DisjointMerge = Literal["mean", "sum", "max"]
 
 #: elements per chunk in the chunked kernels (bounded scratch memory, cache friendly)
-CHUNK = 1 << 14
+CHUNK = 1 << 16
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -53,85 +53,174 @@ def keep_count(numel: int, density: float) -> int:
 # exact k-th largest magnitude by radix selection over float bit patterns
 # ----------------------------------------------------------------------------------------------
 _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
+#: top 16 bits of +inf (largest digit a finite or infinite magnitude can have)
+_INF_DIGIT = {torch.float32: 0x7F80, torch.float64: 0x7FF0}
 #: digits of smaller inputs are batched until this many, then counted with one bincount
 _FLUSH = 1 << 18
-#: kth_largest on at most this many values uses torch.kthvalue (same exact value, less overhead)
+#: kth_largest_abs on at most this many values uses torch.kthvalue (same exact value, less overhead)
 _SMALL = 1 << 16
+#: sampling pass: every SAMPLE_STRIDE-th entry (a prime, so that it does not alias with row lengths;
+#: large enough that the pass skips most cache lines)
+SAMPLE_STRIDE = 127
+#: elements per chunk in the bracket pass
+_BRACKET_CHUNK = 1 << 16
+#: streams with fewer values than this skip the sampling pass (plain radix select)
+MIN_SAMPLED = 1 << 22
 
 
 class KthLargestSelector:
-    """Exact k-th largest magnitude |x| of finite floats fed in several passes (radix select).
+    """Exact k-th largest magnitude |x| of finite floats fed in several passes over the data.
 
-    Non-negative IEEE floats order like their bit patterns read as integers (the sign bit masked
-    off gives the magnitude), so the k-th largest magnitude is found digit by digit, most significant 16 bits first: each pass counts, with
-    ``torch.bincount``, the next 16-bit digit of the values whose higher digits equal the prefix
-    found so far, and picks the digit that holds the k-th largest. float32 needs 2 passes, float64
-    4. Memory is one 65536-bin histogram per stream, whatever the number of values, and the
-    result is exact (it is one of the values).
+    Non-negative IEEE floats order like their bit patterns read as integers (masking off the sign
+    bit gives the magnitude), so the k-th largest magnitude can be found on the integer patterns:
+
+    - **Radix select** (always exact, bounded memory): each pass counts, with ``torch.bincount``,
+      the next 16-bit digit of the patterns whose higher digits equal the prefix found so far and
+      keeps the digit holding the k-th largest: 2 passes for float32, 4 for float64; memory is one
+      65536-bin histogram per stream.
+    - **Sample and bracket** (when ``totals`` are given and large): pass 1 reads only every
+      ``sample_stride``-th value (the caller slices its inputs with :attr:`stride`) and estimates
+      from their top-digit histogram a range of digits that holds the k-th largest with a wide
+      margin (8 standard deviations of the sampling error plus 32 values); pass 2 reads everything,
+      counts the values above the range and keeps the patterns inside it (typically ~1% of the
+      values; capped at 1/32 of them), and the k-th largest is the (k - above)-th of those, exactly.
+      If the range misses (the cap or the rank falls outside), the stream falls back to radix
+      select. The answer is the same exact value either way; only the number of passes differs.
 
     Several independent streams (e.g. one per model, each with its own k) share the passes, so a
     caller reads every tensor once per pass.
 
     Usage::
 
-        sel = KthLargestSelector([k_0, k_1], torch.float32)
+        sel = KthLargestSelector([k_0, k_1], torch.float32, totals=[n_0, n_1])
         while not sel.done:
             sel.start_pass()
-            for tensor ...: sel.add(stream, values)     # finite, any shape; the sign is ignored
+            for tensor ...:  # finite values, any shape; the sign is ignored
+                sel.add(stream, values.reshape(-1)[::sel.stride])
             sel.finish_pass()
         thresholds = sel.values()       # k-th largest |x|; +inf for k = 0, 0.0 when k > count
 
     Args:
         ks: k per stream (k >= 1 selects the k-th largest; k <= 0 gives +inf: nothing is >= it).
         dtype: float32 or float64: values are converted to it (exactly, when it is not narrower).
+        totals: the number of values of each stream (enables the sampling pass; optional).
+        sample_stride: the sampling pass reads every ``sample_stride``-th value (1 disables it).
+        min_sampled: streams smaller than this are not sampled (all must be large enough).
     """
 
-    def __init__(self, ks: Sequence[int], dtype: torch.dtype = torch.float32):
+    def __init__(self, ks: Sequence[int], dtype: torch.dtype = torch.float32, totals: Sequence[int] | None = None,
+                 sample_stride: int = SAMPLE_STRIDE, min_sampled: int = MIN_SAMPLED):
         if dtype not in _BITS:
             raise ValueError(f"KthLargestSelector works on float32 or float64, not {dtype}")
         self.dtype = dtype
         self.int_dtype, self.nbits = _BITS[dtype]
         self._abs_mask = (1 << (self.nbits - 1)) - 1
+        self._top = self.nbits - 16  # shift of the top digit
         self.ks = [int(k) for k in ks]
+        m = len(self.ks)
+        self._totals = [int(t) for t in totals] if totals is not None else None
+        self._result: list[float | None] = [None] * m
+        for s, k in enumerate(self.ks):
+            if k <= 0:
+                self._result[s] = math.inf
+            elif self._totals is not None and k > self._totals[s]:
+                self._result[s] = 0.0
+        open_streams = [s for s in range(m) if self._result[s] is None]
+        sampling = (self._totals is not None and sample_stride > 1 and bool(open_streams)
+                    and all(self._totals[s] >= min_sampled for s in open_streams))
+        self.sample_stride = int(sample_stride)
+        self._phase = "sample" if sampling else "radix"
+        self.passes = 0
+        # radix state
+        self._radix_pass = 0
         self._remaining = list(self.ks)
-        self._prefix = [0] * len(self.ks)
-        self._shift = self.nbits - 16  # shift of the digit counted in the current pass
-        self._hist: list[torch.Tensor] = []
-        self._active = [k > 0 for k in self.ks]
-        self._exhausted = [False] * len(self.ks)  # k larger than the number of values
-        self._total = [0] * len(self.ks)
-        self._pass = 0
+        self._prefix = [0] * m
+        # bracket state (magnitude range [lo, hi) per stream)
+        self._lo_f = [0.0] * m
+        self._hi_f = [math.inf] * m
+        self._buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._above = [0] * m
+        self._cands: list[list[torch.Tensor]] = [[] for _ in range(m)]
+        self._ncand = [0] * m
+        self._overflow = [False] * m
+        self._seen = [0] * m
 
     @property
     def done(self) -> bool:
-        return self._shift < 0 or not any(self._active)
+        return all(r is not None for r in self._result)
+
+    @property
+    def stride(self) -> int:
+        """Feed every ``stride``-th value in the current pass (> 1 only in the sampling pass)."""
+        return self.sample_stride if self._phase == "sample" else 1
 
     def start_pass(self) -> None:
-        self._hist = [torch.zeros(1 << 16, dtype=torch.int64) for _ in self.ks]
-        self._pending: list[list[torch.Tensor]] = [[] for _ in self.ks]
-        self._pending_n = [0] * len(self.ks)
+        m = len(self.ks)
+        self._hist = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(m)]
+        self._pending: list[list[torch.Tensor]] = [[] for _ in range(m)]
+        self._pending_n = [0] * m
+        self._seen = [0] * m
+        if self._phase == "bracket":
+            self._above = [0] * m
+            self._cands = [[] for _ in range(m)]
+            self._ncand = [0] * m
 
     def add(self, stream: int, values: torch.Tensor) -> None:
-        if not self._active[stream]:
+        """Count ``values`` (their magnitudes) for ``stream`` in the current pass."""
+        if self._result[stream] is not None:
             return
         v = values.detach().reshape(-1)
         if v.dtype != self.dtype:
             v = v.to(self.dtype)
-        if self._pass == 0:
-            self._total[stream] += v.numel()
+        self._seen[stream] += v.numel()
         bits = v.view(self.int_dtype)
-        if self._pass == 0:  # the top digit without the sign bit: the magnitude's
-            digit = (bits >> self._shift) & 0x7FFF
-        else:  # magnitudes whose higher digits match the prefix found so far
-            bits = bits & self._abs_mask
-            bits = bits[(bits >> (self._shift + 16)) == self._prefix[stream]]
-            digit = (bits >> self._shift) & 0xFFFF
+        if self._phase == "sample" or (self._phase == "radix" and self._radix_pass == 0):
+            self._count(stream, (bits >> self._top) & 0x7FFF)  # top digit of the magnitude
+        elif self._phase == "bracket":
+            if not self._overflow[stream]:
+                self._bracket_add(stream, v)
+        else:
+            shift = self._top - 16 * self._radix_pass
+            ab = bits & self._abs_mask
+            ab = ab[(ab >> (shift + 16)) == self._prefix[stream]]
+            self._count(stream, (ab >> shift) & 0xFFFF)
+
+    def _bracket_add(self, stream: int, v: torch.Tensor) -> None:
+        """Count |v| >= hi and keep the magnitudes in [lo, hi), in cache-sized chunks with reused buffers."""
+        lo, hi = self._lo_f[stream], self._hi_f[stream]
+        size = min(v.numel(), _BRACKET_CHUNK)
+        if self._buf is None or self._buf[0].numel() < size:
+            self._buf = (torch.empty(size, dtype=self.dtype), torch.empty(size, dtype=torch.bool),
+                         torch.empty(size, dtype=torch.bool))
+        a_full, hi_full, in_full = self._buf
+        above = 0
+        for start in range(0, v.numel(), size):
+            c = min(size, v.numel() - start)
+            a, m_hi, m_in = a_full[:c], hi_full[:c], in_full[:c]
+            torch.abs(v[start:start + c], out=a)
+            torch.ge(a, hi, out=m_hi)
+            above += int(torch.count_nonzero(m_hi))
+            torch.ge(a, lo, out=m_in)
+            m_in.logical_xor_(m_hi)  # lo <= |v| < hi  (hi >= lo, so ">= hi" implies ">= lo")
+            inside = a[m_in]
+            if inside.numel():
+                self._ncand[stream] += inside.numel()
+                if self._ncand[stream] > self._cap(stream):
+                    self._overflow[stream] = True
+                    self._cands[stream] = []
+                    return
+                self._cands[stream].append(inside)
+        self._above[stream] += above
+
+    def _cap(self, stream: int) -> int:
+        return max(1 << 20, (self._totals[stream] if self._totals else 0) // 32)
+
+    def _count(self, stream: int, digit: torch.Tensor) -> None:
         if digit.numel() >= _FLUSH:
             self._hist[stream] += torch.bincount(digit, minlength=1 << 16)
             return
-        # small tensors: batch their digits, one bincount per ~_FLUSH values (bincount has a fixed cost)
-        pend = self._pending[stream]
-        pend.append(digit.to(torch.int32))
+        # small inputs: batch their digits, one bincount per ~_FLUSH values (bincount has a fixed cost)
+        self._pending[stream].append(digit.to(torch.int32))
         self._pending_n[stream] += digit.numel()
         if self._pending_n[stream] >= _FLUSH:
             self._flush(stream)
@@ -143,49 +232,72 @@ class KthLargestSelector:
         self._pending_n[stream] = 0
 
     def finish_pass(self) -> None:
-        for s in range(len(self.ks)):
-            if self._active[s]:
-                self._flush(s)
-        for s, active in enumerate(self._active):
-            if not active:
-                continue
-            k = self._remaining[s]
-            if self._pass == 0 and k > self._total[s]:
-                self._exhausted[s] = True
-                self._active[s] = False
-                continue
-            h = self._hist[s]
-            # counts of values with digit >= d, for every d (suffix sums)
-            ge = h.flip(0).cumsum(0).flip(0)
-            d = int((ge >= k).nonzero().max())  # the largest digit with at least k values >= it
-            above = int(ge[d + 1]) if d + 1 < ge.numel() else 0
-            self._remaining[s] = k - above
-            self._prefix[s] = (self._prefix[s] << 16) | d
-        self._shift -= 16
-        self._pass += 1
+        open_streams = [s for s in range(len(self.ks)) if self._result[s] is None]
+        for s in open_streams:
+            self._flush(s)
+        self.passes += 1
+        if self._phase == "sample":
+            for s in open_streams:
+                self._set_bracket(s)
+            self._phase = "bracket"
+        elif self._phase == "bracket":
+            for s in open_streams:
+                kk = self.ks[s] - self._above[s]
+                if not self._overflow[s] and 1 <= kk <= self._ncand[s]:
+                    self._result[s] = kth_largest_abs(torch.cat(self._cands[s]), kk)
+                self._cands[s] = []
+            self._phase = "radix"  # streams still open fall back to radix select
+            self._buf = None
+        else:
+            shift = self._top - 16 * self._radix_pass
+            for s in open_streams:
+                k = self._remaining[s]
+                if self._radix_pass == 0 and k > self._seen[s]:
+                    self._result[s] = 0.0  # more requested than there are values: keep all
+                    continue
+                ge = self._hist[s].flip(0).cumsum(0).flip(0)  # values with digit >= d
+                d = int((ge >= k).nonzero().max())  # the largest digit with at least k values >= it
+                above = int(ge[d + 1]) if d + 1 < ge.numel() else 0
+                self._remaining[s] = k - above
+                self._prefix[s] = (self._prefix[s] << 16) | d
+                if shift == 0:
+                    self._result[s] = self._pattern_value(self._prefix[s])
+            self._radix_pass += 1
         self._hist = []
 
+    def _set_bracket(self, s: int) -> None:
+        """Digit range [lo, hi] holding the k-th largest, from the sampled top-digit histogram."""
+        ge = self._hist[s].flip(0).cumsum(0).flip(0)
+        ns = int(ge[0])
+        n = self._totals[s]
+        k = self.ks[s]
+        target = k * ns / n
+        margin = 8.0 * math.sqrt(max(target * (1.0 - k / n), 1.0)) + 32.0
+        ge_above = torch.cat([ge[1:], ge.new_zeros(1)])  # values with digit > d
+        fits = (ge_above <= target - margin).nonzero()
+        hi = int(fits.min()) if fits.numel() else _INF_DIGIT[self.dtype]
+        hi = min(hi, _INF_DIGIT[self.dtype])
+        enough = (ge >= target + margin).nonzero()
+        lo = int(enough.max()) if enough.numel() else 0
+        lo = min(lo, hi)
+        self._lo_f[s] = self._pattern_value(lo << self._top)
+        self._hi_f[s] = math.inf if hi >= _INF_DIGIT[self.dtype] else self._pattern_value((hi + 1) << self._top)
+
+    def _pattern_value(self, pattern: int) -> float:
+        return float(torch.tensor([pattern], dtype=self.int_dtype).view(self.dtype)[0])
+
     def values(self) -> list[float]:
-        """The k-th largest value per stream (+inf when k <= 0; 0.0 when k exceeds the count)."""
+        """The k-th largest magnitude per stream (+inf when k <= 0; 0.0 when k exceeds the count)."""
         if not self.done:
             raise RuntimeError("KthLargestSelector.values() called before the last pass")
-        out = []
-        for s, k in enumerate(self.ks):
-            if k <= 0:
-                out.append(math.inf)
-            elif self._exhausted[s]:
-                out.append(0.0)
-            else:
-                bits = torch.tensor([self._prefix[s]], dtype=self.int_dtype)
-                out.append(float(bits.view(self.dtype)[0]))
-        return out
+        return [float(r) for r in self._result]
 
 
 def kth_largest_abs(values: torch.Tensor, k: int) -> float:
     """Exact k-th largest magnitude |x| of a tensor of finite floats (+inf for k <= 0, 0.0 for k > numel).
 
-    Radix selection (:class:`KthLargestSelector`) on the float bit patterns: two ``bincount``
-    passes for float32, no sort (``torch.kthvalue`` for up to 65536 values: the same value).
+    :class:`KthLargestSelector` on the float bit patterns (sample-and-bracket, else radix select),
+    no sort of the whole tensor (``torch.kthvalue`` for up to 65536 values: the same value).
     float16/bfloat16 values are widened to float32 (exactly).
     """
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
@@ -197,10 +309,10 @@ def kth_largest_abs(values: torch.Tensor, k: int) -> float:
         return 0.0
     if n <= _SMALL:
         return float(v.abs().kthvalue(n - k + 1).values)
-    sel = KthLargestSelector([k], dtype)
+    sel = KthLargestSelector([k], dtype, totals=[n])
     while not sel.done:
         sel.start_pass()
-        sel.add(0, v)
+        sel.add(0, v[:: sel.stride])
         sel.finish_pass()
     return sel.values()[0]
 

@@ -90,8 +90,9 @@ class TiesMerging(_SignMerge):
     def prepare(self, base, sources, names, keys) -> None:
         """Global trim: the exact k-th largest |tau| of each model over all merged tensors.
 
-        Radix selection over the float bit patterns (:class:`fusion_bench.kernels.ties.KthLargestSelector`):
-        2 passes over the checkpoints (4 for float64 models), one tensor of one model in memory at a time.
+        :class:`fusion_bench.kernels.ties.KthLargestSelector` on the float bit patterns: a sampling pass
+        (every 127th entry) and one full pass for large models (else, or if the sampled bracket misses,
+        radix select: 2 full passes, 4 for float64), one tensor of one model in memory at a time.
         """
         self._thresholds = None
         if self.config.trim_scope != "global":
@@ -108,14 +109,17 @@ class TiesMerging(_SignMerge):
             value = 0.0 if k >= total else float("inf")
             self._thresholds = {n: value for n in names}
             return
-        sel = K.KthLargestSelector([k] * len(names), dtype)
+        sel = K.KthLargestSelector([k] * len(names), dtype, totals=[total] * len(names))
         while not sel.done:
             sel.start_pass()
+            st = sel.stride  # > 1 in the sampling pass: read every st-th entry only
             for key in keys:
-                b = base.get(key).to(dtype)
+                b = base.get(key)
+                b = (b.reshape(-1)[::st] if st > 1 else b).to(dtype)
                 for i, (n, src) in enumerate(zip(names, sources)):
-                    tau = src.get(key).to(dtype) - b
-                    if not all_finite(tau):
+                    t = src.get(key)
+                    tau = (t.reshape(-1)[::st] if st > 1 else t).to(dtype, copy=True).sub_(b)  # never in place
+                    if st == 1 and not all_finite(tau):
                         raise ModelMismatchError(
                             f"Model '{n}' (or the base) has non-finite values (NaN/inf) in tensor '{key}'; "
                             "fix or drop that checkpoint.")

@@ -12,6 +12,7 @@ float and non-float buffers), with the method's default config unless ``config``
 - ``result``: ``run`` returns a :class:`FusionResult` of the declared kind (``result_kind`` class
   attribute if set, else ``"ensemble"`` for family ``ensemble`` and ``"merged"`` otherwise); a merged
   model of a ``merging`` method has the base model's tensor names and shapes, and finite values.
+- ``inputs_unchanged``: the pool's models (live modules and state dicts) are not modified.
 - ``identity``: when every model of the pool, the base ``_pretrained_`` included, is the same model,
   the result is that model (weights for merges, outputs for ensembles). Only where the class claims
   ``identity_on_equal_inputs``.
@@ -25,7 +26,7 @@ float and non-float buffers), with the method's default config unless ``config``
   closest valid key.
 - ``missing_base``: a method with ``requires_pretrained`` rejects a pool without ``_pretrained_``
   with a :class:`~fusion_bench.errors.FusionBenchError` before merging.
-- ``streaming``: for tensor-wise merges, the streaming engine (:mod:`fusion_bench.engine.streaming`,
+- ``streaming``: for tensor-wise merges (and methods with ``stream_plan``), the streaming engine (:mod:`fusion_bench.engine.streaming`,
   with tiny row blocks so the row-block protocol is exercised) writes the same tensors as the
   in-memory engine, reading the models from safetensors files.
 
@@ -173,22 +174,25 @@ class _Ctx:
         return self.cls(copy.deepcopy(self.config))
 
     def n_models(self) -> int:
-        """3 models, or fewer/more where the method's pool check rejects 3 (e.g. two-model methods)."""
+        """3 models, or the first of 2, min_models, 4, 1 that the method accepts (its ``check_pool``
+        for tensor-wise merges, else a trial run), e.g. 2 for two-model methods."""
         if self._n is None:
             cls = self.cls
             lo = max(1, cls.min_models if issubclass(cls, TensorwiseMerge) else 1)
             hi = getattr(cls, "max_models", None)
             cands = [n for n in dict.fromkeys([3, 2, lo, 4]) if n >= lo and (hi is None or n <= hi)]
+            cands += [n for n in (1,) if n not in cands and n >= lo]
             chosen = cands[0]
-            if issubclass(cls, TensorwiseMerge):
-                m = self.new()
-                for n in cands:
-                    try:
-                        m.check_pool([f"model_{i}" for i in range(n)], True)
-                    except FusionBenchError:
-                        continue
-                    chosen = n
-                    break
+            for n in cands:
+                try:
+                    if issubclass(cls, TensorwiseMerge):  # the method's own pre-flight check
+                        self.new().check_pool([f"model_{i}" for i in range(n)], True)
+                    else:  # no pre-flight hook: a trial run
+                        self.run(tiny_pool_models(n))
+                except FusionBenchError:
+                    continue
+                chosen = n
+                break
             self._n = chosen
         return self._n
 
@@ -276,6 +280,19 @@ def check_result(ctx: _Ctx) -> None:
         out = _outputs(res, example_input())
         if not torch.isfinite(out).all():
             raise AssertionError("ensemble outputs are not finite")
+
+
+def check_inputs_unchanged(ctx: _Ctx) -> None:
+    """The method must not modify the pool's models (state dicts and modules are shared, not copied)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        models = tiny_pool_models(ctx.n_models(), dtype=dtype, with_base=ctx.with_base())
+        as_dicts = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}
+        before = {n: {k: v.clone() for k, v in sd.items()} for n, sd in as_dicts.items()}
+        ctx.run(models)  # live modules
+        ctx.run(as_dicts)  # in-memory state dicts
+        for n, m in models.items():
+            _compare_states(m.state_dict(), before[n], f"{dtype} model '{n}' (module) after the run", exact=True)
+            _compare_states(as_dicts[n], before[n], f"{dtype} model '{n}' (state dict) after the run", exact=True)
 
 
 def check_identity(ctx: _Ctx) -> None:
@@ -419,8 +436,8 @@ def _streaming_engine() -> Callable[..., Any] | None:
 
 def check_streaming(ctx: _Ctx) -> None:
     """Streaming engine output == in-memory engine output, models read from safetensors files."""
-    if not issubclass(ctx.cls, TensorwiseMerge):
-        raise CheckSkipped("not a tensor-wise merge: the streaming engine does not apply")
+    if not issubclass(ctx.cls, TensorwiseMerge) and not callable(getattr(ctx.cls, "stream_plan", None)):
+        raise CheckSkipped("neither a tensor-wise merge nor a stream_plan method: the streaming engine does not apply")
     engine = _streaming_engine()
     if engine is None:
         raise CheckSkipped("fusion_bench.engine.streaming is not available")
@@ -447,6 +464,7 @@ def check_streaming(ctx: _Ctx) -> None:
 
 CHECKS: dict[str, Callable[[_Ctx], None]] = {
     "result": check_result,
+    "inputs_unchanged": check_inputs_unchanged,
     "identity": check_identity,
     "permutation": check_permutation,
     "dtypes": check_dtypes,
