@@ -62,6 +62,7 @@ class LinearInterpolationConfig(TensorwiseConfig):
 @register_method
 class LinearInterpolation(TensorwiseMerge):
     elementwise = True  # row blocks allowed in the streaming engine
+    permutation_invariant = False  # t weighs the first model against the second (symmetric only at t=0.5)
     name = "linear_interpolation"
     config_class: ClassVar = LinearInterpolationConfig
     summary = "Linear interpolation (1-t) a + t b of two models."
