@@ -31,6 +31,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 SignElection = Literal["mass", "count"]
@@ -156,7 +157,8 @@ class KthLargestSelector:
 
     def start_pass(self) -> None:
         m = len(self.ks)
-        self._hist = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(m)]
+        # histograms are small numpy arrays: their bookkeeping is serial and cheap (no thread pool)
+        self._hist = [np.zeros(1 << 16, dtype=np.int64) for _ in range(m)]
         self._pending: list[list[torch.Tensor]] = [[] for _ in range(m)]
         self._pending_n = [0] * m
         self._seen = [0] * m
@@ -217,7 +219,7 @@ class KthLargestSelector:
 
     def _count(self, stream: int, digit: torch.Tensor) -> None:
         if digit.numel() >= _FLUSH:
-            self._hist[stream] += torch.bincount(digit, minlength=1 << 16)
+            self._hist[stream] += torch.bincount(digit, minlength=1 << 16).numpy()
             return
         # small inputs: batch their digits, one bincount per ~_FLUSH values (bincount has a fixed cost)
         self._pending[stream].append(digit.to(torch.int32))
@@ -227,7 +229,7 @@ class KthLargestSelector:
 
     def _flush(self, stream: int) -> None:
         if self._pending[stream]:
-            self._hist[stream] += torch.bincount(torch.cat(self._pending[stream]), minlength=1 << 16)
+            self._hist[stream] += torch.bincount(torch.cat(self._pending[stream]), minlength=1 << 16).numpy()
         self._pending[stream] = []
         self._pending_n[stream] = 0
 
@@ -255,9 +257,9 @@ class KthLargestSelector:
                 if self._radix_pass == 0 and k > self._seen[s]:
                     self._result[s] = 0.0  # more requested than there are values: keep all
                     continue
-                ge = self._hist[s].flip(0).cumsum(0).flip(0)  # values with digit >= d
-                d = int((ge >= k).nonzero().max())  # the largest digit with at least k values >= it
-                above = int(ge[d + 1]) if d + 1 < ge.numel() else 0
+                ge = np.cumsum(self._hist[s][::-1])[::-1]  # values with digit >= d
+                d = int(np.flatnonzero(ge >= k).max())  # the largest digit with at least k values >= it
+                above = int(ge[d + 1]) if d + 1 < ge.size else 0
                 self._remaining[s] = k - above
                 self._prefix[s] = (self._prefix[s] << 16) | d
                 if shift == 0:
@@ -267,18 +269,18 @@ class KthLargestSelector:
 
     def _set_bracket(self, s: int) -> None:
         """Digit range [lo, hi] holding the k-th largest, from the sampled top-digit histogram."""
-        ge = self._hist[s].flip(0).cumsum(0).flip(0)
+        ge = np.cumsum(self._hist[s][::-1])[::-1]
         ns = int(ge[0])
         n = self._totals[s]
         k = self.ks[s]
         target = k * ns / n
         margin = 8.0 * math.sqrt(max(target * (1.0 - k / n), 1.0)) + 32.0
-        ge_above = torch.cat([ge[1:], ge.new_zeros(1)])  # values with digit > d
-        fits = (ge_above <= target - margin).nonzero()
-        hi = int(fits.min()) if fits.numel() else _INF_DIGIT[self.dtype]
+        ge_above = np.append(ge[1:], 0)  # values with digit > d
+        fits = np.flatnonzero(ge_above <= target - margin)
+        hi = int(fits.min()) if fits.size else _INF_DIGIT[self.dtype]
         hi = min(hi, _INF_DIGIT[self.dtype])
-        enough = (ge >= target + margin).nonzero()
-        lo = int(enough.max()) if enough.numel() else 0
+        enough = np.flatnonzero(ge >= target + margin)
+        lo = int(enough.max()) if enough.size else 0
         lo = min(lo, hi)
         self._lo_f[s] = self._pattern_value(lo << self._top)
         self._hi_f[s] = math.inf if hi >= _INF_DIGIT[self.dtype] else self._pattern_value((hi + 1) << self._top)
