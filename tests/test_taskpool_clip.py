@@ -331,3 +331,31 @@ def test_bf16_precision_close_to_float32(tiny):
     assert abs(fast["accuracy"] - exact["accuracy"]) <= 2 / 18
     with pytest.raises(ConfigError, match="precision"):
         make_pool(tiny, precision="fp8")
+
+
+def test_run_program_merges_and_evaluates(tiny, tmp_path):
+    """A CLIP merge through run_program: the report's evaluation equals the pool on the reloaded model."""
+    from transformers import CLIPVisionModel
+
+    from fusion_bench.programs.fusion import run_program
+
+    models = {"_pretrained_": str(tiny["clip"])}
+    for i in (1, 2):
+        perturbed_vision(tiny["clip"], seed=10 + i, scale=0.2).save_pretrained(tmp_path / f"ft{i}")
+        models[f"ft{i}"] = str(tmp_path / f"ft{i}")
+    taskpool = {"type": "clip_zeroshot", "clip_model": str(tiny["clip"]), "batch_size": 7,
+                "tasks": {"colors": {"dataset": str(tiny["data"]), "templates": TEMPLATES},
+                          "noise": {"dataset": str(tiny["data"]), "split": "test_gaussian_noise"}}}
+    rep = run_program({"method": {"name": "task_arithmetic", "scaling_factor": 0.5},
+                       "modelpool": {"models": models, "model_class": "clip_vision"}, "taskpool": taskpool,
+                       "device": "cpu", "merged_model_path": str(tmp_path / "merged"),
+                       "report_path": str(tmp_path / "report.json"), "print_table": False}, log=lambda *a: None)
+    merged = CLIPVisionModel.from_pretrained(tmp_path / "merged")
+    again = make_pool(tiny, tasks=taskpool["tasks"]).evaluate(merged)
+    assert set(rep["evaluation"]["tasks"]) == {"colors", "noise"}
+    for t in ("colors", "noise"):
+        assert rep["evaluation"]["tasks"][t]["accuracy"] == again["tasks"][t]["accuracy"]
+        assert rep["evaluation"]["tasks"][t]["loss"] == pytest.approx(again["tasks"][t]["loss"], rel=1e-5)
+    splits = rep["evaluation_splits"]
+    assert splits["noise"]["split"] == "test_gaussian_noise" and splits["colors"]["samples"] == 18
+    assert json.loads((tmp_path / "report.json").read_text())["evaluation"]["average"] == rep["evaluation"]["average"]
