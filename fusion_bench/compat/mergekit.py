@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     ap.add_argument("--block-elements", type=int, default=DEFAULT_BLOCK_ELEMENTS,
                     help="elements per input in one row block of a large tensor")
-    ap.add_argument("--prefetch", type=int, default=2, help="work units read ahead of the merge")
+    ap.add_argument("--prefetch", type=int, default=1, help="work units read ahead of the merge")
     ap.add_argument("--no-overwrite", action="store_true", help="fail if OUT_DIR exists")
     args = ap.parse_args(argv)
     plan = load_mergekit_config(args.config)

@@ -58,8 +58,10 @@ from fusion_bench.io.stream import ShardedWriter, StreamReader, dtype_size, iter
 if TYPE_CHECKING:
     from fusion_bench.modelpool.base import ModelPool
 
-#: elements of one input in one row block (2 Mi elements = 8 MiB in float32)
-DEFAULT_BLOCK_ELEMENTS = 1 << 21
+#: elements of one input in one row block (1 Mi elements = 4 MiB in float32)
+DEFAULT_BLOCK_ELEMENTS = 1 << 20
+#: merging threads (each with one torch intra-op thread); the reader thread comes on top
+DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 #: resident memory of a Python process with torch and fusion_bench imported (for the dry-run estimate)
 PROCESS_BASELINE_BYTES = 260 * 2**20
 #: files copied from the base (or vocabulary source) folder beside the merged weights
@@ -325,7 +327,7 @@ def plan_merge(method: Any, pool: ModelPool, *, block_elements: int = DEFAULT_BL
             unit_rows = max(b - a for a, b in j.blocks) if j.blocks else rows
             unit_elems = unit_rows * row_elems
             # native inputs in the queue and in hand, their float32 copies, the method's workspace
-            unit = unit_elems * n_in * (dtype_size(in_dt) * (prefetch + 1) + 4 * 3)
+            unit = unit_elems * n_in * 4 * (prefetch + 2 * DEFAULT_WORKERS + 1)
             if j.stats:
                 full = rows * row_elems
                 unit = max(unit, full * (dtype_size(in_dt) * 2 * (prefetch + 1) + 4 * 4))
@@ -474,9 +476,101 @@ class _Prefetcher(threading.Thread):
         self.join(timeout=5)
 
 
-def _units(plan: MergePlan, readers: dict[str, Any], base: str | None, names: list[str]) -> Iterator[tuple]:
+class _Workers:
+    """Merging threads fed by the dispatcher (the main thread). Protocol jobs keep worker affinity
+    (their blocks carry state and must run in order); other units go to the least busy worker."""
+
+    def __init__(self, runner: Any, n: int):
+        self.runner = runner
+        self.qs: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(n)]
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.affinity: dict[int, int] = {}
+        self.next = 0
+        self.threads = [threading.Thread(target=self._work, args=(q,), daemon=True, name=f"fusion_bench-merge{i}")
+                        for i, q in enumerate(self.qs)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self, q: queue.Queue) -> None:
+        with torch.no_grad():
+            while True:
+                unit = q.get()
+                if unit is _END:
+                    return
+                if self.error is not None:
+                    continue
+                try:
+                    self.runner.handle(unit)
+                except BaseException as e:
+                    self.error = e
+                    self.stop.set()
+
+    def _put(self, i: int, unit: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.qs[i].put(unit, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def submit(self, unit: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        job = unit[1]
+        if len(self.qs) == 1:
+            i = 0
+        elif job.protocol or unit[0] == "stats":
+            i = self.affinity.get(id(job))
+            if i is None:
+                i = self.affinity[id(job)] = self._least_busy()
+        else:
+            i = self._least_busy()
+        self._put(i, unit)
+
+    def _least_busy(self) -> int:
+        n = len(self.qs)
+        order = [(self.next + k) % n for k in range(n)]
+        self.next = (self.next + 1) % n
+        return min(order, key=lambda i: self.qs[i].qsize())
+
+    def finish(self) -> None:
+        for i in range(len(self.qs)):
+            self._put(i, _END)
+        for t in self.threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.error is None and any(t.is_alive() for t in self.threads):
+            self.error = RuntimeError("merge stopped")
+        for q in self.qs:
+            while True:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                q.put_nowait(_END)
+            except queue.Full:
+                pass
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+def _units(plan: MergePlan, readers: dict[str, Any], base: str | None, names: list[str],
+           widen: Any = None) -> Iterator[tuple]:
     """Work units in plan order: ('copy', job, row_start, tensor), ('stats', job, i, base, tensor),
-    ('merge', job, row_start, base, tensors)."""
+    ('merge', job, row_start, base, tensors). Inputs of merge units are converted to the method's
+    compute dtype here, in the reader thread (``widen``), so the conversion overlaps the merge."""
+    def read(n: str, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        t = readers[n].read(key, rows)
+        return widen(t) if widen is not None else t
+
     for j in plan.jobs:
         if j.mode == "copy":
             r = readers[j.copy_from]
@@ -495,8 +589,8 @@ def _units(plan: MergePlan, readers: dict[str, Any], base: str | None, names: li
                 yield ("stats", j, i, b, readers[n].read(key_of[n], full))
             del b
         for rows in (j.blocks or [None]):
-            b = readers[base].read(key_of[base], rows) if base is not None else None
-            ts = [readers[n].read(key_of[n], rows) for n in names]
+            b = read(base, key_of[base], rows) if base is not None else None
+            ts = [read(n, key_of[n], rows) for n in names]
             yield ("merge", j, rows[0] if rows else 0, b, ts)
         if j.tail_from is not None and j.merge_rows is not None and j.merge_rows < j.shape[0]:
             row_elems = max(1, j.out_bytes // max(1, j.shape[0] * dtype_size(j.dtype)))
@@ -506,8 +600,10 @@ def _units(plan: MergePlan, readers: dict[str, Any], base: str | None, names: li
 
 
 def _check_finite(key: str, names: list[str], tensors: list[torch.Tensor]) -> None:
+    from fusion_bench.methods.base import all_finite
+
     for n, t in zip(names, tensors):
-        if t.dtype.is_floating_point and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ModelMismatchError(
                 f"Model '{n}' has non-finite values (NaN/inf) in tensor '{key}'; fix or drop that checkpoint.")
 
@@ -592,6 +688,39 @@ def _copy_side_files(pool: ModelPool, plan: MergePlan, folder: Path) -> list[str
     return copied
 
 
+def _widener(method: Any):
+    """float16/bfloat16 -> float32 when that is the method's compute dtype (as merge_one would do)."""
+    cd = getattr(method, "compute_dtype", None)
+    if not callable(cd):
+        return None
+    targets = {dt for dt in (torch.float16, torch.bfloat16) if cd(dt) == torch.float32}
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.dtype in targets else t
+
+    return widen if targets else None
+
+
+_MALLOPT_DONE = False
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc keep freed blocks for reuse instead of unmapping them (no page faults on every new
+    block buffer; RSS stays bounded by the peak of live buffers). Best effort, Linux glibc only."""
+    global _MALLOPT_DONE
+    if _MALLOPT_DONE or not sys.platform.startswith("linux"):
+        return
+    _MALLOPT_DONE = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: large blocks from the heap, not fresh mmaps
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not return freed heap memory at once
+    except Exception:  # pragma: no cover - other libc
+        pass
+
+
 def _progress(total: int, enabled: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -601,8 +730,9 @@ def _progress(total: int, enabled: bool):
 
 def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
                     block_elements: int = DEFAULT_BLOCK_ELEMENTS, max_shard_size: int | str = "5GB",
-                    prefetch: int = 2, overwrite: bool = True, progress: bool | None = None,
-                    copy_side_files: bool = True) -> dict[str, Any]:
+                    prefetch: int = 1, overwrite: bool = True, progress: bool | None = None,
+                    copy_side_files: bool = True, threads: int | None = 1,
+                    workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
     """Merge ``pool`` with ``method`` tensor by tensor and write the result to ``out_dir``.
 
     Args:
@@ -616,10 +746,17 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
         overwrite: replace an existing ``out_dir`` (only after the merge succeeded).
         progress: show a progress bar (default: when stderr is a terminal).
         copy_side_files: copy config.json, generation_config.json and tokenizer files.
+        threads: torch intra-op threads of the merging thread during the merge (None: unchanged).
+            Default 1: the reader thread (I/O and dtype conversion) takes the other core, and
+            single-threaded kernels avoid OpenMP hand-off costs on small blocks and busy machines.
+        workers: merging threads. Units of different tensors (and row blocks of element-wise merges)
+            run in parallel; the units of a tensor merged with the block protocol stay in order on
+            one worker.
     Returns:
         information on the merge: plan figures, wall time, shards written.
     """
     t0 = time.perf_counter()
+    _keep_freed_memory()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"Output folder {out_dir} already exists; pass overwrite=True or choose another path.")
@@ -648,19 +785,26 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
             writer = ShardedWriter(tmp, [(j.key, j.shape, j.dtype) for j in plan.jobs], max_shard_bytes=shard_bytes)
             try:
                 runner = _Runner(method, plan, writer, names)
-                pre = _Prefetcher(_units(plan, readers, in_base, names), prefetch)
+                pre = _Prefetcher(_units(plan, readers, in_base, names, _widener(method)), prefetch)
+                threads_before = torch.get_num_threads()
+                if threads is not None:
+                    torch.set_num_threads(max(1, threads))
                 pre.start()
+                pool_ = _Workers(runner, max(1, workers))
                 try:
                     with torch.no_grad(), _progress(len(plan.jobs), show) as prog:
                         task = prog.add_task(f"merging ({method.name})", total=len(plan.jobs))
                         last = None
                         for unit in pre:
-                            runner.handle(unit)
+                            pool_.submit(unit)
                             if unit[1] is not last:
                                 prog.advance(task)
                                 last = unit[1]
+                        pool_.finish()
                 finally:
+                    pool_.close()
                     pre.close()
+                    torch.set_num_threads(threads_before)
                 weight_map = writer.finish()
             finally:
                 writer.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,7 @@ class ShardedWriter:
             self.close()
             raise CheckpointError(f"Cannot create output shards in {self.folder}: {e}") from e
         self._fd_of = dict(zip(self.files, self._fds))
+        self._lock = threading.Lock()
 
     def location(self, key: str) -> TensorLocation:
         if key not in self._loc:
@@ -296,7 +298,8 @@ class ShardedWriter:
             done = 0
             while done < nbytes:
                 done += os.pwrite(fd, view[done:], off + done)
-        self._written[key] += nrows
+        with self._lock:  # several merging threads write concurrently (pwrite itself is positional)
+            self._written[key] += nrows
 
     def missing(self) -> list[str]:
         """Planned tensors not (completely) written yet."""

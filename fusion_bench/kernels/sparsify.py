@@ -63,15 +63,9 @@ def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, i
     return n_top, n_keep
 
 
-def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[int],
-                         chunk: int = CHUNK) -> list[float]:
-    """Exact k-th largest of |a - b| (|a| when b is None) for each k in ``ks``, computed in chunks.
-
-    The difference is formed in float32 (float64 for float64 inputs) chunk by chunk, so memory is
-    the inputs plus one chunk; the selection is the radix select of
-    :class:`fusion_bench.kernels.ties.KthLargestSelector` (+inf for k <= 0, 0 for k > n).
-    """
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+def _radix_kth(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[int], dt: torch.dtype,
+               chunk: int) -> list[float]:
+    """Exact k-th largest of |a - b| per k by radix selection (the fallback of :func:`kth_largest_abs_diff`)."""
     fa = a.reshape(-1)
     fb = b.reshape(-1) if b is not None else None
     n = fa.numel()
@@ -86,6 +80,84 @@ def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[i
                 sel.add(i, v)
         sel.finish_pass()
     return sel.values()
+
+
+#: sample size and rank margin of the bracketing selection
+SAMPLE = 1 << 16
+MARGIN = 600
+
+
+def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[int],
+                         chunk: int = CHUNK) -> list[float]:
+    """Exact k-th largest of |a - b| (|a| when b is None) for each k in ``ks``, computed in chunks.
+
+    The difference is formed in float32 (float64 for float64 inputs) chunk by chunk, so memory is
+    the inputs plus one chunk and the candidates. Selection: a deterministic sample (every
+    (n / 65536)-th entry) brackets the k-th largest value between two sample order statistics
+    (+-600 ranks around the expected rank); one pass counts the entries above the bracket and
+    keeps those inside it; the answer is the exact order statistic among them (``torch.kthvalue``).
+    When the bracket misses (possible only for adversarial data), the exact radix selection of
+    :class:`fusion_bench.kernels.ties.KthLargestSelector` is used. Returns +inf for k <= 0 and 0 for
+    k > n, like the radix selector.
+    """
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    fa = a.reshape(-1)
+    fb = b.reshape(-1) if b is not None else None
+    n = fa.numel()
+    out: list[float | None] = [None] * len(ks)
+    todo = []
+    for i, k in enumerate(ks):
+        if k <= 0:
+            out[i] = math.inf
+        elif k > n:
+            out[i] = 0.0
+        else:
+            todo.append(i)
+    if not todo:
+        return [float(x) for x in out]  # type: ignore[arg-type]
+    if n <= 4 * SAMPLE:  # small: one exact selection on the whole tensor
+        v = (fa.to(dt) - fb.to(dt)).abs_() if fb is not None else fa.to(dt).abs()
+        for i in todo:
+            out[i] = float(torch.kthvalue(v, n - ks[i] + 1).values)
+        return [float(x) for x in out]  # type: ignore[arg-type]
+    pos = torch.linspace(0, n - 1, SAMPLE, dtype=torch.float64).long()
+    samp = (fa[pos].to(dt) - fb[pos].to(dt)).abs_() if fb is not None else fa[pos].to(dt).abs()
+    ss = torch.sort(samp, descending=True).values
+    brackets = {}
+    for i in todo:
+        r = ks[i] * SAMPLE / n  # expected (1-based) rank in the sample
+        i_hi = math.floor(r) - MARGIN - 1
+        i_lo = math.ceil(r) + MARGIN - 1
+        hi = float(ss[i_hi]) if i_hi >= 0 else math.inf
+        lo = float(ss[i_lo]) if i_lo < SAMPLE else 0.0
+        brackets[i] = (lo, hi)
+    above = dict.fromkeys(todo, 0)
+    cands: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        v = fa[s:e].to(dt)
+        v = (v - fb[s:e].to(dt)).abs_() if fb is not None else v.abs()
+        for i in todo:
+            lo, hi = brackets[i]
+            if hi != math.inf:
+                above[i] += int((v > hi).sum())
+                m = (v >= lo) & (v <= hi)
+            else:
+                m = v >= lo
+            cands[i].append(v[m])
+    retry = []
+    for i in todo:
+        c = torch.cat(cands[i])
+        need = ks[i] - above[i]
+        if 0 < need <= c.numel():
+            out[i] = float(torch.kthvalue(c, c.numel() - need + 1).values)
+        else:
+            retry.append(i)
+    if retry:
+        vals = _radix_kth(a, b, [ks[i] for i in retry], dt, chunk)
+        for i, v in zip(retry, vals):
+            out[i] = v
+    return [float(x) for x in out]  # type: ignore[arg-type]
 
 
 def magnitude_thresholds(tau_or_theta: torch.Tensor, base: torch.Tensor | None, method: str, density: float,
@@ -114,6 +186,20 @@ def band_mask(tau: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     if hi != math.inf:
         m &= a < hi
     return m
+
+
+def band_keep(tau: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """tau where lo <= |tau| < hi, else 0 (one ``hardshrink`` pass for the lower bound)."""
+    if lo == math.inf:
+        return torch.zeros_like(tau)
+    if lo > 0:
+        below = torch.nextafter(torch.tensor(lo, dtype=tau.dtype), torch.tensor(0.0, dtype=tau.dtype))
+        out = torch.nn.functional.hardshrink(tau, float(below))  # keeps |x| > below, i.e. |x| >= lo
+    else:
+        out = tau.clone()
+    if hi != math.inf:
+        out.masked_fill_(out.abs() >= hi, 0.0)
+    return out
 
 
 def della_keep_prob(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -149,7 +235,7 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, rescale: bool = 
         return tau
     if method in ("magnitude", "breadcrumbs"):
         lo, hi = thresholds if thresholds is not None else magnitude_thresholds(tau, None, method, density, gamma)
-        return tau * band_mask(tau, lo, hi)
+        return band_keep(tau, lo, hi)
     if generator is None:
         raise ValueError(f"sparsification {method!r} needs a seeded generator")
     if method == "random":
@@ -190,21 +276,36 @@ def gta_merge(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequenc
         return base + scaling_factor * out
     if consensus not in CONSENSUS:
         raise ValueError(f"unknown consensus {consensus!r}; use one of {CONSENSUS}")
-    vote = torch.zeros_like(base)
-    for w, t in zip(weights, taus):
-        if consensus == "sum":
-            vote.add_(t, alpha=float(w))
-        else:
-            vote.add_((t * float(w)).sign_())
-    elected = torch.where(vote >= 0, 1.0, -1.0).to(base.dtype)
-    div = torch.zeros_like(base) if normalize else None
+    # participating entries: w_i tau_i > 0 where the elected sign is +1, < 0 where it is -1, so the
+    # agreeing sum is the sum of the positive (or negative) weighted entries
+    pos = torch.zeros_like(base)
+    neg = torch.zeros_like(base)
+    pos_w = torch.zeros_like(base) if normalize else None
+    neg_w = torch.zeros_like(base) if normalize else None
+    pos_n = torch.zeros_like(base) if consensus == "count" else None
+    neg_n = torch.zeros_like(base) if consensus == "count" else None
     for w, t in zip(weights, taus):
         wt = t * float(w)
-        agree = wt.sign() == elected
-        out.add_(wt * agree)
-        if div is not None:
-            div.add_(agree.to(base.dtype), alpha=float(w))
-    if div is not None:
+        pos.add_(wt.clamp(min=0))
+        neg.add_(wt.clamp(max=0))
+        if pos_w is not None or pos_n is not None:
+            gt = (wt > 0).to(base.dtype)
+            lt = (wt < 0).to(base.dtype)
+            if pos_w is not None:
+                pos_w.add_(gt, alpha=float(w))
+                neg_w.add_(lt, alpha=float(w))
+            if pos_n is not None:
+                pos_n.add_(gt)
+                neg_n.add_(lt)
+    if consensus == "sum":
+        plus = (pos + neg) >= 0
+    elif consensus == "count":
+        plus = pos_n >= neg_n
+    else:
+        raise ValueError(f"unknown consensus {consensus!r}; use one of {CONSENSUS}")
+    out = torch.where(plus, pos, neg)
+    if normalize:
+        div = torch.where(plus, pos_w, neg_w)
         div[div == 0] = 1.0
         out.div_(div)
     return base + scaling_factor * out

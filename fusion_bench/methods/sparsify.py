@@ -120,6 +120,16 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
                thresholds: list[Any] | None, generators: list[torch.Generator | None] | None) -> torch.Tensor:
         c = self.config
         weights, dens = self.params(key, names)
+        if c.consensus == "none" and (c.sparsification == "none" or all(d >= 1.0 for d in dens)):
+            # plain weighted task arithmetic: sum_i w_i theta_i - (sum_i w_i) theta_0 (no per-model delta)
+            acc = torch.zeros_like(base)
+            for w, t in zip(weights, tensors):
+                acc.add_(t, alpha=float(w))
+            wsum = float(sum(weights))
+            acc.sub_(base, alpha=wsum)
+            if c.normalize:
+                acc.div_(wsum if abs(wsum) >= 1e-8 else 1.0)
+            return base + c.scaling_factor * acc
         taus = []
         for i, t in enumerate(tensors):
             tau = t - base
