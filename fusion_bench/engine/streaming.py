@@ -272,7 +272,7 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def plan_merge(method: Any, pool: ModelPool, *, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-               prefetch: int = 2, readers: dict[str, Any] | None = None) -> MergePlan:
+               prefetch: int = 1, readers: dict[str, Any] | None = None) -> MergePlan:
     """Plan a streaming merge: output tensors, row blocks, bytes, peak memory and mismatches.
 
     Nothing but headers is read. Mismatches are collected (not raised) so that a dry run can list
