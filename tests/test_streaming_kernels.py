@@ -211,3 +211,26 @@ def test_config_errors():
         build_method({"name": "generalized_task_arithmetic", "sparsification": "magnitud"})
     with pytest.raises(ConfigError, match="max_iter"):
         build_method({"name": "karcher_mean", "max_iter": 0})
+
+
+@pytest.mark.parametrize("n", [100, 9000, 70000])
+def test_kth_largest_abs_diff_naive(n):
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=g).to(torch.bfloat16)  # many ties in bf16
+    b = torch.randn(n, generator=g).to(torch.bfloat16) * 0.1
+    vals = sorted((abs(float(x) - float(y)) for x, y in zip(a.float(), b.float())), reverse=True)
+    ks = [0, 1, 2, n // 3, n // 2, n - 1, n, n + 1]
+    expect = [math.inf if k <= 0 else (0.0 if k > n else vals[k - 1]) for k in ks]
+    assert K.kth_largest_abs_diff(a, b, ks) == expect
+    assert K.kth_largest_abs_diff((a.float() - b.float()), None, ks) == expect
+
+
+def test_kth_largest_bracket_miss_falls_back():
+    """Adversarial data: every sampled position is 0, the rest large; the exact fallback answers."""
+    n = 100_000
+    size = min(K.SAMPLE, n // 8)
+    x = torch.arange(1, n + 1, dtype=torch.float32)
+    x[torch.linspace(0, n - 1, size, dtype=torch.float64).long()] = 0.0
+    vals = sorted(x.tolist(), reverse=True)
+    ks = [10, n // 2, n - size - 5]
+    assert K.kth_largest_abs_diff(x, None, ks) == [vals[k - 1] for k in ks]

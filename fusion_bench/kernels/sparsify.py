@@ -93,8 +93,8 @@ def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[i
 
     The difference is formed in float32 (float64 for float64 inputs) chunk by chunk, so memory is
     the inputs plus one chunk and the candidates. Selection: a deterministic sample (every
-    (n / 65536)-th entry) brackets the k-th largest value between two sample order statistics
-    (+-600 ranks around the expected rank); one pass counts the entries above the bracket and
+    (n / s)-th entry, s = min(65536, n / 8)) brackets the k-th largest value between two sample
+    order statistics (about 4 sqrt(s) ranks around the expected rank); one pass counts the entries above the bracket and
     keeps those inside it; the answer is the exact order statistic among them (``torch.kthvalue``).
     When the bracket misses (possible only for adversarial data), the exact radix selection of
     :class:`fusion_bench.kernels.ties.KthLargestSelector` is used. Returns +inf for k <= 0 and 0 for
@@ -115,21 +115,23 @@ def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[i
             todo.append(i)
     if not todo:
         return [float(x) for x in out]  # type: ignore[arg-type]
-    if n <= 4 * SAMPLE:  # small: one exact selection on the whole tensor
+    if n <= 8192:  # small: one exact selection on the whole tensor
         v = (fa.to(dt) - fb.to(dt)).abs_() if fb is not None else fa.to(dt).abs()
         for i in todo:
             out[i] = float(torch.kthvalue(v, n - ks[i] + 1).values)
         return [float(x) for x in out]  # type: ignore[arg-type]
-    pos = torch.linspace(0, n - 1, SAMPLE, dtype=torch.float64).long()
+    size = min(SAMPLE, n // 8)
+    margin = min(MARGIN, 4 * math.isqrt(size) + 16)
+    pos = torch.linspace(0, n - 1, size, dtype=torch.float64).long()
     samp = (fa[pos].to(dt) - fb[pos].to(dt)).abs_() if fb is not None else fa[pos].to(dt).abs()
     ss = torch.sort(samp, descending=True).values
     brackets = {}
     for i in todo:
-        r = ks[i] * SAMPLE / n  # expected (1-based) rank in the sample
-        i_hi = math.floor(r) - MARGIN - 1
-        i_lo = math.ceil(r) + MARGIN - 1
+        r = ks[i] * size / n  # expected (1-based) rank in the sample
+        i_hi = math.floor(r) - margin - 1
+        i_lo = math.ceil(r) + margin - 1
         hi = float(ss[i_hi]) if i_hi >= 0 else math.inf
-        lo = float(ss[i_lo]) if i_lo < SAMPLE else 0.0
+        lo = float(ss[i_lo]) if i_lo < size else 0.0
         brackets[i] = (lo, hi)
     above = dict.fromkeys(todo, 0)
     cands: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
@@ -285,12 +287,12 @@ def gta_merge(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequenc
     pos_n = torch.zeros_like(base) if consensus == "count" else None
     neg_n = torch.zeros_like(base) if consensus == "count" else None
     for w, t in zip(weights, taus):
-        wt = t * float(w)
+        wt = t if float(w) == 1.0 else t * float(w)
         pos.add_(wt.clamp(min=0))
         neg.add_(wt.clamp(max=0))
         if pos_w is not None or pos_n is not None:
-            gt = (wt > 0).to(base.dtype)
-            lt = (wt < 0).to(base.dtype)
+            gt = wt > 0
+            lt = wt < 0
             if pos_w is not None:
                 pos_w.add_(gt, alpha=float(w))
                 neg_w.add_(lt, alpha=float(w))
