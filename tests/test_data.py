@@ -122,19 +122,21 @@ def test_preprocessed_images_cache(tmp_path):
 
     cache.clear_memory_cache()
     s0 = dict(cache.STATS)
-    px, y = cache.preprocessed_images(ds, to_tensor, image_column="image", label_column="label",
-                                      cache_dir=tmp_path, batch_size=4)
-    assert px.shape == (9, 3, 4, 4) and y.tolist() == [i % 3 for i in range(9)]
+    data = cache.preprocessed_images(ds, to_tensor, image_column="image", label_column="label",
+                                     cache_dir=tmp_path, batch_size=4)
+    px, y = data.all(), data.labels
+    assert data.scale is None and px.shape == (9, 3, 4, 4) and y.tolist() == [i % 3 for i in range(9)]
     for i in range(9):
         assert torch.allclose(px[i], torch.full((3, 4, 4), i * 20 / 255))
     assert cache.STATS["decoded"] == s0["decoded"] + 1
     cache.preprocessed_images(ds, to_tensor, image_column="image", label_column="label", cache_dir=tmp_path)
     assert cache.STATS["memory_hits"] == s0["memory_hits"] + 1
     cache.clear_memory_cache()
-    px2, _ = cache.preprocessed_images(ds, to_tensor, image_column="image", label_column="label", cache_dir=tmp_path)
+    px2 = cache.preprocessed_images(ds, to_tensor, image_column="image", label_column="label", cache_dir=tmp_path).all()
     assert cache.STATS["disk_hits"] == s0["disk_hits"] + 1 and torch.equal(px, px2)
-    sub, ysub = cache.preprocessed_images(ds, to_tensor, image_column="image", label_column="label",
-                                          cache_dir=tmp_path, max_samples=3)
+    subset = cache.preprocessed_images(ds, to_tensor, image_column="image", label_column="label",
+                                       cache_dir=tmp_path, max_samples=3)
+    sub, ysub = subset.all(), subset.labels
     assert ysub.tolist() == [0, 0, 0] and torch.equal(sub, px[[0, 3, 6]])  # rows 0, 3, 6
     assert cache.STATS["decoded"] == s0["decoded"] + 2
 
@@ -148,3 +150,30 @@ def test_modelpool_dataset(saved):
     assert pool.dataset("sst", "test")["text"] == ["s0", "s1"]
     with pytest.raises(ConfigError, match="no split 'val'"):
         pool.dataset("sst", "val")
+
+
+def test_hf_processor_cached_as_uint8_equals_processor(tmp_path):
+    """A resize/crop/rescale/normalise processor: uint8 cache, batches equal the processor's output."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from fusion_bench.data import images as cache
+
+    rng = np.random.default_rng(0)
+    proc = CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16})
+    ims = [Image.fromarray(rng.integers(0, 255, (24 + i, 30, 3), dtype=np.uint8)) for i in range(7)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict({"image": ims, "label": [i % 2 for i in range(7)]}, features=feats)
+    data = cache.preprocessed_images(ds, proc, image_column="image", label_column="label", cache_dir=tmp_path,
+                                     batch_size=3)
+    expected = proc(images=ims, return_tensors="pt")["pixel_values"]
+    assert data.pixels.dtype == torch.uint8 and data.shape == (7, 3, 16, 16)
+    torch.testing.assert_close(data.all(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(data.batch(2, 5), expected[2:5], atol=1e-5, rtol=0)
+    px, y = data  # unpacks as (float32 inputs, labels)
+    torch.testing.assert_close(px, expected, atol=1e-5, rtol=0)
+    assert y.tolist() == [i % 2 for i in range(7)]
+    cache.clear_memory_cache()
+    again = cache.preprocessed_images(ds, proc, image_column="image", label_column="label", cache_dir=tmp_path)
+    assert again.pixels.dtype == torch.uint8 and torch.equal(again.pixels, data.pixels)
+    torch.testing.assert_close(again.all(), expected, atol=1e-5, rtol=0)

@@ -6,6 +6,7 @@ text embeddings of every template, renormalised; logits = exp(logit_scale) * cos
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -115,14 +116,19 @@ def make_pool(tiny, **kw):
 # ------------------------------------------------------------------------------------------------
 # independent reference
 # ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _load_reference_clip(folder: str):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+
+
 def reference_logits(clip_folder: Path, data_folder: Path, split: str, classnames: list[str], templates: list[str],
                      image_logits_fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, C) and labels by hand: text embeddings per caption, averaged per class."""
     import datasets
-    from transformers import CLIPModel, CLIPProcessor
 
-    clip = CLIPModel.from_pretrained(clip_folder).eval()
-    proc = CLIPProcessor.from_pretrained(clip_folder)
+    clip, proc = _load_reference_clip(str(clip_folder))
     rows = []
     with torch.no_grad():
         for c in classnames:

@@ -27,7 +27,7 @@ from torch import nn
 
 from fusion_bench.config_schema import build_config, option
 from fusion_bench.data.images import STATS as IMAGE_STATS
-from fusion_bench.data.images import preprocessed_images
+from fusion_bench.data.images import PreprocessedImages, preprocessed_images
 from fusion_bench.data.loading import (
     class_names,
     dataset_fingerprint,
@@ -283,13 +283,14 @@ class CLIPZeroShotTaskPool(TaskPool):
     def templates(self, task: str) -> list[str]:
         return list(self._specs[task].templates or self.config.templates or DEFAULT_TEMPLATES)
 
-    def images(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed pixel values (N, 3, H, W) and labels (N,) of ``task`` (cached)."""
+    def images(self, task: str) -> PreprocessedImages:
+        """Preprocessed images (N, 3, H, W) and labels (N,) of ``task`` (cached)."""
         ds = self.dataset(task)
         img, lab = self._columns[task]
-        pixels, labels = preprocessed_images(
+        data = preprocessed_images(
             ds, self.image_processor, image_column=img, label_column=lab, max_samples=self.config.max_samples,
             cache_dir=self.cache_dir, use_cache=self.config.use_cache)
+        labels = data.labels
         n_cls = len(self.classnames(task))
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
             raise ConfigError(
@@ -299,7 +300,7 @@ class CLIPZeroShotTaskPool(TaskPool):
             spec = self._specs[task]
             self._split_info[task] = {"dataset": str(spec.dataset), "split": spec.split, "samples": int(labels.numel()),
                                       "fingerprint": dataset_fingerprint(ds)}
-        return pixels, labels
+        return data
 
     # -- heads ---------------------------------------------------------------------------------
     def head(self, task: str) -> torch.Tensor:
@@ -349,7 +350,7 @@ class CLIPZeroShotTaskPool(TaskPool):
             raise ConfigError("Nested ensembles are not supported by the clip_zeroshot task pool.")
         return vision_tower(member), self.clip_model.visual_projection
 
-    def _check_member(self, i: int, vision: nn.Module, projection: nn.Module, pixels: torch.Tensor) -> None:
+    def _check_member(self, i: int, vision: nn.Module, projection: nn.Module, shape: tuple[int, ...]) -> None:
         cfg = getattr(vision, "config", None)
         hidden = getattr(cfg, "hidden_size", None)
         in_f = getattr(projection, "in_features", None)
@@ -358,10 +359,10 @@ class CLIPZeroShotTaskPool(TaskPool):
                 f"Evaluated model {i}: its vision encoder has hidden size {hidden} but the visual projection of "
                 f"taskpool.clip_model expects {in_f}; use the CLIP model the vision encoder comes from.")
         size = getattr(cfg, "image_size", None)
-        if size is not None and pixels.shape[-1] != size:
+        if size is not None and shape[-1] != size:
             raise ModelMismatchError(
                 f"Evaluated model {i} expects {size}x{size} images but the image processor of "
-                f"{self.config.processor or self.config.clip_model} gives {pixels.shape[-2]}x{pixels.shape[-1]}; "
+                f"{self.config.processor or self.config.clip_model} gives {shape[-2]}x{shape[-1]}; "
                 "set taskpool.processor to the processor of the evaluated model.")
 
     def evaluate(self, model: nn.Module, tasks: list[str] | None = None) -> dict[str, Any]:
@@ -385,30 +386,36 @@ class CLIPZeroShotTaskPool(TaskPool):
         try:
             for task in tasks:
                 head = self.head(task).to(device)
-                pixels, labels = self.images(task)
+                data = self.images(task)
                 for i, (v, p) in enumerate(moved):
-                    self._check_member(i, v, p, pixels)
-                results[task] = self._evaluate_task(moved, combine, head, scale, pixels, labels, device)
+                    self._check_member(i, v, p, data.shape)
+                results[task] = self._evaluate_task(moved, combine, head, scale, data, device)
         finally:
             for m, t in zip(members, modes):
                 m.train(t)
         return {"tasks": results, "average": average_metrics(results)}
 
-    def _evaluate_task(self, parts, combine, head: torch.Tensor, scale: float, pixels: torch.Tensor,
-                       labels: torch.Tensor, device: torch.device) -> dict[str, float]:
+    def _evaluate_task(self, parts, combine, head: torch.Tensor, scale: float, data: PreprocessedImages,
+                       device: torch.device) -> dict[str, float]:
         correct = 0
         loss_sum = 0.0
-        n = labels.numel()
+        labels = data.labels
+        n = len(data)
         bs = self.config.batch_size
         dtypes = [next(v.parameters()).dtype for v, _ in parts]
         amp = self.config.precision == "bf16"
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for s in range(0, n, bs):
-                x = pixels[s:s + bs].to(device, non_blocking=True)
+                x = data.batch(s, s + bs, device)
                 y = labels[s:s + bs].to(device)
                 zs = []
-                for (v, p), dt in zip(parts, dtypes):
-                    out = v(pixel_values=x.to(dt))
+                for i, ((v, p), dt) in enumerate(zip(parts, dtypes)):
+                    try:
+                        out = v(pixel_values=x.to(dt))
+                    except TypeError as e:
+                        raise ModelMismatchError(
+                            f"Evaluated model {i} ({type(v).__name__}) does not take pixel_values ({e}); the "
+                            "clip_zeroshot task pool evaluates CLIP vision encoders.") from e
                     pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
                     feats = F.normalize(p(pooled).float(), dim=-1)
                     zs.append(scale * feats @ head.T)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_bench.config_schema import build_config, option
-from fusion_bench.data.images import preprocessed_images
+from fusion_bench.data.images import PreprocessedImages, preprocessed_images
 from fusion_bench.data.loading import (
     class_names,
     dataset_fingerprint,
@@ -196,18 +196,19 @@ class ImageClassificationTaskPool(TaskPool):
             self._datasets[task] = ds
         return self._datasets[task]
 
-    def images(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def images(self, task: str) -> PreprocessedImages:
         ds = self.dataset(task)
         img, lab = self._columns[task]
         cache = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
-        pixels, labels = preprocessed_images(ds, self.processor, image_column=img, label_column=lab,
-                                             max_samples=self.config.max_samples, cache_dir=cache,
-                                             use_cache=self.config.use_cache)
+        data = preprocessed_images(ds, self.processor, image_column=img, label_column=lab,
+                                   max_samples=self.config.max_samples, cache_dir=cache,
+                                   use_cache=self.config.use_cache)
+        labels = data.labels
         if task not in self._split_info:
             spec = self._specs[task]
             self._split_info[task] = {"dataset": str(spec.dataset), "split": spec.split,
                                       "samples": int(labels.numel()), "fingerprint": dataset_fingerprint(ds)}
-        return pixels, labels
+        return data
 
     def _check_tasks(self, tasks: list[str] | None) -> list[str]:
         if tasks is None:
@@ -259,12 +260,13 @@ class ImageClassificationTaskPool(TaskPool):
                 head = self.head(task)
                 if head is not None:
                     head = head.to(device)
-                pixels, labels = self.images(task)
+                data = self.images(task)
+                labels = data.labels
                 names = class_names(self.dataset(task), self._columns[task][1])
                 correct, loss_sum, n = 0, 0.0, labels.numel()
                 with torch.inference_mode():
                     for s in range(0, n, self.config.batch_size):
-                        x = pixels[s:s + self.config.batch_size].to(device)
+                        x = data.batch(s, s + self.config.batch_size, device)
                         y = labels[s:s + self.config.batch_size].to(device)
                         zs = [self._logits(m, head, x.to(dt) if dt.is_floating_point else x, kw)
                               for m, kw, dt in zip(members, kws, dtypes)]
