@@ -37,8 +37,11 @@ import torch
 SignElection = Literal["mass", "count"]
 DisjointMerge = Literal["mean", "sum", "max"]
 
-#: elements per chunk in the chunked kernels (bounded scratch memory, cache friendly)
-CHUNK = 1 << 16
+#: entries per chunk in the chunked kernels: below torch's parallel grain size (32768), so each op
+#: runs serially in its thread; bounded scratch memory, cache friendly
+CHUNK = 1 << 14
+#: tensors with at least this many entries per worker are split across Python threads
+PARALLEL_MIN = 1 << 18
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -57,16 +60,43 @@ _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
 #: top 16 bits of +inf (largest digit a finite or infinite magnitude can have)
 _INF_DIGIT = {torch.float32: 0x7F80, torch.float64: 0x7FF0}
 #: digits of smaller inputs are batched until this many, then counted with one bincount
-_FLUSH = 1 << 18
+_FLUSH = 1 << 20
 #: kth_largest_abs on at most this many values uses torch.kthvalue (same exact value, less overhead)
 _SMALL = 1 << 16
+#: entries per op in the serial loops (below torch's parallel grain size of 32768)
+_SERIAL_CHUNK = 32767
 #: sampling pass: every SAMPLE_STRIDE-th entry (a prime, so that it does not alias with row lengths;
 #: large enough that the pass skips most cache lines)
 SAMPLE_STRIDE = 127
-#: elements per chunk in the bracket pass
-_BRACKET_CHUNK = 1 << 16
+#: widest bracket, in top-16-bit digits (its histogram has MAX_BRACKET * 65536 bins)
+MAX_BRACKET = 32
 #: streams with fewer values than this skip the sampling pass (plain radix select)
 MIN_SAMPLED = 1 << 22
+
+
+def _bracket_range(bits: torch.Tensor, abs_mask: int, lo: int, hi: int, shift: int) -> tuple[int, list[torch.Tensor]]:
+    """For float bit patterns ``bits``: (number of magnitudes with pattern >= hi, the bins
+    (p - lo) >> shift of the magnitude patterns p in [lo, hi)), in serial chunks with reused buffers."""
+    n = bits.numel()
+    size = min(max(n, 1), _SERIAL_CHUNK)
+    a_full = torch.empty(size, dtype=bits.dtype)
+    hi_full = torch.empty(size, dtype=torch.bool)
+    in_full = torch.empty(size, dtype=torch.bool)
+    above = 0
+    inside: list[torch.Tensor] = []
+    for start in range(0, n, size):
+        c = min(size, n - start)
+        a, m_hi, m_in = a_full[:c], hi_full[:c], in_full[:c]
+        torch.bitwise_and(bits[start:start + c], abs_mask, out=a)
+        torch.ge(a, hi, out=m_hi)
+        above += int(torch.count_nonzero(m_hi))
+        torch.ge(a, lo, out=m_in)
+        m_in.logical_xor_(m_hi)  # lo <= pattern < hi  (hi >= lo, so ">= hi" implies ">= lo")
+        sel = a[m_in]
+        if sel.numel():
+            sel.sub_(lo)
+            inside.append(sel >> shift if shift else sel)
+    return above, inside
 
 
 class KthLargestSelector:
@@ -79,14 +109,16 @@ class KthLargestSelector:
       the next 16-bit digit of the patterns whose higher digits equal the prefix found so far and
       keeps the digit holding the k-th largest: 2 passes for float32, 4 for float64; memory is one
       65536-bin histogram per stream.
-    - **Sample and bracket** (when ``totals`` are given and large): pass 1 reads only every
-      ``sample_stride``-th value (the caller slices its inputs with :attr:`stride`) and estimates
-      from their top-digit histogram a range of digits that holds the k-th largest with a wide
-      margin (8 standard deviations of the sampling error plus 32 values); pass 2 reads everything,
-      counts the values above the range and keeps the patterns inside it (typically ~1% of the
-      values; capped at 1/32 of them), and the k-th largest is the (k - above)-th of those, exactly.
-      If the range misses (the cap or the rank falls outside), the stream falls back to radix
-      select. The answer is the same exact value either way; only the number of passes differs.
+    - **Sample and bracket** (float32, when ``totals`` are given and large): pass 1 reads only
+      every ``sample_stride``-th value (the caller slices its inputs with :attr:`stride`) and
+      estimates from their top-digit histogram a range of top digits that holds the k-th largest
+      with a wide margin (5 standard deviations of the sampling error plus 16 values); pass 2 reads
+      everything, counts the values above the range and histograms the bit patterns inside it
+      (at most MAX_BRACKET x 65536 bins; the full patterns when the range spans at most
+      MAX_BRACKET digits, which gives the k-th largest exactly however many values tie, else
+      bins of 2^s patterns and one more radix pass inside the bin). If the rank falls outside the
+      range, the stream falls back to radix select. The answer is the same exact value either way;
+      only the number of passes differs (a cheap sampling pass + 1 full pass in the common case).
 
     Several independent streams (e.g. one per model, each with its own k) share the passes, so a
     caller reads every tensor once per pass.
@@ -127,23 +159,22 @@ class KthLargestSelector:
             elif self._totals is not None and k > self._totals[s]:
                 self._result[s] = 0.0
         open_streams = [s for s in range(m) if self._result[s] is None]
-        sampling = (self._totals is not None and sample_stride > 1 and bool(open_streams)
+        sampling = (dtype == torch.float32 and self._totals is not None and sample_stride > 1 and bool(open_streams)
                     and all(self._totals[s] >= min_sampled for s in open_streams))
         self.sample_stride = int(sample_stride)
         self._phase = "sample" if sampling else "radix"
         self.passes = 0
-        # radix state
-        self._radix_pass = 0
+        # radix state per stream: rank still to find, prefix of the pattern found so far (None: none
+        # yet), shift and width of the digit counted next
         self._remaining = list(self.ks)
-        self._prefix = [0] * m
-        # bracket state (magnitude range [lo, hi) per stream)
-        self._lo_f = [0.0] * m
-        self._hi_f = [math.inf] * m
-        self._buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._prefix: list[int | None] = [None] * m
+        self._rshift = [self._top] * m
+        self._dbits = [16] * m
+        # bracket state: magnitude patterns [lo, hi) per stream, histogram bin width 2^bin_shift
+        self._lo = [0] * m
+        self._hi = [0] * m
+        self._bin_shift = [0] * m
         self._above = [0] * m
-        self._cands: list[list[torch.Tensor]] = [[] for _ in range(m)]
-        self._ncand = [0] * m
-        self._overflow = [False] * m
         self._seen = [0] * m
 
     @property
@@ -157,15 +188,18 @@ class KthLargestSelector:
 
     def start_pass(self) -> None:
         m = len(self.ks)
-        # histograms are small numpy arrays: their bookkeeping is serial and cheap (no thread pool)
-        self._hist = [np.zeros(1 << 16, dtype=np.int64) for _ in range(m)]
+        # histograms are numpy arrays: their bookkeeping is serial and cheap (no thread pool); in the
+        # bracket pass they count the bins of the bracket (at most MAX_BRACKET * 65536)
+        self._nbins = [1 << 16] * m
+        if self._phase == "bracket":
+            self._nbins = [(self._hi[s] - self._lo[s]) >> self._bin_shift[s] for s in range(m)]
+        self._hist = [np.zeros(nb, dtype=np.int64) if self._result[s] is None else np.zeros(0, dtype=np.int64)
+                      for s, nb in enumerate(self._nbins)]
         self._pending: list[list[torch.Tensor]] = [[] for _ in range(m)]
         self._pending_n = [0] * m
         self._seen = [0] * m
         if self._phase == "bracket":
             self._above = [0] * m
-            self._cands = [[] for _ in range(m)]
-            self._ncand = [0] * m
 
     def add(self, stream: int, values: torch.Tensor) -> None:
         """Count ``values`` (their magnitudes) for ``stream`` in the current pass."""
@@ -176,50 +210,40 @@ class KthLargestSelector:
             v = v.to(self.dtype)
         self._seen[stream] += v.numel()
         bits = v.view(self.int_dtype)
-        if self._phase == "sample" or (self._phase == "radix" and self._radix_pass == 0):
+        if self._phase == "bracket":
+            self._bracket_add(stream, bits)
+            return
+        prefix = self._prefix[stream]
+        if self._phase == "sample" or prefix is None:
             self._count(stream, (bits >> self._top) & 0x7FFF)  # top digit of the magnitude
-        elif self._phase == "bracket":
-            if not self._overflow[stream]:
-                self._bracket_add(stream, v)
+            return
+        shift, width = self._rshift[stream], self._dbits[stream]
+        ab = bits & self._abs_mask
+        ab = ab[(ab >> (shift + width)) == prefix]  # magnitudes whose higher digits match the prefix
+        self._count(stream, (ab >> shift) & ((1 << width) - 1))
+
+    def _bracket_add(self, stream: int, bits: torch.Tensor) -> None:
+        """Count patterns >= hi and histogram those in [lo, hi) (split across threads when large)."""
+        lo, hi, sh = self._lo[stream], self._hi[stream], self._bin_shift[stream]
+        n = bits.numel()
+        workers = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
+        if workers == 1:
+            parts = [_bracket_range(bits, self._abs_mask, lo, hi, sh)]
         else:
-            shift = self._top - 16 * self._radix_pass
-            ab = bits & self._abs_mask
-            ab = ab[(ab >> (shift + 16)) == self._prefix[stream]]
-            self._count(stream, (ab >> shift) & 0xFFFF)
+            from concurrent.futures import ThreadPoolExecutor
 
-    def _bracket_add(self, stream: int, v: torch.Tensor) -> None:
-        """Count |v| >= hi and keep the magnitudes in [lo, hi), in cache-sized chunks with reused buffers."""
-        lo, hi = self._lo_f[stream], self._hi_f[stream]
-        size = min(v.numel(), _BRACKET_CHUNK)
-        if self._buf is None or self._buf[0].numel() < size:
-            self._buf = (torch.empty(size, dtype=self.dtype), torch.empty(size, dtype=torch.bool),
-                         torch.empty(size, dtype=torch.bool))
-        a_full, hi_full, in_full = self._buf
-        above = 0
-        for start in range(0, v.numel(), size):
-            c = min(size, v.numel() - start)
-            a, m_hi, m_in = a_full[:c], hi_full[:c], in_full[:c]
-            torch.abs(v[start:start + c], out=a)
-            torch.ge(a, hi, out=m_hi)
-            above += int(torch.count_nonzero(m_hi))
-            torch.ge(a, lo, out=m_in)
-            m_in.logical_xor_(m_hi)  # lo <= |v| < hi  (hi >= lo, so ">= hi" implies ">= lo")
-            inside = a[m_in]
-            if inside.numel():
-                self._ncand[stream] += inside.numel()
-                if self._ncand[stream] > self._cap(stream):
-                    self._overflow[stream] = True
-                    self._cands[stream] = []
-                    return
-                self._cands[stream].append(inside)
-        self._above[stream] += above
-
-    def _cap(self, stream: int) -> int:
-        return max(1 << 20, (self._totals[stream] if self._totals else 0) // 32)
+            step = -(-n // workers)
+            with ThreadPoolExecutor(workers) as ex:
+                parts = list(ex.map(lambda a: _bracket_range(bits[a:a + step], self._abs_mask, lo, hi, sh),
+                                    range(0, n, step)))
+        for above, inside in parts:
+            self._above[stream] += above
+            for t in inside:
+                self._count(stream, t)
 
     def _count(self, stream: int, digit: torch.Tensor) -> None:
         if digit.numel() >= _FLUSH:
-            self._hist[stream] += torch.bincount(digit, minlength=1 << 16).numpy()
+            self._hist[stream] += torch.bincount(digit, minlength=self._nbins[stream]).numpy()
             return
         # small inputs: batch their digits, one bincount per ~_FLUSH values (bincount has a fixed cost)
         self._pending[stream].append(digit.to(torch.int32))
@@ -229,7 +253,8 @@ class KthLargestSelector:
 
     def _flush(self, stream: int) -> None:
         if self._pending[stream]:
-            self._hist[stream] += torch.bincount(torch.cat(self._pending[stream]), minlength=1 << 16).numpy()
+            counts = torch.bincount(torch.cat(self._pending[stream]), minlength=self._nbins[stream])
+            self._hist[stream] += counts.numpy()
         self._pending[stream] = []
         self._pending_n[stream] = 0
 
@@ -244,28 +269,45 @@ class KthLargestSelector:
             self._phase = "bracket"
         elif self._phase == "bracket":
             for s in open_streams:
-                kk = self.ks[s] - self._above[s]
-                if not self._overflow[s] and 1 <= kk <= self._ncand[s]:
-                    self._result[s] = kth_largest_abs(torch.cat(self._cands[s]), kk)
-                self._cands[s] = []
-            self._phase = "radix"  # streams still open fall back to radix select
-            self._buf = None
+                self._finish_bracket(s)
+            self._phase = "radix"  # streams still open continue (or fall back) with radix select
         else:
-            shift = self._top - 16 * self._radix_pass
             for s in open_streams:
-                k = self._remaining[s]
-                if self._radix_pass == 0 and k > self._seen[s]:
-                    self._result[s] = 0.0  # more requested than there are values: keep all
-                    continue
-                ge = np.cumsum(self._hist[s][::-1])[::-1]  # values with digit >= d
-                d = int(np.flatnonzero(ge >= k).max())  # the largest digit with at least k values >= it
-                above = int(ge[d + 1]) if d + 1 < ge.size else 0
-                self._remaining[s] = k - above
-                self._prefix[s] = (self._prefix[s] << 16) | d
-                if shift == 0:
-                    self._result[s] = self._pattern_value(self._prefix[s])
-            self._radix_pass += 1
+                self._finish_radix(s)
         self._hist = []
+
+    def _finish_bracket(self, s: int) -> None:
+        kk = self.ks[s] - self._above[s]
+        fine = self._hist[s]
+        if not 1 <= kk <= int(fine.sum()):
+            return  # missed: radix select from the top digit
+        ge = np.cumsum(fine[::-1])[::-1]  # patterns in bins >= j
+        j = int(np.flatnonzero(ge >= kk).max())
+        sh = self._bin_shift[s]
+        if sh == 0:
+            self._result[s] = self._pattern_value(self._lo[s] + j)
+            return
+        # the bin of 2^sh patterns holding the answer is known: one radix pass over its low bits
+        self._remaining[s] = kk - (int(ge[j + 1]) if j + 1 < ge.size else 0)
+        self._prefix[s] = (self._lo[s] >> sh) + j
+        self._rshift[s] = 0
+        self._dbits[s] = sh
+
+    def _finish_radix(self, s: int) -> None:
+        k = self._remaining[s]
+        if self._prefix[s] is None and k > self._seen[s]:
+            self._result[s] = 0.0  # more requested than there are values: keep all
+            return
+        ge = np.cumsum(self._hist[s][::-1])[::-1]  # values with digit >= d
+        d = int(np.flatnonzero(ge >= k).max())  # the largest digit with at least k values >= it
+        self._remaining[s] = k - (int(ge[d + 1]) if d + 1 < ge.size else 0)
+        prefix = self._prefix[s]
+        self._prefix[s] = d if prefix is None else (prefix << self._dbits[s]) | d
+        if self._rshift[s] == 0:
+            self._result[s] = self._pattern_value(self._prefix[s])
+        else:
+            self._rshift[s] -= 16
+            self._dbits[s] = 16
 
     def _set_bracket(self, s: int) -> None:
         """Digit range [lo, hi] holding the k-th largest, from the sampled top-digit histogram."""
@@ -274,7 +316,7 @@ class KthLargestSelector:
         n = self._totals[s]
         k = self.ks[s]
         target = k * ns / n
-        margin = 8.0 * math.sqrt(max(target * (1.0 - k / n), 1.0)) + 32.0
+        margin = 5.0 * math.sqrt(max(target * (1.0 - k / n), 1.0)) + 16.0
         ge_above = np.append(ge[1:], 0)  # values with digit > d
         fits = np.flatnonzero(ge_above <= target - margin)
         hi = int(fits.min()) if fits.size else _INF_DIGIT[self.dtype]
@@ -282,8 +324,11 @@ class KthLargestSelector:
         enough = np.flatnonzero(ge >= target + margin)
         lo = int(enough.max()) if enough.size else 0
         lo = min(lo, hi)
-        self._lo_f[s] = self._pattern_value(lo << self._top)
-        self._hi_f[s] = math.inf if hi >= _INF_DIGIT[self.dtype] else self._pattern_value((hi + 1) << self._top)
+        width = hi - lo + 1
+        # at most MAX_BRACKET * 65536 bins: wider ranges use bins of 2^bin_shift patterns
+        self._bin_shift[s] = max(0, math.ceil(math.log2(width / MAX_BRACKET))) if width > MAX_BRACKET else 0
+        self._lo[s] = lo << self._top
+        self._hi[s] = (hi + 1) << self._top
 
     def _pattern_value(self, pattern: int) -> float:
         return float(torch.tensor([pattern], dtype=self.int_dtype).view(self.dtype)[0])
@@ -373,18 +418,78 @@ def _shrink_level(threshold: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(t, torch.zeros((), dtype=dtype)))
 
 
+def _sign_merge_range(flats: Sequence[torch.Tensor], flat_base: torch.Tensor, out: torch.Tensor, lo: int, hi: int,
+                      levels: list[float] | None, scaling_factor: float, sign_election: str, merge: str,
+                      subtract: bool) -> None:
+    """Entries [lo, hi) of the sign merge, in chunks of at most CHUNK entries per model.
+
+    Every torch op works on one chunk of one model (< 32768 entries: below torch's parallel grain
+    size), so the ops run serially in the calling thread without thread-pool barriers.
+    """
+    n = len(flats)
+    size = min(CHUNK, max(hi - lo, 1))
+    taus = torch.empty((n, size), dtype=flat_base.dtype)
+    w = torch.empty(size, dtype=flat_base.dtype)
+    acc = torch.empty(size, dtype=flat_base.dtype)
+    num = torch.empty(size, dtype=flat_base.dtype)
+    cnt = torch.empty(size, dtype=flat_base.dtype)
+    for start in range(lo, hi, size):
+        stop = min(hi, start + size)
+        c = stop - start
+        b = flat_base[start:stop]
+        vote, wc, nm, ct = acc[:c], w[:c], num[:c], cnt[:c]
+        vote.zero_()
+        for i in range(n):
+            row = taus[i, :c]
+            if subtract:
+                torch.sub(flats[i][start:stop], b, out=row)
+            else:
+                row.copy_(flats[i][start:stop])
+            if levels is not None:
+                if levels[i] == math.inf:
+                    row.zero_()
+                elif levels[i] > 0.0:
+                    torch.ops.aten.hardshrink.out(row, levels[i], out=row)  # |x| >= threshold kept
+            if sign_election == "mass":
+                vote.add_(row)
+            else:
+                vote.add_(torch.sign(row, out=wc))
+        sign = vote.sign_()
+        nm.zero_()
+        ct.zero_()
+        for i in range(n):
+            torch.mul(taus[i, :c], sign, out=wc)
+            wc.relu_()  # |tau_i| where tau_i agrees with the elected (non-zero) sign, else 0
+            if merge == "max":
+                torch.maximum(nm, wc, out=nm)
+            else:
+                nm.add_(wc)
+                if merge == "mean":
+                    ct.add_(wc.sign_())
+        nm.mul_(sign)
+        if merge == "mean":
+            nm.div_(ct.clamp_(min=1))
+        torch.add(b, nm, alpha=scaling_factor, out=out[start:stop])
+
+
 def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thresholds: Sequence[float] | None,
                         scaling_factor: float, sign_election: SignElection, merge: DisjointMerge,
                         transform=None) -> torch.Tensor:
     """theta_0 + lambda * disjoint_merge(elect(trimmed taus)), computed in flat chunks.
 
-    Same arithmetic as :func:`elect_sign` + :func:`disjoint_merge`, arranged for speed: chunks of
-    :data:`CHUNK` entries stay in cache, scratch buffers are reused, the trim is one ``hardshrink``
-    per model, and agreement uses relu(tau_i * gamma) (> 0 exactly where tau_i agrees with gamma != 0).
-    ``transform(i, tau_i)`` (optional) replaces the whole task vector of model i before the trim
-    (DARE uses it); it is applied to whole tensors, so random draws do not depend on the chunking.
+    Same arithmetic as :func:`elect_sign` + :func:`disjoint_merge`, arranged for speed: chunks stay
+    in cache, scratch buffers are reused, the trim is one ``hardshrink`` per model, agreement uses
+    relu(tau_i * gamma) (> 0 exactly where tau_i agrees with gamma != 0). Large tensors are split
+    into ``torch.get_num_threads()`` contiguous ranges merged by Python threads (torch ops release
+    the GIL), each running serial ops: no per-op thread-pool barriers, which cost milliseconds on a
+    busy machine. ``transform(i, tau_i)`` (optional) replaces the whole task vector of model i
+    before the trim (DARE uses it); it is applied to whole tensors, so random draws do not depend
+    on the chunking.
     """
-    n = len(tensors)
+    if sign_election not in ("mass", "count"):
+        raise ValueError(f"unknown sign election {sign_election!r}; use 'mass' or 'count'")
+    if merge not in ("mean", "sum", "max"):
+        raise ValueError(f"unknown disjoint merge {merge!r}; use 'mean', 'sum' or 'max'")
     flat_base = base.reshape(-1)
     numel = flat_base.numel()
     out = torch.empty_like(flat_base)
@@ -392,45 +497,21 @@ def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thr
         flats = [transform(i, t - base).reshape(-1) for i, t in enumerate(tensors)]
     else:
         flats = [t.reshape(-1) for t in tensors]
-    size = min(CHUNK, max(numel, 1))
-    buf = torch.empty((n, size), dtype=base.dtype)
-    work = torch.empty((n, size), dtype=base.dtype)
     levels = None
     if thresholds is not None:
         levels = [_shrink_level(float(t), base.dtype) if math.isfinite(t) else math.inf for t in thresholds]
-    for start in range(0, numel, size):
-        stop = min(numel, start + size)
-        c = stop - start
-        taus, w = buf[:, :c], work[:, :c]
-        b = flat_base[start:stop]
-        for i in range(n):
-            row = taus[i]
-            if transform is not None:
-                row.copy_(flats[i][start:stop])
-            else:
-                torch.sub(flats[i][start:stop], b, out=row)
-            if levels is not None:
-                if levels[i] == math.inf:
-                    row.zero_()
-                elif levels[i] > 0.0:
-                    torch.ops.aten.hardshrink.out(row, levels[i], out=row)
-        if sign_election == "mass":
-            sign = taus.sum(0).sign_()
-        elif sign_election == "count":
-            sign = torch.sign(taus, out=w).sum(0).sign_()
-        else:
-            raise ValueError(f"unknown sign election {sign_election!r}; use 'mass' or 'count'")
-        torch.mul(taus, sign, out=w)
-        w.relu_()  # |tau_i| where tau_i agrees with the elected sign, else 0
-        if merge == "max":
-            merged = w.amax(0).mul_(sign)
-        elif merge in ("sum", "mean"):
-            merged = w.sum(0).mul_(sign)
-            if merge == "mean":
-                merged.div_(w.sign_().sum(0).clamp_(min=1))
-        else:
-            raise ValueError(f"unknown disjoint merge {merge!r}; use 'mean', 'sum' or 'max'")
-        torch.add(b, merged, alpha=scaling_factor, out=out[start:stop])
+    args = (levels, scaling_factor, sign_election, merge, transform is None)
+    workers = max(1, min(torch.get_num_threads(), numel // PARALLEL_MIN))
+    if workers == 1:
+        _sign_merge_range(flats, flat_base, out, 0, numel, *args)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        step = -(-numel // workers)
+        bounds = [(a, min(numel, a + step)) for a in range(0, numel, step)]
+        with ThreadPoolExecutor(len(bounds)) as ex:
+            for f in [ex.submit(_sign_merge_range, flats, flat_base, out, a, z, *args) for a, z in bounds]:
+                f.result()
     return out.reshape(base.shape)
 
 
