@@ -241,6 +241,19 @@ def test_ties_method_global_trim_matches_reference(density):
     assert torch.equal(sd["pos"], base["pos"])
 
 
+def test_ties_method_global_trim_sampled_path(monkeypatch):
+    """The sample-and-bracket pre-pass (strided reads of the checkpoints) gives the exact thresholds."""
+    monkeypatch.setattr(T, "MIN_SAMPLED", 10)
+    monkeypatch.setattr(T, "SAMPLE_STRIDE", 3)
+    models = _pool(shapes={"a": (40, 30), "b": (30,), "c": (25, 20)})
+    res = build_method("ties_merging", density=0.25).run(ModelPool(models))
+    base = models["_pretrained_"]
+    for n in ("m0", "m1", "m2"):
+        taus = np.concatenate(_taus32(torch.cat([base[k].reshape(-1) for k in "abc"]),
+                                      [torch.cat([models[n][k].reshape(-1) for k in "abc"])]))
+        assert res.metadata["trim_thresholds"][n] == ref_threshold(list(taus), ref_keep_count(taus.size, 0.25))
+
+
 def test_ties_method_tensor_scope_matches_kernel():
     models = _pool()
     res = build_method("ties_merging", density=0.3, trim_scope="tensor").run(ModelPool(models))

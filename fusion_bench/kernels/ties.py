@@ -137,12 +137,14 @@ class KthLargestSelector:
         ks: k per stream (k >= 1 selects the k-th largest; k <= 0 gives +inf: nothing is >= it).
         dtype: float32 or float64: values are converted to it (exactly, when it is not narrower).
         totals: the number of values of each stream (enables the sampling pass; optional).
-        sample_stride: the sampling pass reads every ``sample_stride``-th value (1 disables it).
-        min_sampled: streams smaller than this are not sampled (all must be large enough).
+        sample_stride: the sampling pass reads every ``sample_stride``-th value (1 disables it;
+            default :data:`SAMPLE_STRIDE`).
+        min_sampled: streams smaller than this are not sampled (all must be large enough; default
+            :data:`MIN_SAMPLED`).
     """
 
     def __init__(self, ks: Sequence[int], dtype: torch.dtype = torch.float32, totals: Sequence[int] | None = None,
-                 sample_stride: int = SAMPLE_STRIDE, min_sampled: int = MIN_SAMPLED):
+                 sample_stride: int | None = None, min_sampled: int | None = None):
         if dtype not in _BITS:
             raise ValueError(f"KthLargestSelector works on float32 or float64, not {dtype}")
         self.dtype = dtype
@@ -159,6 +161,8 @@ class KthLargestSelector:
             elif self._totals is not None and k > self._totals[s]:
                 self._result[s] = 0.0
         open_streams = [s for s in range(m) if self._result[s] is None]
+        sample_stride = SAMPLE_STRIDE if sample_stride is None else sample_stride
+        min_sampled = MIN_SAMPLED if min_sampled is None else min_sampled
         sampling = (dtype == torch.float32 and self._totals is not None and sample_stride > 1 and bool(open_streams)
                     and all(self._totals[s] >= min_sampled for s in open_streams))
         self.sample_stride = int(sample_stride)
