@@ -8,7 +8,9 @@ The zoo is built once into ZOO_DIR (cached: a folder with a complete ``zoo.json`
 by tensor, without holding a model in memory. Each merge then runs in a fresh Python process (the
 ``fusion_bench mergekit`` command on a generated mergekit YAML, so the number includes interpreter
 start, imports, planning, reading, merging, writing and the config/tokenizer files), and the table
-shows its whole-process wall time and peak RSS (``os.wait4`` rusage of that child). Delete ZOO_DIR
+shows its whole-process wall time, CPU time (user + system) and peak RSS (``os.wait4`` rusage of
+that child). On a shared machine the wall time includes waiting for a CPU; the CPU time does not.
+Delete ZOO_DIR
 afterwards: the default zoo takes ~2.9 GB of disk, the 4x zoo ~11 GB.
 
 Shapes (scale 1): hidden 576, 30 layers, 9 heads (3 KV heads), MLP 1536, vocabulary 49152, untied
@@ -113,14 +115,15 @@ def mergekit_yaml(models: dict[str, str], method: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes of that process, exit code)."""
+def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS bytes of that process, exit code, CPU seconds)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    return wall, int(ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024)), p.returncode
+    return (wall, int(ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024)), p.returncode,
+            ru.ru_utime + ru.ru_stime)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path.write_text(mergekit_yaml(models, method))
         for _ in range(args.repeat):
             cmd = [sys.executable, "-m", "fusion_bench.cli", "mergekit", str(cfg_path), str(out)]
-            wall, rss, rc = run_child(cmd, env)
-            rows.append((method, wall, rss, rc))
+            wall, rss, rc, cpu = run_child(cmd, env)
+            rows.append((method, wall, rss, rc, cpu))
     print()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"zoo scale {args.scale}: {info['parameters'] / 1e6:.1f} M parameters x (1 base + {N_VARIANTS}), bf16, "
-          f"{os.cpu_count()} CPUs visible, torch threads default")
-    print(f"{'method':<18}{'wall s':>9}{'peak RSS MiB':>15}{'exit':>6}")
-    for method, wall, rss, rc in rows:
-        print(f"{method:<18}{wall:>9.2f}{rss / 2**20:>15.1f}{rc:>6}")
+          f"{os.cpu_count()} CPUs visible, load average {load:.1f} at the end")
+    print(f"{'method':<18}{'wall s':>9}{'CPU s':>9}{'peak RSS MiB':>15}{'exit':>6}")
+    for method, wall, rss, rc, cpu in rows:
+        print(f"{method:<18}{wall:>9.2f}{cpu:>9.2f}{rss / 2**20:>15.1f}{rc:>6}")
     if out.exists():
         shutil.rmtree(out)
     return 0 if all(r[3] == 0 for r in rows) else 1
