@@ -8,9 +8,10 @@ locally on the captions with the ``tokenizers`` library, and a ``CLIPImageProces
 ``image_size`` pixels. Nothing is downloaded.
 
 Training: Radford et al. 2021 (CLIP), the symmetric InfoNCE loss over a batch,
-``L = (CE(s * I T^T, diag) + CE(s * T I^T, diag)) / 2`` with unit-norm image and text embeddings
-``I``, ``T`` and a learnable temperature ``s = exp(logit_scale)`` clamped at 100, AdamW with linear
-warm-up then cosine decay. Images are preprocessed once into a tensor and captions tokenized once
+``L = (CE(s * I T^T, Y) + CE(s * T I^T, Y)) / 2`` with unit-norm image and text embeddings ``I``,
+``T``, a learnable temperature ``s = exp(logit_scale)`` clamped at 100, and targets ``Y`` uniform
+over the pairs of the batch that share the caption (the captions repeat: class templates), AdamW
+with linear warm-up then cosine decay, gradient norm clipped at 1. Images are preprocessed once into a tensor and captions tokenized once
 (no PIL work inside the training loop).
 """
 
@@ -172,6 +173,24 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor | float,
+                     caption_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on unit-norm embeddings (batch, dim), duplicate captions as joint positives.
+
+    ``logits = scale * I T^T``; the loss is ``(CE(logits, Y) + CE(logits^T, Y)) / 2`` where row ``i`` of
+    the target ``Y`` is uniform over the pairs whose caption equals caption ``i`` (``caption_ids``):
+    two images with the same caption are not negatives of each other. Without ``caption_ids``,
+    ``Y`` is the identity (Radford et al. 2021, figure 3).
+    """
+    n = image_embeds.shape[0]
+    if caption_ids is None:
+        caption_ids = torch.arange(n, device=image_embeds.device)
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    logits = scale * image_embeds @ text_embeds.T
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def pretrain_clip(images: Sequence[Any], captions: Sequence[str], cfg: CLIPPretrainConfig,
                   progress: Callable[[int, int, float], None] | None = None):
     """Train a CLIP from scratch on (image, caption) pairs.
@@ -235,11 +254,7 @@ def pretrain_clip_tensors(pixels: torch.Tensor, captions: Sequence[str], tokeniz
         ids, mask = tok["input_ids"][cap_ids[idx]][:, :width], mask[:, :width]
         img = F.normalize(_feat(model.get_image_features(pixel_values=pixels[idx])), dim=-1)
         txt = F.normalize(_feat(model.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
-        # identical captions in one batch are not negatives of each other: soft targets over duplicates
-        same = cap_ids[idx][:, None] == cap_ids[idx][None, :]
-        target = same.float() / same.float().sum(1, keepdim=True)
-        logits = model.logit_scale.exp().clamp(max=100.0) * img @ txt.T
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        loss = contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100.0), cap_ids[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

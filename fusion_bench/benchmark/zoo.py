@@ -52,9 +52,12 @@ class ZooScale:
     data_scale: str = field(metadata={"help": "scale passed to the task builders (full or tiny)"})
     pretrain: CLIPPretrainConfig = field(metadata={"help": "the from-scratch CLIP"})
     pretrain_pairs: int = field(metadata={"help": "image-caption pairs drawn from the train splits"})
+    pair_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "caption options of tasks.pretraining_pairs (generic_prob, label_noise, synonym_prob)"})
     finetune: dict[str, Any] = field(metadata={"help": "clip_finetune options"})
     seed: int = field(default=0, metadata={"help": "seed of data, pretraining and fine-tuning"})
-    robustness: bool = field(default=True, metadata={"help": "add corrupted test splits"})
+    corruptions: int | None = field(default=None, metadata={"help": "corrupted test splits: the first N of "
+                                                            "tasks.CORRUPTIONS (None: all, 0: none)"})
 
 
 SCALES: dict[str, ZooScale] = {
@@ -73,6 +76,7 @@ SCALES: dict[str, ZooScale] = {
                                     max_length=24, steps=30, batch_size=32, lr=2e-3, warmup_steps=5),
         pretrain_pairs=400,
         finetune=dict(mode="full", steps=12, batch_size=32, lr=1e-3, warmup_steps=2),
+        corruptions=5,
     ),
 }
 
@@ -205,11 +209,11 @@ class Zoo:
         return get_task_spec(task)
 
     def corruptions(self) -> list[str]:
-        if not self.spec.robustness:
-            return []
+        """Names of the corruptions with a ``test_<name>`` split in every task's data entry."""
         from fusion_bench.benchmark.tasks import CORRUPTIONS
 
-        return list(CORRUPTIONS)
+        n = self.spec.corruptions
+        return list(CORRUPTIONS) if n is None else list(CORRUPTIONS)[:n]
 
     def entries(self) -> list[tuple[str, Path]]:
         out = [(f"data/{t}", self.data_path(t)) for t in self.tasks]
@@ -228,9 +232,10 @@ class Zoo:
     def entry_key(self, name: str) -> str:
         s = self._spec_dict()
         if name.startswith("data/"):
-            return _key(name, s["version"], s["data_scale"], s["seed"], s["robustness"])
+            return _key(name, s["version"], s["data_scale"], s["seed"], self.corruptions())
         if name == "pretrained":
-            return _key(name, s["version"], s["pretrain"], s["pretrain_pairs"], s["data_scale"], s["seed"])
+            return _key(name, s["version"], s["pretrain"], s["pretrain_pairs"], s["pair_options"], s["data_scale"],
+                        s["seed"])
         task = name.split("/", 1)[1]
         return _key(name, s["version"], s["finetune"], s["seed"], self._content(self.pretrained_path),
                     self._content(self.data_path(task)))
@@ -256,7 +261,8 @@ class Zoo:
         show = sys.stderr.isatty() if progress is None else progress
         times: dict[str, Any] = {}
         t_all = time.perf_counter()
-        with _lock(self.root), _Bars(show) as bars:
+        with _lock(self.root), _quiet_transformers(), _Bars(show) as bars:
+            self._remove_stale_temporaries()
             names = self.entries()
             overall = bars.add("zoo " + self.scale, len(names))
             for name, path in names:
@@ -277,6 +283,15 @@ class Zoo:
             total = time.perf_counter() - t_all
             self._write_manifest(times, total)
         return {"root": str(self.root), "entries": times, "total_time_s": round(total, 2)}
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete half-written entries a killed build left (temporary names; we hold the lock)."""
+        import shutil
+
+        for folder in (self.root, self.root / "data", self.root / "finetuned"):
+            if folder.is_dir():
+                for p in folder.glob(".*.tmp-*"):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _write_manifest(self, times: dict[str, Any], total: float) -> None:
         entries = {}
@@ -320,7 +335,8 @@ class Zoo:
         from fusion_bench.benchmark import tasks as T
         from fusion_bench.benchmark.clip_pretrain import pretrain_clip, save_clip
 
-        pairs = T.pretraining_pairs(self.spec.data_scale, self.spec.seed, self.spec.pretrain_pairs)
+        pairs = T.pretraining_pairs(self.spec.data_scale, self.spec.seed, self.spec.pretrain_pairs,
+                                    **self.spec.pair_options)
         images = [p[0] for p in pairs]
         captions = [p[1] for p in pairs]
         bar = bars.add("pretraining CLIP", self.spec.pretrain.steps)
@@ -351,6 +367,28 @@ class Zoo:
 
 def _spec_info(spec: Any) -> dict[str, Any]:
     return {"classnames": list(spec.classnames), "templates": list(spec.templates)}
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers download/loading bars or load reports inside the zoo's own progress display."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    enabled = hf_logging.is_progress_bar_enabled()
+    ds_enabled = datasets.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        if enabled:
+            hf_logging.enable_progress_bar()
+        if ds_enabled:
+            datasets.enable_progress_bars()
 
 
 class _Bars:

@@ -122,7 +122,8 @@ def vision_from_clip(clip: nn.Module) -> nn.Module:
     from transformers import CLIPVisionModel
 
     vision = CLIPVisionModel(clip.config.vision_config)
-    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    # transformers < 5 wraps the tower in ``vision_model``; 5 holds its children directly
+    getattr(vision, "vision_model", vision).load_state_dict(clip.vision_model.state_dict())
     return vision
 
 
@@ -226,7 +227,7 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
             raise ConfigError(f"method.lora_target_modules={cfg.lora_target_modules}: {e}") from e
     else:
         trainable = vision
-    model = CLIPZeroShotClassifier(trainable, projection, head, float(clip.logit_scale.exp())).to(device)
+    model = CLIPZeroShotClassifier(trainable, projection, head, float(clip.logit_scale.detach().exp())).to(device)
     model.train()
     params = [p for p in trainable.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]

@@ -1,0 +1,261 @@
+"""The offline CLIP zoo at tiny scale: build, kill + resume, damage detection, loading like a hub CLIP,
+the clip_zoo pools, the clip_finetune method against the formulas, and a small leaderboard."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion_bench.benchmark.zoo import ENTRY_FILE, Zoo, check_entry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> tuple[Zoo, dict]:
+    """A tiny zoo built by a `fusion_bench zoo build` process that is killed (SIGKILL) once the first
+    entries exist, then resumed in-process. Returns the zoo and the resumed build's report."""
+    root = tmp_path_factory.mktemp("zoo") / "tiny"
+    env = {**os.environ, "FUSION_BENCH_CACHE": str(root.parent / "cache"), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen([sys.executable, "-m", "fusion_bench.cli", "zoo", "build", "--scale", "tiny", "--root",
+                             str(root), "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = root / "data" / "letters" / ENTRY_FILE
+    try:
+        while proc.poll() is None and not first.exists():
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert first.exists(), "the killed build had not written its first entry"
+    zoo = Zoo("tiny", root)
+    status = zoo.status()
+    assert status["data/letters"] is None  # complete entries survive the kill
+    assert any(v is not None for v in status.values())  # ... and the build was really cut short
+    report = zoo.build(progress=False, log=lambda s: None)
+    return zoo, report
+
+
+def test_killed_build_resumes(tiny_zoo):
+    zoo, report = tiny_zoo
+    assert report["entries"]["data/letters"]["status"] == "cached"  # not rebuilt
+    assert report["entries"]["pretrained"]["status"] in ("built", "cached")
+    assert zoo.is_built()
+    assert not list(zoo.root.rglob(".*.tmp-*"))  # no half-written entry left behind
+    again = zoo.build(progress=False, log=lambda s: None)
+    assert {v["status"] for v in again["entries"].values()} == {"cached"}
+    manifest = json.loads((zoo.root / "manifest.json").read_text())
+    assert set(manifest["entries"]) == {name for name, _ in zoo.entries()}
+
+
+def test_damaged_entry_is_detected_and_rebuilt(tiny_zoo):
+    zoo, _ = tiny_zoo
+    task = zoo.tasks[-1]
+    path = zoo.finetuned_path(task)
+    weights = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # flip one byte of a tensor
+    weights.write_bytes(bytes(data))
+    why = check_entry(path, zoo.entry_key(f"finetuned/{task}"))
+    assert why is not None and "damaged" in why and weights.name in why
+    logs: list[str] = []
+    report = zoo.build(progress=False, log=logs.append)
+    assert report["entries"][f"finetuned/{task}"]["status"] == "built"
+    assert [k for k, v in report["entries"].items() if v["status"] == "built"] == [f"finetuned/{task}"]
+    assert any("damaged" in line for line in logs)
+    assert zoo.is_built()
+
+
+def test_pretrained_folder_loads_like_a_hub_clip(tiny_zoo):
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPVisionModel
+
+    zoo, _ = tiny_zoo
+    model = CLIPModel.from_pretrained(zoo.pretrained_path)
+    processor = CLIPProcessor.from_pretrained(zoo.pretrained_path)
+    assert isinstance(processor.tokenizer, CLIPTokenizer)
+    text = ["a photo of the letter q.", "a satellite photo of forest."]
+    batch = processor(text=text, images=[Image.new("RGB", (32, 32), (200, 10, 10))] * 2, return_tensors="pt",
+                      padding=True)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    ids = batch["input_ids"][0].tolist()
+    assert ids[0] == processor.tokenizer.bos_token_id and processor.tokenizer.eos_token_id in ids
+    assert processor.tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == text[0].replace(" ", "")
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits_per_image.shape == (2, 2)
+    vision = CLIPVisionModel.from_pretrained(zoo.finetuned_path(zoo.tasks[0]))
+    assert vision.config.image_size == 32
+
+
+def test_zoo_pools_and_default_style_run(tiny_zoo):
+    from fusion_bench.modelpool.base import build_modelpool
+    from fusion_bench.programs.fusion import run_program
+    from fusion_bench.taskpool.base import build_taskpool
+
+    zoo, _ = tiny_zoo
+    pool = build_modelpool({"type": "clip_zoo", "scale": "tiny", "root": str(zoo.root), "build": False})
+    assert pool.model_names == zoo.tasks and pool.has_pretrained
+    info = pool.task_info("aerial")
+    assert "forest" in info["classnames"] and all("{}" in t for t in info["templates"])
+    assert len(pool.dataset("aerial", "train")) > 0
+    tp = build_taskpool({"type": "clip_zoo", "scale": "tiny", "root": str(zoo.root), "build": False})
+    assert tp.tasks == zoo.tasks
+    rep = run_program({"method": {"name": "task_arithmetic"}, "print_table": False}, modelpool=pool, taskpool=tp,
+                      log=lambda s: None)
+    accs = [m["accuracy"] for m in rep["evaluation"]["tasks"].values()]
+    assert len(accs) == 8 and all(0.0 <= a <= 1.0 for a in accs)
+    # robustness split
+    noisy = build_taskpool({"type": "clip_zoo", "scale": "tiny", "root": str(zoo.root), "build": False,
+                            "corruption": zoo.corruptions()[0], "select": ["digits"]})
+    assert noisy.tasks == ["digits"] and len(zoo.corruptions()) >= 5
+    assert 0.0 <= noisy.evaluate(pool.load_model("digits"))["tasks"]["digits"]["accuracy"] <= 1.0
+
+
+def test_incomplete_zoo_without_build_raises(tmp_path):
+    from fusion_bench.errors import CheckpointError
+    from fusion_bench.modelpool.base import build_modelpool
+
+    with pytest.raises(CheckpointError, match="zoo build --scale tiny"):
+        build_modelpool({"type": "clip_zoo", "scale": "tiny", "root": str(tmp_path / "none"), "build": False})
+
+
+def test_tiny_leaderboard(tiny_zoo, tmp_path):
+    from fusion_bench.benchmark.leaderboard import run_leaderboard
+
+    zoo, _ = tiny_zoo
+    doc = run_leaderboard("tiny", str(zoo.root), tmp_path / "lb",
+                          methods=["simple_average", "task_arithmetic", "linear_interpolation", "clip_finetune"],
+                          log=lambda s: None)
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert {"pretrained", "fine-tuned (individual)", "simple_average", "task_arithmetic"} <= set(rows)
+    assert set(doc["skipped"]) == {"linear_interpolation", "clip_finetune"}
+    assert "two models" in doc["skipped"]["linear_interpolation"]
+    ft = rows["fine-tuned (individual)"]
+    assert ft["normalized"] == pytest.approx(1.0)
+    ta = rows["task_arithmetic"]
+    expected = sum(ta["accuracy"][t] / ft["accuracy"][t] for t in doc["tasks"]) / len(doc["tasks"])
+    assert ta["normalized"] == pytest.approx(expected)
+    assert ta["average"] == pytest.approx(sum(ta["accuracy"].values()) / 8)
+    assert ta["merge_time_s"] is not None and ta["data"] == "none"
+    out = tmp_path / "lb"
+    md = (out / "leaderboard.md").read_text()
+    assert "| task_arithmetic |" in md and "linear_interpolation" in md
+    with open(out / "leaderboard.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table][:2] == ["pretrained", "fine-tuned (individual)"]
+    assert (out / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "leaderboard.json").read_text())["tasks"] == zoo.tasks
+
+
+# ------------------------------------------------------------------------------------------------
+# formulas: contrastive loss, fine-tuning step, LoRA rank
+# ------------------------------------------------------------------------------------------------
+def test_contrastive_loss_matches_naive_formula():
+    from fusion_bench.benchmark.clip_pretrain import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    caps = torch.tensor([0, 1, 0, 2, 3, 1])
+    scale = 7.0
+    total = 0.0
+    for i in range(6):  # image -> text and text -> image, positives spread over equal captions
+        pos = [j for j in range(6) if caps[j] == caps[i]]
+        li = [scale * float(img[i] @ txt[j]) for j in range(6)]
+        lt = [scale * float(txt[i] @ img[j]) for j in range(6)]
+        lse_i = torch.logsumexp(torch.tensor(li), 0).item()
+        lse_t = torch.logsumexp(torch.tensor(lt), 0).item()
+        total += sum(-(li[j] - lse_i) for j in pos) / len(pos) / 2
+        total += sum(-(lt[j] - lse_t) for j in pos) / len(pos) / 2
+    assert float(contrastive_loss(img, txt, scale, caps)) == pytest.approx(total / 6, rel=1e-5)
+    # distinct captions: the standard CLIP loss with an identity target
+    eye = 0.5 * (F.cross_entropy(scale * img @ txt.T, torch.arange(6)) + F.cross_entropy(scale * txt @ img.T, torch.arange(6)))
+    assert float(contrastive_loss(img, txt, scale)) == pytest.approx(float(eye), rel=1e-6)
+
+
+def _tiny_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=8, projection_dim=8),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=16, patch_size=8, projection_dim=8), projection_dim=8)
+    torch.manual_seed(0)
+    return CLIPModel(cfg).eval()
+
+
+def test_finetune_step_matches_manual_adamw_on_the_zero_shot_loss():
+    """One full fine-tuning step = AdamW's first step on CE(s * normalize(P f(x)) @ head^T, y)."""
+    from fusion_bench.methods.clip_finetune import CLIPFinetuneConfig, finetune_vision, vision_from_clip
+
+    clip = _tiny_clip()
+    g = torch.Generator().manual_seed(1)
+    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    x = torch.randn(4, 3, 16, 16, generator=g)
+    y = torch.tensor([0, 1, 2, 1])
+    lr, wd = 1e-3, 0.1
+    cfg = CLIPFinetuneConfig(steps=1, batch_size=4, lr=lr, weight_decay=wd, warmup_steps=0)
+    tuned, _ = finetune_vision(clip, head, x, y, cfg, "t", torch.device("cpu"))
+
+    ref = vision_from_clip(clip)  # naive: the formula written out, autograd for the gradient
+    w0 = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    pooled = ref(pixel_values=x).pooler_output
+    emb = pooled @ clip.visual_projection.weight.T
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    logits = clip.logit_scale.exp().item() * emb @ head.T
+    loss = -torch.log_softmax(logits, -1)[torch.arange(4), y].mean()
+    loss.backward()
+    grads = {k: p.grad.detach() for k, p in ref.named_parameters()}
+    gnorm = torch.sqrt(sum((v ** 2).sum() for v in grads.values()))
+    clip_coef = min(1.0, 1.0 / (float(gnorm) + 1e-6))
+    checked = 0
+    for k, p in tuned.named_parameters():
+        gk = grads[k] * clip_coef
+        decay = wd if w0[k].ndim >= 2 else 0.0
+        expected = w0[k] * (1 - lr * decay) - lr * gk / (gk.abs() + 1e-8)  # Adam's first step: m/sqrt(v) = g/|g|
+        mask = gk.abs() > 1e-5  # where eps does not matter
+        torch.testing.assert_close(p[mask], expected[mask], rtol=1e-4, atol=1e-6)
+        checked += int(mask.sum())
+    assert checked > 1000
+
+
+def test_lora_finetune_changes_only_targets_by_rank_r():
+    from fusion_bench.methods.clip_finetune import CLIPFinetuneConfig, finetune_vision, vision_from_clip
+
+    clip = _tiny_clip()
+    g = torch.Generator().manual_seed(2)
+    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    cfg = CLIPFinetuneConfig(mode="lora", steps=4, batch_size=8, lr=1e-2, lora_r=2, lora_alpha=4.0, warmup_steps=0)
+    tuned, stats = finetune_vision(clip, head, x, y, cfg, "t", torch.device("cpu"))
+    before = vision_from_clip(clip).state_dict()
+    after = tuned.state_dict()
+    assert set(before) == set(after)  # merged back into a plain CLIPVisionModel
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    for k in changed:
+        assert torch.linalg.matrix_rank(after[k] - before[k], atol=1e-6) <= 2  # W + (alpha/r) B A
+    assert stats["trainable_parameters"] == 2 * (2 * 16 + 16 * 2)  # one layer: q and v, each A (r x 16) + B (16 x r)
+
+
+def test_finetune_config_errors_name_the_key():
+    from fusion_bench.errors import ConfigError
+    from fusion_bench.methods import build_method
+
+    with pytest.raises(ConfigError, match="method.steps"):
+        build_method({"name": "clip_finetune", "steps": 0})
+    with pytest.raises(ConfigError, match="mode"):
+        build_method({"name": "clip_finetune", "mode": "qlora"})
