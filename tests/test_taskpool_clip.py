@@ -365,3 +365,18 @@ def test_run_program_merges_and_evaluates(tiny, tmp_path):
     splits = rep["evaluation_splits"]
     assert splits["noise"]["split"] == "test_gaussian_noise" and splits["colors"]["samples"] == 18
     assert json.loads((tmp_path / "report.json").read_text())["evaluation"]["average"] == rep["evaluation"]["average"]
+
+    # an output ensemble of the same pool: members' logits averaged by the task pool
+    from fusion_bench.methods.base import list_methods
+    from fusion_bench.models.ensemble import Ensemble
+
+    if "simple_ensemble" in list_methods():
+        ens = run_program({"method": {"name": "simple_ensemble"}, "modelpool": {"models": models,
+                           "model_class": "clip_vision"}, "taskpool": taskpool, "device": "cpu",
+                           "print_table": False}, log=lambda *a: None)
+        members = Ensemble([CLIPVisionModel.from_pretrained(tmp_path / f"ft{i}") for i in (1, 2)], mode="mean")
+        direct = make_pool(tiny, tasks=taskpool["tasks"]).evaluate(members)
+        assert ens["result_kind"] == "ensemble"
+        for t in ("colors", "noise"):
+            assert ens["evaluation"]["tasks"][t]["accuracy"] == direct["tasks"][t]["accuracy"]
+            assert ens["evaluation"]["tasks"][t]["loss"] == pytest.approx(direct["tasks"][t]["loss"], rel=1e-5)
