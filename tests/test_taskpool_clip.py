@@ -380,3 +380,21 @@ def test_run_program_merges_and_evaluates(tiny, tmp_path):
         for t in ("colors", "noise"):
             assert ens["evaluation"]["tasks"][t]["accuracy"] == direct["tasks"][t]["accuracy"]
             assert ens["evaluation"]["tasks"][t]["loss"] == pytest.approx(direct["tasks"][t]["loss"], rel=1e-5)
+
+
+def test_classlabel_names_underscores_and_non_classlabel(tiny, tmp_path):
+    import datasets
+
+    data = build_image_dataset(tmp_path / "underscored", names=["big_cat", "dog", "bird"])
+    vision = perturbed_vision(tiny["clip"], seed=9, scale=0.3)
+    auto = make_pool(tiny, tasks={"t": {"dataset": str(data), "templates": TEMPLATES}})
+    assert auto.classnames("t") == ["big cat", "dog", "bird"]
+    explicit = make_pool(tiny, tasks={"t": {"dataset": str(data), "templates": TEMPLATES,
+                                            "classnames": ["big cat", "dog", "bird"]}})
+    assert auto.evaluate(vision) == explicit.evaluate(vision)
+    # integer labels without ClassLabel: class names must be given
+    ds = datasets.load_from_disk(str(data))["test"].cast_column("label", datasets.Value("int64"))
+    with pytest.raises(ConfigError, match=r"not a ClassLabel.*taskpool\.tasks\.t\.classnames"):
+        make_pool(tiny, tasks={"t": {"dataset": ds}}).evaluate(vision)
+    ok = make_pool(tiny, tasks={"t": {"dataset": ds, "classnames": ["big cat", "dog", "bird"], "templates": TEMPLATES}})
+    assert ok.evaluate(vision)["tasks"]["t"] == explicit.evaluate(vision)["tasks"]["t"]

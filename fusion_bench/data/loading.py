@@ -189,20 +189,17 @@ def _hash_file(h, f: Path) -> None:
 
 
 def dataset_fingerprint(ds) -> str:
-    """A stable identity of a ``datasets.Dataset``'s rows: the content hash of its Arrow files (plus the
-    selected row indices) when it is backed by files, else ``datasets``' own fingerprint (content
-    derived for in-memory datasets)."""
+    """A stable identity of a ``datasets.Dataset``'s rows: the content hash of its Arrow files (when it
+    is backed by files), ``datasets``' own fingerprint (which follows every transform), the row
+    count and the features."""
     h = hashlib.sha256()
     files = [Path(c["filename"]) for c in getattr(ds, "cache_files", []) or [] if "filename" in c]
     if files and all(f.exists() for f in files):
         for f in files:
             _hash_file(h, f)
-        idx = getattr(ds, "_indices", None)
-        if idx is not None:  # a select()/shuffle() view over the files
-            h.update(b"indices")
-            h.update(str(ds._fingerprint).encode())
-    else:
-        h.update(str(getattr(ds, "_fingerprint", None) or id(ds)).encode())
+    # datasets' fingerprint follows every transform (select, map, cast, ...) deterministically; with
+    # the file hash it also guards against in-memory changes over unchanged files
+    h.update(str(getattr(ds, "_fingerprint", None) or id(ds)).encode())
     h.update(f"rows={len(ds)}".encode())
     h.update(repr(getattr(ds, "features", None)).encode())
     return h.hexdigest()[:32]

@@ -70,7 +70,7 @@ class CLIPTaskSpec:
     split: str = option("test", help="The split to evaluate (any split name, e.g. 'test_gaussian_noise'; "
                         "'test[:100]' takes rows 0-99).")
     classnames: list[str] | None = option(None, help="Class names in label order; null reads the dataset's "
-                                          "ClassLabel names.")
+                                          "ClassLabel names (underscores read as spaces: 'sea_lake' -> 'sea lake').")
     templates: list[str] | None = option(None, help="Caption templates with '{}' for the class name; null uses "
                                          "taskpool.templates.")
     image_column: str | None = option(None, help="Image column; null uses taskpool.image_column.")
@@ -146,6 +146,7 @@ class CLIPZeroShotTaskPool(TaskPool):
         for t in cfg.templates or []:
             if "{}" not in t:
                 raise ConfigError(f"taskpool.templates: template {t!r} has no '{{}}' for the class name.")
+        self._resolved: tuple[Path, Path] | None = None
         self._clip: nn.Module | None = None
         self._tokenizer = None
         self._image_processor = None
@@ -170,11 +171,14 @@ class CLIPZeroShotTaskPool(TaskPool):
 
     # -- CLIP model, tokenizer, processor --------------------------------------------------------
     def _paths(self) -> tuple[Path, Path]:
-        from fusion_bench.modelpool.base import resolve_hf_path
+        """Local folders of the CLIP model and of its processor (Hub ids resolved once)."""
+        if self._resolved is None:
+            from fusion_bench.modelpool.base import resolve_hf_path
 
-        clip = resolve_hf_path(self.config.clip_model, "taskpool.clip_model")
-        proc = resolve_hf_path(self.config.processor, "taskpool.processor") if self.config.processor else clip
-        return clip, proc
+            clip = resolve_hf_path(self.config.clip_model, "taskpool.clip_model")
+            proc = resolve_hf_path(self.config.processor, "taskpool.processor") if self.config.processor else clip
+            self._resolved = (clip, proc)
+        return self._resolved
 
     @property
     def clip_model(self) -> nn.Module:
@@ -277,8 +281,8 @@ class CLIPZeroShotTaskPool(TaskPool):
         if names is None:
             raise ConfigError(
                 f"taskpool.tasks.{task}: label column '{self._columns[task][1]}' is not a ClassLabel, so "
-                "the class names are unknown; set taskpool.tasks.{task}.classnames.")
-        return names
+                f"the class names are unknown; set taskpool.tasks.{task}.classnames.")
+        return [n.replace("_", " ") for n in names]
 
     def templates(self, task: str) -> list[str]:
         return list(self._specs[task].templates or self.config.templates or DEFAULT_TEMPLATES)
