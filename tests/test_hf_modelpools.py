@@ -389,15 +389,19 @@ def _broken_copy(src: str, dst: Path, edit) -> str:
     return str(dst)
 
 
-def _assert_fails(fam, paths, tmp_path, match, method="task_arithmetic"):
+def _assert_fails(fam, paths, tmp_path, match, method="task_arithmetic", streaming_match=None):
+    """The in-memory engine (with evaluation) and the streaming engine both refuse, naming the model and
+    the tensor, and leave nothing at (or beside) merged_model_path."""
     from fusion_bench.programs.fusion import run_program
 
-    out = tmp_path / "merged"
-    with pytest.raises(ModelMismatchError, match=match):
-        run_program({"method": {"name": method}, "modelpool": {"models": paths, "model_class": fam["model_class"]},
-                     "merged_model_path": str(out), "print_table": False}, log=lambda *a: None)
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+    for engine, pattern in (("memory", match), ("streaming", streaming_match or match)):
+        out = tmp_path / f"merged_{engine}"
+        with pytest.raises(ModelMismatchError, match="(?i)" + pattern):
+            run_program({"method": {"name": method}, "modelpool": {"models": paths, "model_class": fam["model_class"]},
+                         "merged_model_path": str(out), "print_table": False, "engine": engine,
+                         "evaluate": engine == "memory"}, log=lambda *a: None)
+        assert not out.exists(), engine
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".merged_{engine}")], engine
 
 
 def test_missing_tensor_error(families, tmp_path):

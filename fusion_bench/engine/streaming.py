@@ -295,6 +295,9 @@ def plan_merge(method: Any, pool: ModelPool, *, block_elements: int = DEFAULT_BL
     for n in [base, *names]:
         if n not in readers:
             readers[n] = open_reader(pool, n)
+    check_architectures = getattr(pool, "check_architectures", None)
+    if callable(check_architectures):  # config.json model_type must agree (raises ModelMismatchError)
+        check_architectures([base, *names])
     out_dtype = getattr(pool, "dtype", None)
     plan = MergePlan(method=method.name, base=base if pool.has_pretrained else None, models=list(names), jobs=[])
     if callable(getattr(method, "stream_plan", None)):
