@@ -153,6 +153,11 @@ def test_modelpool_dataset(saved):
     assert pool.dataset("sst", "test")["text"] == ["s0", "s1"]
     with pytest.raises(ConfigError, match="no split 'val'"):
         pool.dataset("sst", "val")
+    # a task given one reference: the split is chosen from it
+    pool2 = ModelPool({"a": {"w": torch.zeros(1)}}, datasets={"sst": str(saved / "dd"), "p": {"path": str(saved / "dd")}})
+    assert len(pool2.dataset("sst", "test")) == 6 and len(pool2.dataset("p", "train")) == 10
+    with pytest.raises(ConfigError, match="no split 'val'"):
+        pool2.dataset("p", "val")
 
 
 def test_hf_processor_cached_as_uint8_equals_processor(tmp_path):

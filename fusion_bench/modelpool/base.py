@@ -299,12 +299,14 @@ class ModelPool:
 
     # -- data ------------------------------------------------------------------------------------
     def dataset(self, task: str, split: str = "train"):
-        """The ``split`` dataset of ``task`` as configured in ``modelpool.datasets``."""
+        """The ``split`` dataset of ``task`` as configured in ``modelpool.datasets``: either
+        ``{task: {split: <dataset reference>}}`` or ``{task: <dataset reference>}`` (a folder, Hub id or
+        ``{path, name, ...}`` mapping, whose ``split`` is then selected)."""
         ds = self.config.datasets
         if task not in ds:
             raise ConfigError(f"modelpool.datasets has no task '{task}'.{did_you_mean(task, ds)}")
         spec = ds[task]
-        if isinstance(spec, Mapping):
+        if isinstance(spec, Mapping) and "path" not in spec:
             if split not in spec:
                 raise ConfigError(f"modelpool.datasets.{task} has no split '{split}'.{did_you_mean(split, spec)}")
             spec = spec[split]
