@@ -238,7 +238,7 @@ def _method_reference(method, base_file: dict, ft_files: list[dict], names: list
         return {k: method.merge_one(k, b, [sd[k] for sd in ft_files], names) for k, b in base_file.items()}
 
 
-@pytest.mark.parametrize("family", ["clip_vision", "gpt2", "t5"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("method_name", sorted(OTHER_METHODS))
 def test_other_methods_pool_plumbing(families, family, method_name, tmp_path):
     from fusion_bench.methods.base import TensorwiseMerge, build_method, list_methods
