@@ -74,20 +74,39 @@ MAX_BRACKET = 32
 MIN_SAMPLED = 1 << 22
 
 
-def _bracket_range(bits: torch.Tensor, abs_mask: int, lo: int, hi: int, shift: int) -> tuple[int, list[torch.Tensor]]:
-    """For float bit patterns ``bits``: (number of magnitudes with pattern >= hi, the bins
-    (p - lo) >> shift of the magnitude patterns p in [lo, hi)), in serial chunks with reused buffers."""
-    n = bits.numel()
+def _finite_chunk(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``: a finite sum proves it (NaN and inf propagate); an overflowing sum is
+    re-checked exactly."""
+    if math.isfinite(float(t.sum())):
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def _bracket_range(x: torch.Tensor, b: torch.Tensor | None, int_dtype: torch.dtype, abs_mask: int, lo: int, hi: int,
+                   shift: int) -> tuple[int, list[torch.Tensor], bool]:
+    """For values v = x - b (or x when ``b`` is None), in the dtype of ``b`` (or of x):
+    (number of |v| with bit pattern >= hi, the bins (p - lo) >> shift of the magnitude patterns p
+    in [lo, hi), whether every v was finite), in serial chunks with reused buffers."""
+    n = x.numel()
     size = min(max(n, 1), _SERIAL_CHUNK)
-    a_full = torch.empty(size, dtype=bits.dtype)
+    dtype = b.dtype if b is not None else x.dtype
+    v_full = torch.empty(size, dtype=dtype)
+    a_full = torch.empty(size, dtype=int_dtype)
     hi_full = torch.empty(size, dtype=torch.bool)
     in_full = torch.empty(size, dtype=torch.bool)
     above = 0
     inside: list[torch.Tensor] = []
     for start in range(0, n, size):
         c = min(size, n - start)
-        a, m_hi, m_in = a_full[:c], hi_full[:c], in_full[:c]
-        torch.bitwise_and(bits[start:start + c], abs_mask, out=a)
+        v, a, m_hi, m_in = v_full[:c], a_full[:c], hi_full[:c], in_full[:c]
+        if b is not None:
+            torch.sub(x[start:start + c], b[start:start + c], out=v)
+        else:
+            v.copy_(x[start:start + c])
+        if not _finite_chunk(v):
+            return above, inside, False
+        torch.bitwise_and(v.view(int_dtype), abs_mask, out=a)
         torch.ge(a, hi, out=m_hi)
         above += int(torch.count_nonzero(m_hi))
         torch.ge(a, lo, out=m_in)
@@ -96,7 +115,7 @@ def _bracket_range(bits: torch.Tensor, abs_mask: int, lo: int, hi: int, shift: i
         if sel.numel():
             sel.sub_(lo)
             inside.append(sel >> shift if shift else sel)
-    return above, inside
+    return above, inside, True
 
 
 class KthLargestSelector:
@@ -130,6 +149,7 @@ class KthLargestSelector:
             sel.start_pass()
             for tensor ...:  # finite values, any shape; the sign is ignored
                 sel.add(stream, values.reshape(-1)[::sel.stride])
+                # or, for differences: sel.add_delta(stream, x, base)  (whole tensors; no temporary)
             sel.finish_pass()
         thresholds = sel.values()       # k-th largest |x|; +inf for k = 0, 0.0 when k > count
 
@@ -213,10 +233,10 @@ class KthLargestSelector:
         if v.dtype != self.dtype:
             v = v.to(self.dtype)
         self._seen[stream] += v.numel()
-        bits = v.view(self.int_dtype)
         if self._phase == "bracket":
-            self._bracket_add(stream, bits)
+            self._bracket_add(stream, v)
             return
+        bits = v.view(self.int_dtype)
         prefix = self._prefix[stream]
         if self._phase == "sample" or prefix is None:
             self._count(stream, (bits >> self._top) & 0x7FFF)  # top digit of the magnitude
@@ -226,24 +246,54 @@ class KthLargestSelector:
         ab = ab[(ab >> (shift + width)) == prefix]  # magnitudes whose higher digits match the prefix
         self._count(stream, (ab >> shift) & ((1 << width) - 1))
 
-    def _bracket_add(self, stream: int, bits: torch.Tensor) -> None:
+    def add_delta(self, stream: int, x: torch.Tensor, base: torch.Tensor) -> bool:
+        """Count the magnitudes of x - base (computed here in the selector's dtype, chunk by chunk in
+        the bracket pass: no full-size temporary) for ``stream``; pass whole tensors, the selector
+        applies :attr:`stride` itself. Returns False if a difference is NaN/inf (nothing is counted
+        from that tensor then; the caller should raise)."""
+        if self._result[stream] is not None:
+            return True
+        x = x.detach().reshape(-1)
+        b = base.detach().reshape(-1)
+        if b.dtype != self.dtype:
+            b = b.to(self.dtype)
+        if self._phase == "bracket":
+            self._seen[stream] += x.numel()
+            return self._bracket_add(stream, x, b)
+        st = self.stride
+        if st > 1:
+            d = x[::st].to(self.dtype) - b[::st]
+        else:
+            d = x.to(self.dtype, copy=True).sub_(b)
+            if not _finite_chunk(d):
+                return False
+        self.add(stream, d)
+        return True
+
+    def _bracket_add(self, stream: int, x: torch.Tensor, b: torch.Tensor | None = None) -> bool:
         """Count patterns >= hi and histogram those in [lo, hi) (split across threads when large)."""
         lo, hi, sh = self._lo[stream], self._hi[stream], self._bin_shift[stream]
-        n = bits.numel()
+        n = x.numel()
         workers = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
+
+        def part(a: int, z: int):
+            return _bracket_range(x[a:z], b[a:z] if b is not None else None, self.int_dtype, self._abs_mask, lo, hi, sh)
+
         if workers == 1:
-            parts = [_bracket_range(bits, self._abs_mask, lo, hi, sh)]
+            parts = [part(0, n)]
         else:
             from concurrent.futures import ThreadPoolExecutor
 
             step = -(-n // workers)
             with ThreadPoolExecutor(workers) as ex:
-                parts = list(ex.map(lambda a: _bracket_range(bits[a:a + step], self._abs_mask, lo, hi, sh),
-                                    range(0, n, step)))
-        for above, inside in parts:
+                parts = list(ex.map(lambda a: part(a, min(n, a + step)), range(0, n, step)))
+        if not all(p[2] for p in parts):
+            return False
+        for above, inside, _ in parts:
             self._above[stream] += above
             for t in inside:
                 self._count(stream, t)
+        return True
 
     def _count(self, stream: int, digit: torch.Tensor) -> None:
         if digit.numel() >= _FLUSH:

@@ -10,13 +10,7 @@ import torch
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels import ties as K
-from fusion_bench.methods.base import (
-    FusionResult,
-    TensorwiseConfig,
-    TensorwiseMerge,
-    all_finite,
-    register_method,
-)
+from fusion_bench.methods.base import FusionResult, TensorwiseConfig, TensorwiseMerge, register_method
 
 
 def check_fraction(value: float, key: str, *, upper_open: bool = False) -> None:
@@ -112,18 +106,13 @@ class TiesMerging(_SignMerge):
         sel = K.KthLargestSelector([k] * len(names), dtype, totals=[total] * len(names))
         while not sel.done:
             sel.start_pass()
-            st = sel.stride  # > 1 in the sampling pass: read every st-th entry only
             for key in keys:
-                b = base.get(key)
-                b = (b.reshape(-1)[::st] if st > 1 else b).to(dtype)
+                b = base.get(key).to(dtype)
                 for i, (n, src) in enumerate(zip(names, sources)):
-                    t = src.get(key)
-                    tau = (t.reshape(-1)[::st] if st > 1 else t).to(dtype, copy=True).sub_(b)  # never in place
-                    if st == 1 and not all_finite(tau):
+                    if not sel.add_delta(i, src.get(key), b):  # |theta_i - theta_0|, never in place
                         raise ModelMismatchError(
                             f"Model '{n}' (or the base) has non-finite values (NaN/inf) in tensor '{key}'; "
                             "fix or drop that checkpoint.")
-                    sel.add(i, tau)
             sel.finish_pass()
         self._thresholds = dict(zip(names, sel.values()))
 
