@@ -91,6 +91,38 @@ def test_ties_per_tensor_matches_reference(density, election, merge):
         assert torch.equal(got, base)
 
 
+def test_ties_chunked_and_threaded_paths_match_reference(monkeypatch):
+    """Tiny chunks and the Python-thread split give the same result as the reference."""
+    monkeypatch.setattr(T, "CHUNK", 7)
+    monkeypatch.setattr(T, "PARALLEL_MIN", 5)
+    monkeypatch.setattr(T, "_SERIAL_CHUNK", 5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    base = _rand((6, 7), 0)
+    tensors = [base + _rand((6, 7), s, 0.3) for s in (1, 2, 3)]
+    for election, merge in (("mass", "mean"), ("count", "max")):
+        got = T.ties_merge(base, tensors, density=0.3, scaling_factor=0.7, sign_election=election, merge=merge)
+        want = ref_ties_tensor(base, tensors, 0.3, 0.7, election, merge)
+        np.testing.assert_allclose(got.double().numpy().reshape(-1), want, rtol=1e-6, atol=1e-6)
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(3))
+    sel = _select([[x[:2000], x[2000:]]], [1234], sample_stride=7, min_sampled=100)
+    assert sel.values()[0] == sorted(x.abs().tolist(), reverse=True)[1233]
+    sel = T.KthLargestSelector([1234], torch.float32, totals=[5000], sample_stride=7, min_sampled=100)
+    zero = torch.zeros(5000)
+    while not sel.done:  # add_delta: differences formed chunk by chunk inside the selector
+        sel.start_pass()
+        assert sel.add_delta(0, x, zero)
+        sel.finish_pass()
+    assert sel.values()[0] == sorted(x.abs().tolist(), reverse=True)[1233]
+    bad = x.clone()
+    bad[4321] = float("inf")
+    sel = T.KthLargestSelector([10], torch.float32, totals=[5000], sample_stride=7, min_sampled=100)
+    sel.start_pass()
+    assert sel.add_delta(0, bad, zero)  # sampling pass: entry 4321 is not on the stride
+    sel.finish_pass()
+    sel.start_pass()
+    assert sel.add_delta(0, bad, zero) is False  # the full pass reports the non-finite difference
+
+
 def test_ties_edge_cases():
     base = _rand((4, 5), 0)
     # all-zero task vectors: the base comes back exactly
