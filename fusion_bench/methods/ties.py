@@ -18,7 +18,8 @@ def check_fraction(value: float, key: str, *, upper_open: bool = False) -> None:
     ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
     if not ok:
         rng = "[0, 1)" if upper_open else "[0, 1]"
-        raise ConfigError(f"method.{key}={value} must be in {rng}.")
+        raise ConfigError(f"method.{key}={value} must be in {rng}: it is a fraction (e.g. 0.2 keeps 20% of the "
+                          "entries; FusionBench's threshold=20 is density=0.2).")
 
 
 @dataclass
@@ -44,14 +45,8 @@ class TiesMergingConfig(TensorwiseConfig):
         check_fraction(self.density, "density")
 
 
-class _SignMerge(TensorwiseMerge):
-    """Shared plumbing of TIES-style merges (task vectors against ``_pretrained_``)."""
-
-    requires_pretrained = True
-
-
 @register_method
-class TiesMerging(_SignMerge):
+class TiesMerging(TensorwiseMerge):
     """TIES-merging of task vectors.
 
     Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
@@ -66,6 +61,7 @@ class TiesMerging(_SignMerge):
 
     name = "ties_merging"
     config_class: ClassVar = TiesMergingConfig
+    requires_pretrained = True
     summary = "TIES-merging: trim task vectors to their top-k% magnitudes, elect signs, disjoint mean."
     variant = ("Yadav et al. 2023 (TIES): tau_i = theta_i - theta_0 trimmed to |tau_i| >= its k-th largest "
                "magnitude (k = round(density * n), over the whole model when trim_scope=global, per tensor when "
@@ -85,8 +81,9 @@ class TiesMerging(_SignMerge):
         """Global trim: the exact k-th largest |tau| of each model over all merged tensors.
 
         :class:`fusion_bench.kernels.ties.KthLargestSelector` on the float bit patterns: a sampling pass
-        (every 127th entry) and one full pass for large models (else, or if the sampled bracket misses,
-        radix select: 2 full passes, 4 for float64), one tensor of one model in memory at a time.
+        (every 127th entry) and one full pass for large float32-computed models (else, or if the sampled
+        bracket misses, radix select: 2 full passes, 4 for float64), one tensor of one model at a time.
+        Ties in magnitude: the threshold is a value; every entry >= it is kept (see the kernel).
         """
         self._thresholds = None
         if self.config.trim_scope != "global":
