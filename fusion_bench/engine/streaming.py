@@ -835,23 +835,27 @@ def streaming_applicable(method: Any, pool: ModelPool) -> bool:
 
 
 def _files_are_the_module(pool: ModelPool) -> bool:
-    """False when the merged module is a part of the base checkpoint (a CLIP vision tower of a full CLIP
-    base) or the checkpoints name its tensors differently (by a prefix): the streaming engine merges
-    the base checkpoint's tensors under their file names, the in-memory engine maps both cases."""
-    from fusion_bench.engine.validate import RenamedSource, aligned_sources
+    """False when the checkpoints hold different tensor names but the in-memory engine can map them to
+    the merged module: a CLIP vision tower of a full CLIP base, or names that differ by a prefix. The
+    streaming engine merges the base checkpoint's tensors under their file names and would stop."""
+    from fusion_bench.engine.validate import aligned_sources, validate_sources
 
-    keys_of = getattr(pool, "module_state_keys", None)
-    base = pool.base_name()
-    module_keys = keys_of(base) if callable(keys_of) else None
-    if module_keys is None:
-        return True
     sources = {n: pool.source(n) for n in pool.names}
-    aligned = aligned_sources(base, sources, module_keys)
+    base = pool.base_name()
+    base_keys = set(sources[base].keys())
+    if all(set(src.keys()) == base_keys for src in sources.values()):
+        return True
+    keys_of = getattr(pool, "module_state_keys", None)
+    module_keys = keys_of(base) if callable(keys_of) else None
+    aligned = aligned_sources(base, sources, module_keys) if module_keys is not None else None
     if aligned is None:
-        return True  # the plan reports the mismatches
+        return True  # the streaming plan reports the mismatches
     views, key_map = aligned
-    return set(key_map.values()) == set(sources[base].keys()) and \
-        not any(isinstance(v, RenamedSource) for v in views.values())
+    try:
+        validate_sources(base, views, keys=[key_map[k] for k in module_keys])
+    except ModelMismatchError:
+        return True  # a real mismatch: the streaming plan reports it
+    return False
 
 
 class StreamedModel(torch.nn.Module):
