@@ -369,3 +369,12 @@ def test_pretraining_pairs_use_train_only(tiny):
     assert len(pretraining_pairs("tiny", seed=0, tasks=("shapes",), n=40)) == 40
     with pytest.raises(ConfigError, match="generic_prob"):
         pretraining_pairs("tiny", tasks=("shapes",), generic_prob=1.5)
+
+
+def test_command_line_builds_and_reports(tmp_path, capsys):
+    from fusion_bench.benchmark.tasks import main
+
+    assert main(["--root", str(tmp_path), "--scale", "tiny", "--tasks", "aerial"]) == 0
+    out = capsys.readouterr().out
+    assert "aerial" in out and "classes= 12" in out
+    assert load_task_meta("aerial", tmp_path)["content_hash"][:12] in out

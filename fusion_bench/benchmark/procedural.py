@@ -128,7 +128,7 @@ def sign_image(rng: np.random.Generator, label: int) -> Image.Image:
     scene = _background(rng, rng.random(3), 0.5)
     kind = int(rng.integers(4))
     cx, cy = 0.5 + rng.uniform(-0.07, 0.07), 0.5 + rng.uniform(-0.07, 0.07)
-    r = rng.uniform(0.36, 0.47)
+    r = rng.uniform(0.4, 0.48)
     tilt = rng.uniform(-0.15, 0.15)
     rim = jitter_color(rng, _SIGN_RIMS[rng.integers(len(_SIGN_RIMS))], 0.1)
     fill = jitter_color(rng, _SIGN_FILLS[rng.integers(len(_SIGN_FILLS))], 0.1)
@@ -137,9 +137,9 @@ def sign_image(rng: np.random.Generator, label: int) -> Image.Image:
     ink = np.array([0.05, 0.05, 0.05]) if luminance(fill) > 0.45 else np.array([0.97, 0.97, 0.97])
     ink = jitter_color(rng, tuple(ink), 0.05)
     gy = cy + (0.06 if kind == 1 else 0.0)
-    mask = glyph_mask(ch, font, rng.uniform(0.38, 0.52), math.degrees(-tilt) + rng.uniform(-8, 8), (cx, gy))
+    mask = glyph_mask(ch, font, rng.uniform(0.46, 0.58), math.degrees(-tilt) + rng.uniform(-6, 6), (cx, gy))
     img = compose(img, mask, ink)
-    img = img * rng.uniform(0.6, 1.2)  # illumination
+    img = img * rng.uniform(0.7, 1.15)  # illumination
     return finish(img, rng, rng.uniform(0.0, 0.05))
 
 
@@ -217,11 +217,11 @@ def _texture_field(rng: np.random.Generator, name: str) -> np.ndarray | tuple[np
         d = rng.uniform(0.6, 1.05) * rng.choice([-1, 1])
         u1, _ = _coords(rng, a)
         u2, _ = _coords(rng, a + d)
-        p, w = rng.uniform(3, 4.5), rng.uniform(0.6, 1.0)
+        p, w = rng.uniform(3.8, 5.2), rng.uniform(0.7, 1.1)
         return np.maximum(_lines(u1, p, w), _lines(u2, p, w))
     if name == "dotted":
         u, v = _coords(rng)
-        return _disks(u, v, rng.uniform(3.5, 5), rng.uniform(0.6, 1.0), bool(rng.random() < 0.5))
+        return _disks(u, v, rng.uniform(4, 5.5), rng.uniform(0.7, 1.1), bool(rng.random() < 0.5))
     if name == "polka-dotted":
         u, v = _coords(rng)
         p = rng.uniform(8, 11)
@@ -237,7 +237,7 @@ def _texture_field(rng: np.random.Generator, name: str) -> np.ndarray | tuple[np
         if name == "ringed":
             return _step(np.sin(2 * math.pi * r / p))
         th = np.arctan2(y - cy, x - cx)
-        arms = int(rng.integers(1, 4)) * rng.choice([-1, 1])
+        arms = int(rng.integers(2, 5)) * rng.choice([-1, 1])
         return _step(np.sin(2 * math.pi * r / p + arms * th))
     if name == "honeycombed":
         u, v = _coords(rng)
@@ -436,7 +436,7 @@ def aerial_image(rng: np.random.Generator, label: int) -> Image.Image:
 
 SHAPES = (
     "circle", "ellipse", "square", "rectangle", "triangle", "trapezoid", "hexagon", "star", "cross",
-    "heart", "crescent", "ring", "arrow", "semicircle",
+    "heart", "crescent", "ring", "arrow", "hourglass",
 )
 
 
@@ -449,7 +449,7 @@ def _shape_outline(name: str) -> np.ndarray | None:
     if name == "triangle":
         return regular_polygon(3, 1.0) + np.array([0, 0.2])
     if name == "trapezoid":
-        return np.array([[-1.0, 0.55], [1.0, 0.55], [0.45, -0.55], [-0.45, -0.55]])
+        return np.array([[-1.0, 0.55], [1.0, 0.55], [0.35, -0.55], [-0.35, -0.55]])
     if name == "hexagon":
         return regular_polygon(6, 1.0)
     if name == "star":
@@ -466,9 +466,8 @@ def _shape_outline(name: str) -> np.ndarray | None:
         return np.stack([x, y + 2], 1) / 17.0
     if name == "arrow":
         return np.array([[-1, -0.22], [0.15, -0.22], [0.15, -0.6], [1, 0], [0.15, 0.6], [0.15, 0.22], [-1, 0.22]])
-    if name == "semicircle":
-        tt = np.linspace(0, math.pi, 40)
-        return np.stack([np.cos(tt), -np.sin(tt) + 0.4], 1)
+    if name == "hourglass":
+        return np.array([[-0.7, -1.0], [0.7, -1.0], [0.12, 0.0], [0.7, 1.0], [-0.7, 1.0], [-0.12, 0.0]])
     if name == "ellipse":
         return np.stack([np.cos(t), 0.5 * np.sin(t)], 1)
     return None
