@@ -91,8 +91,8 @@ def test_ties_per_tensor_matches_reference(density, election, merge):
         assert torch.equal(got, base)
 
 
-def test_ties_chunked_and_threaded_paths_match_reference(monkeypatch):
-    """Tiny chunks and the Python-thread split give the same result as the reference."""
+def test_chunked_and_threaded_paths_match_reference(monkeypatch):
+    """Tiny chunks and the Python-thread split (TIES, MagMax, selector) give the reference's results."""
     monkeypatch.setattr(T, "CHUNK", 7)
     monkeypatch.setattr(T, "PARALLEL_MIN", 5)
     monkeypatch.setattr(T, "_SERIAL_CHUNK", 5)
@@ -103,6 +103,9 @@ def test_ties_chunked_and_threaded_paths_match_reference(monkeypatch):
         got = T.ties_merge(base, tensors, density=0.3, scaling_factor=0.7, sign_election=election, merge=merge)
         want = ref_ties_tensor(base, tensors, 0.3, 0.7, election, merge)
         np.testing.assert_allclose(got.double().numpy().reshape(-1), want, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(MM, "CHUNK", 7)
+    np.testing.assert_allclose(MM.magmax(base, tensors, 0.5).double().numpy().reshape(-1),
+                               ref_magmax(base, tensors, 0.5), rtol=1e-6, atol=1e-6)
     x = torch.randn(5000, generator=torch.Generator().manual_seed(3))
     sel = _select([[x[:2000], x[2000:]]], [1234], sample_stride=7, min_sampled=100)
     assert sel.values()[0] == sorted(x.abs().tolist(), reverse=True)[1233]

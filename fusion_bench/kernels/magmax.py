@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from fusion_bench.kernels.ties import CHUNK, parallel_ranges
+
 
 def max_magnitude(taus: Iterable[torch.Tensor]) -> torch.Tensor:
     """Entry-wise the value of largest magnitude across ``taus`` (ties: the larger signed value)."""
@@ -30,11 +32,39 @@ def max_magnitude(taus: Iterable[torch.Tensor]) -> torch.Tensor:
 def magmax(base: torch.Tensor, tensors: Sequence[torch.Tensor], scaling_factor: float = 1.0) -> torch.Tensor:
     """theta = theta_0 + lambda * tau_max, tau_max = entry-wise max-magnitude task vector.
 
-    Paper: Marczak et al., ECCV 2024 (see the module docstring for the tie rule).
+    Paper: Marczak et al., ECCV 2024 (see the module docstring for the tie rule). Same arithmetic
+    as :func:`max_magnitude`, in serial cache-sized chunks split across Python threads (see
+    :func:`fusion_bench.kernels.ties.parallel_ranges`).
 
     Args:
         base: theta_0.
         tensors: theta_i of the N models, same shape and dtype as ``base``.
         scaling_factor: lambda.
     """
-    return max_magnitude(t - base for t in tensors).mul_(scaling_factor).add_(base)
+    fb = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(fb)
+
+    def run(lo: int, hi: int) -> None:
+        size = min(CHUNK, max(hi - lo, 1))
+        best, best_abs, tau, a = (torch.empty(size, dtype=fb.dtype) for _ in range(4))
+        better, tie = torch.empty(size, dtype=torch.bool), torch.empty(size, dtype=torch.bool)
+        for start in range(lo, hi, size):
+            c = min(size, hi - start)
+            b = fb[start:start + c]
+            bt, ba, tt, aa, m, q = best[:c], best_abs[:c], tau[:c], a[:c], better[:c], tie[:c]
+            torch.sub(flats[0][start:start + c], b, out=bt)
+            torch.abs(bt, out=ba)
+            for f in flats[1:]:
+                torch.sub(f[start:start + c], b, out=tt)
+                torch.abs(tt, out=aa)
+                torch.gt(aa, ba, out=m)
+                torch.eq(aa, ba, out=q)
+                q.logical_and_(tt > bt)  # equal magnitude: the larger signed value
+                m.logical_or_(q)
+                torch.where(m, tt, bt, out=bt)
+                torch.where(m, aa, ba, out=ba)
+            torch.add(b, bt, alpha=scaling_factor, out=out[start:start + c])
+
+    parallel_ranges(fb.numel(), run)
+    return out.reshape(base.shape)

@@ -273,20 +273,8 @@ class KthLargestSelector:
     def _bracket_add(self, stream: int, x: torch.Tensor, b: torch.Tensor | None = None) -> bool:
         """Count patterns >= hi and histogram those in [lo, hi) (split across threads when large)."""
         lo, hi, sh = self._lo[stream], self._hi[stream], self._bin_shift[stream]
-        n = x.numel()
-        workers = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
-
-        def part(a: int, z: int):
-            return _bracket_range(x[a:z], b[a:z] if b is not None else None, self.int_dtype, self._abs_mask, lo, hi, sh)
-
-        if workers == 1:
-            parts = [part(0, n)]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            step = -(-n // workers)
-            with ThreadPoolExecutor(workers) as ex:
-                parts = list(ex.map(lambda a: part(a, min(n, a + step)), range(0, n, step)))
+        parts = parallel_ranges(x.numel(), lambda a, z: _bracket_range(
+            x[a:z], b[a:z] if b is not None else None, self.int_dtype, self._abs_mask, lo, hi, sh))
         if not all(p[2] for p in parts):
             return False
         for above, inside, _ in parts:
@@ -555,18 +543,22 @@ def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thr
     if thresholds is not None:
         levels = [_shrink_level(float(t), base.dtype) if math.isfinite(t) else math.inf for t in thresholds]
     args = (levels, scaling_factor, sign_election, merge, transform is None)
+    parallel_ranges(numel, lambda a, z: _sign_merge_range(flats, flat_base, out, a, z, *args))
+    return out.reshape(base.shape)
+
+
+def parallel_ranges(numel: int, fn) -> list:
+    """Run ``fn(lo, hi)`` over contiguous ranges covering [0, numel): one range per torch thread
+    (``torch.get_num_threads()``) when each gets at least PARALLEL_MIN entries, in Python threads
+    (torch ops release the GIL); else one call. Returns the results in range order."""
     workers = max(1, min(torch.get_num_threads(), numel // PARALLEL_MIN))
     if workers == 1:
-        _sign_merge_range(flats, flat_base, out, 0, numel, *args)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+        return [fn(0, numel)]
+    from concurrent.futures import ThreadPoolExecutor
 
-        step = -(-numel // workers)
-        bounds = [(a, min(numel, a + step)) for a in range(0, numel, step)]
-        with ThreadPoolExecutor(len(bounds)) as ex:
-            for f in [ex.submit(_sign_merge_range, flats, flat_base, out, a, z, *args) for a, z in bounds]:
-                f.result()
-    return out.reshape(base.shape)
+    step = -(-numel // workers)
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(lambda a: fn(a, min(numel, a + step)), range(0, numel, step)))
 
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, density: float = 0.2,
