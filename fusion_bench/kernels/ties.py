@@ -100,10 +100,9 @@ def _bracket_range(x: torch.Tensor, b: torch.Tensor | None, int_dtype: torch.dty
     for start in range(0, n, size):
         c = min(size, n - start)
         v, a, m_hi, m_in = v_full[:c], a_full[:c], hi_full[:c], in_full[:c]
+        v.copy_(x[start:start + c])  # widen first: faster than a mixed-dtype subtraction
         if b is not None:
-            torch.sub(x[start:start + c], b[start:start + c], out=v)
-        else:
-            v.copy_(x[start:start + c])
+            v.sub_(b[start:start + c])
         if not _finite_chunk(v):
             return above, inside, False
         torch.bitwise_and(v.view(int_dtype), abs_mask, out=a)
@@ -248,21 +247,23 @@ class KthLargestSelector:
 
     def add_delta(self, stream: int, x: torch.Tensor, base: torch.Tensor) -> bool:
         """Count the magnitudes of x - base (computed here in the selector's dtype, chunk by chunk in
-        the bracket pass: no full-size temporary) for ``stream``; pass whole tensors, the selector
-        applies :attr:`stride` itself. Returns False if a difference is NaN/inf (nothing is counted
-        from that tensor then; the caller should raise)."""
+        the bracket pass: no full-size temporary) for ``stream``; pass whole tensors (``base`` best
+        already in the selector's dtype when :attr:`stride` is 1: it is shared by the streams), the
+        selector applies :attr:`stride` itself. Returns False if a difference is NaN/inf in a full
+        pass (nothing is counted from that tensor then; the caller should raise)."""
         if self._result[stream] is not None:
             return True
         x = x.detach().reshape(-1)
         b = base.detach().reshape(-1)
+        st = self.stride
+        if st > 1:  # sampling pass: widen only the sampled entries
+            self.add(stream, x[::st].to(self.dtype) - b[::st].to(self.dtype))
+            return True
         if b.dtype != self.dtype:
             b = b.to(self.dtype)
         if self._phase == "bracket":
             self._seen[stream] += x.numel()
             return self._bracket_add(stream, x, b)
-        st = self.stride
-        if st > 1:
-            d = x[::st].to(self.dtype) - b[::st]
         else:
             d = x.to(self.dtype, copy=True).sub_(b)
             if not _finite_chunk(d):

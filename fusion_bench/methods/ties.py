@@ -104,7 +104,9 @@ class TiesMerging(TensorwiseMerge):
         while not sel.done:
             sel.start_pass()
             for key in keys:
-                b = base.get(key).to(dtype)
+                b = base.get(key)
+                if sel.stride == 1:
+                    b = b.to(dtype)  # widened once, shared by the models (the sampling pass widens its slice)
                 for i, (n, src) in enumerate(zip(names, sources)):
                     if not sel.add_delta(i, src.get(key), b):  # |theta_i - theta_0|, never in place
                         raise ModelMismatchError(
