@@ -244,7 +244,7 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, rescale: bool = 
         if density <= 0:
             return torch.zeros_like(tau)
         out = tau * dare_mask(tau.shape, 1.0 - density, generator)
-        return out / density if rescale else out
+        return out.div_(density) if rescale else out
     if method == "della":
         if density <= 0:
             return torch.zeros_like(tau)
