@@ -26,9 +26,15 @@ float and non-float buffers), with the method's default config unless ``config``
   closest valid key.
 - ``missing_base``: a method with ``requires_pretrained`` rejects a pool without ``_pretrained_``
   with a :class:`~fusion_bench.errors.FusionBenchError` before merging.
-- ``streaming``: for tensor-wise merges (and methods with ``stream_plan``), the streaming engine (:mod:`fusion_bench.engine.streaming`,
-  with tiny row blocks so the row-block protocol is exercised) writes the same tensors as the
-  in-memory engine, reading the models from safetensors files.
+- ``streaming``: for tensor-wise merges (and methods with ``stream_plan``), the streaming engine
+  (:mod:`fusion_bench.engine.streaming`, with tiny row blocks so that the row-block protocol is
+  exercised) writes the same tensors as the in-memory engine, reading the models from safetensors
+  files. The engine used is :data:`STREAMING_ENGINE` when set (a hook for other engines), else
+  ``merge_to_folder``; the check is skipped with a reason when neither is available.
+
+Not checked: device placement (the tiny pool lives on the CPU). ``identity`` is deliberately the
+"all inputs equal" property: with a base different from the fine-tuned copies, methods that scale
+task vectors (task arithmetic with lambda != 1/N, TIES, DARE) legitimately return another model.
 
 Methods that need data or training (family ``training`` or ``uses_data``) are skipped with that
 reason. A method that cannot run on the tiny pool for another reason sets the class attribute
