@@ -12,7 +12,7 @@ individual fine-tuned models (each on its own task).
 
 Outputs (written atomically into ``--out``, default ``./leaderboard``): ``leaderboard.md``,
 ``leaderboard.csv``, ``leaderboard.json`` (per-task accuracy, average, normalized accuracy = mean
-over tasks of accuracy / fine-tuned accuracy, merge wall time, peak memory, extra parameters, data
+over tasks of accuracy / fine-tuned accuracy (tasks where that is 0 left out), merge wall time, peak memory, extra parameters, data
 used) and ``leaderboard.png`` (average accuracy against merge time and against peak memory).
 """
 
@@ -60,8 +60,9 @@ def _row(name: str, kind: str, accs: dict[str, float], tasks: list[str], finetun
          **extra: Any) -> dict[str, Any]:
     avg = sum(accs[t] for t in tasks) / len(tasks) if all(t in accs for t in tasks) else None
     norm = None
-    if finetuned and avg is not None and all(finetuned.get(t) for t in tasks):
-        norm = sum(accs[t] / finetuned[t] for t in tasks) / len(tasks)
+    ref = [t for t in tasks if finetuned and finetuned.get(t)]  # tasks with a non-zero fine-tuned accuracy
+    if avg is not None and ref:
+        norm = sum(accs[t] / finetuned[t] for t in ref) / len(ref)
     return {"method": name, "kind": kind, "accuracy": {t: accs.get(t) for t in tasks}, "average": avg,
             "normalized": norm, **extra}
 

@@ -52,9 +52,9 @@ class ZooScale:
     data_scale: str = field(metadata={"help": "scale passed to the task builders (full or tiny)"})
     pretrain: CLIPPretrainConfig = field(metadata={"help": "the from-scratch CLIP"})
     pretrain_pairs: int = field(metadata={"help": "image-caption pairs drawn from the train splits"})
+    finetune: dict[str, Any] = field(metadata={"help": "clip_finetune options"})
     pair_options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "caption options of tasks.pretraining_pairs (generic_prob, label_noise, synonym_prob)"})
-    finetune: dict[str, Any] = field(metadata={"help": "clip_finetune options"})
     seed: int = field(default=0, metadata={"help": "seed of data, pretraining and fine-tuning"})
     corruptions: int | None = field(default=None, metadata={"help": "corrupted test splits: the first N of "
                                                             "tasks.CORRUPTIONS (None: all, 0: none)"})
@@ -63,11 +63,12 @@ class ZooScale:
 SCALES: dict[str, ZooScale] = {
     "full": ZooScale(
         data_scale="full",
-        pretrain=CLIPPretrainConfig(image_size=32, patch_size=4, vision_hidden=128, vision_layers=4, vision_heads=4,
-                                    text_hidden=128, text_layers=2, text_heads=4, projection_dim=128, vocab_size=1024,
-                                    max_length=32, steps=1500, batch_size=128, lr=1e-3, warmup_steps=100),
-        pretrain_pairs=40000,
-        finetune=dict(mode="full", steps=250, batch_size=64, lr=3e-4, warmup_steps=25),
+        pretrain=CLIPPretrainConfig(image_size=32, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
+                                    text_hidden=128, text_layers=2, text_heads=4, projection_dim=128, vocab_size=1536,
+                                    max_length=32, steps=3000, batch_size=128, lr=1e-3, warmup_steps=100),
+        pretrain_pairs=72000,
+        pair_options={"generic_prob": 0.15},
+        finetune=dict(mode="full", steps=600, batch_size=64, lr=1e-3, warmup_steps=60),
     ),
     "tiny": ZooScale(
         data_scale="tiny",
@@ -261,7 +262,7 @@ class Zoo:
         show = sys.stderr.isatty() if progress is None else progress
         times: dict[str, Any] = {}
         t_all = time.perf_counter()
-        with _lock(self.root), _quiet_transformers(), _Bars(show) as bars:
+        with _lock(self.root), _quiet_transformers(), _Bars(show, log) as bars:
             self._remove_stale_temporaries()
             names = self.entries()
             overall = bars.add("zoo " + self.scale, len(names))
@@ -394,9 +395,11 @@ def _quiet_transformers() -> Iterator[None]:
 class _Bars:
     """rich progress bars, or nothing when not shown."""
 
-    def __init__(self, show: bool):
+    def __init__(self, show: bool, log: Callable[[str], None] | None = None):
         self.show = show
         self._p = None
+        self._log = log
+        self._tasks: dict[int, tuple[str, int]] = {}
 
     def __enter__(self) -> _Bars:
         if self.show:
@@ -412,11 +415,19 @@ class _Bars:
             self._p.__exit__(*exc)
 
     def add(self, desc: str, total: int) -> int:
-        return self._p.add_task(desc, total=total, info="") if self._p is not None else 0
+        if self._p is not None:
+            return self._p.add_task(desc, total=total, info="")
+        key = len(self._tasks)
+        self._tasks[key] = (desc, total)
+        return key
 
     def update(self, task: int, completed: int, info: str = "") -> None:
         if self._p is not None:
             self._p.update(task, completed=completed, info=info)
+        elif self._log is not None and task in self._tasks:  # no terminal: a line every 10 %
+            desc, total = self._tasks[task]
+            if total >= 10 and completed % max(1, total // 10) == 0:
+                self._log(f"zoo: {desc} {completed}/{total} {info}")
 
     def advance(self, task: int) -> None:
         if self._p is not None:

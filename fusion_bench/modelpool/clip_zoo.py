@@ -12,23 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fusion_bench.config_schema import build_config, option
+from fusion_bench.config_schema import build_config, option, to_plain
 from fusion_bench.errors import ConfigError, did_you_mean
-from fusion_bench.modelpool.base import PRETRAINED, ModelPool
+from fusion_bench.modelpool.base import PRETRAINED, ModelPool, ModelPoolConfig
 from fusion_bench.modelpool.registry import register_modelpool
 
 
 @dataclass
-class CLIPZooPoolConfig:
-    """Config of the ``clip_zoo`` model pool."""
+class CLIPZooPoolConfig(ModelPoolConfig):
+    """Config of the ``clip_zoo`` model pool: the ModelPool options (``models``, ``model_class``,
+    ``processor`` and ``datasets`` are filled in from the zoo) plus where the zoo is."""
 
     scale: str = option("full", choices=("full", "tiny"), help="Zoo size: full (the benchmark) or tiny (tests).")
     root: str | None = option(None, help="Zoo folder (default $FUSION_BENCH_ZOO or ~/.cache/fusion_bench/zoo-<scale>).")
     build: bool = option(True, help="Build the zoo when it is missing or damaged (false: raise instead).")
-    select: list[str] | None = option(None, help="Use only these tasks' models (plus '_pretrained_').")
     include_pretrained: bool = option(True, help="Put '_pretrained_' (the base CLIP) in the pool.")
-    dtype: str | None = option(None, help="Load models in this dtype (null: float32 as saved).")
-    name: str = option("clip_zoo", help="A label for reports.")
+
+
+_FILLED = ("models", "model_class", "processor", "datasets", "model_template", "tasks")
 
 
 @register_modelpool("clip_zoo")
@@ -44,9 +45,13 @@ class CLIPZooModelPool(ModelPool):
     def __init__(self, config: Any = None, **kwargs: Any):
         from fusion_bench.benchmark.zoo import ensure_zoo
 
-        self.zoo_config: CLIPZooPoolConfig = build_config(CLIPZooPoolConfig, config, prefix="modelpool",
-                                                          ignore=("type",), **kwargs)
-        zc = self.zoo_config
+        zc: CLIPZooPoolConfig = build_config(CLIPZooPoolConfig, config, prefix="modelpool", ignore=("type",), **kwargs)
+        defaults = CLIPZooPoolConfig()
+        for key in _FILLED:
+            if getattr(zc, key) != getattr(defaults, key):
+                raise ConfigError(f"modelpool.{key} is filled in from the zoo by modelpool.type=clip_zoo; remove it "
+                                  "(or use the default model pool with your own checkpoints).")
+        self.zoo_config = zc
         self.zoo = ensure_zoo(zc.scale, zc.root, build=zc.build)
         tasks = self.zoo.tasks
         if zc.select is not None:
@@ -58,8 +63,9 @@ class CLIPZooModelPool(ModelPool):
         models.update({t: str(self.zoo.finetuned_path(t)) for t in tasks})
         datasets = {t: {s: {"path": str(self.zoo.data_path(t)), "split": s} for s in ("train", "validation", "test")}
                     for t in tasks}
-        super().__init__(config={"models": models, "model_class": "clip_vision", "dtype": zc.dtype,
-                                 "processor": str(self.zoo.pretrained_path), "datasets": datasets, "name": zc.name})
+        filled = {**to_plain(zc), "models": models, "model_class": "clip_vision", "select": None,
+                  "processor": str(self.zoo.pretrained_path), "datasets": datasets}
+        super().__init__(config=filled)
         self._tasks = tasks
 
     @property
