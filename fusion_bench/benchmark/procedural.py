@@ -200,10 +200,10 @@ def _texture_field(rng: np.random.Generator, name: str) -> np.ndarray | tuple[np
         return _step(np.sin(2 * math.pi * u / rng.uniform(4, 8)))
     if name == "wavy":
         u, v = _coords(rng)
-        return _step(np.sin(2 * math.pi * (u + rng.uniform(1.2, 2.5) * np.sin(2 * math.pi * v / rng.uniform(8, 14))) / rng.uniform(5, 8)))
+        return _step(np.sin(2 * math.pi * (u + rng.uniform(1.0, 2.0) * np.sin(2 * math.pi * v / rng.uniform(10, 16))) / rng.uniform(5, 8)))
     if name == "zigzagged":
         u, v = _coords(rng)
-        return _step(np.sin(2 * math.pi * (u + rng.uniform(1.5, 2.5) * _tri(v / rng.uniform(5, 9))) / rng.uniform(5, 8)))
+        return _step(np.sin(2 * math.pi * (u + rng.uniform(1.6, 2.4) * _tri(v / rng.uniform(7, 10))) / rng.uniform(6, 8.5)))
     if name == "checkered":
         u, v = _coords(rng)
         p = rng.uniform(4, 8)
@@ -233,12 +233,12 @@ def _texture_field(rng: np.random.Generator, name: str) -> np.ndarray | tuple[np
         y, x = np.mgrid[0:_T, 0:_T] / 2.0
         cx, cy = rng.uniform(4, S - 4, 2)
         r = np.hypot(x - cx, y - cy)
-        p = rng.uniform(4, 6.5)
         if name == "ringed":
-            return _step(np.sin(2 * math.pi * r / p))
+            return _step(np.sin(2 * math.pi * r / rng.uniform(4, 6.5)))
+        # a pinwheel spiral: many arms over a long radial period, so the arms sweep round the centre
         th = np.arctan2(y - cy, x - cx)
-        arms = int(rng.integers(2, 5)) * rng.choice([-1, 1])
-        return _step(np.sin(2 * math.pi * r / p + arms * th))
+        arms = int(rng.integers(4, 7)) * rng.choice([-1, 1])
+        return _step(np.sin(2 * math.pi * r / rng.uniform(7, 10) + arms * th))
     if name == "honeycombed":
         u, v = _coords(rng)
         k = 2 * math.pi / rng.uniform(6, 9)
