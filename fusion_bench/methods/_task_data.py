@@ -1,0 +1,246 @@
+"""Per-task data and classifiers for the data-dependent merges (Fisher merging, RegMean, AdaMerging).
+
+A data-dependent merge needs, for each task, some inputs (and for Fisher merging with true labels, the
+labels) and a way to turn a model of the pool into a classifier of that task. A
+:class:`TaskDataAdapter` gives both; the methods only use this interface:
+
+- :meth:`TaskDataAdapter.examples` ``(task, split, max_examples)`` -> :class:`TaskExamples`: inputs
+  (a tensor, first dimension the examples) and labels (a 1-D long tensor, or None when not read).
+- :meth:`TaskDataAdapter.classifier` ``(model, task)`` -> an ``nn.Module`` mapping a batch of inputs
+  to logits ``(batch, classes)``. It must call ``model`` (so that forward hooks on ``model``'s
+  layers see the inputs, gradients reach ``model``'s parameters and a stand-in module can replace
+  ``model``); everything it adds (heads, projections) is frozen.
+
+Two adapters are provided and chosen by :func:`make_adapter` (config key ``adapter``):
+
+- :class:`CLIPTaskData` (``adapter=clip``; ``auto`` picks it for pools with
+  ``model_class`` ``clip_vision``/``clip``): the models are CLIP vision encoders; the classifier of a
+  task is :class:`~fusion_bench.models.clip.CLIPZeroShotClassifier` with the zero-shot text head of
+  the pool's pretrained full CLIP (class names and templates from the pool or the dataset, exactly
+  as ``clip_finetune`` builds them), and the images are preprocessed by
+  :func:`~fusion_bench.data.images.preprocessed_images` (the shared, cached path).
+- :class:`GenericTaskData` (``adapter=generic``): the models are plain ``nn.Module`` classifiers
+  (``model(x) -> logits``); ``modelpool.datasets[task][split]`` (or ``modelpool.datasets[task]``)
+  is a ``torch.utils.data.Dataset`` of ``(input tensor, label)`` pairs or a pair
+  ``(inputs, labels)`` of tensors.
+
+Model ``i`` of the pool is fine-tuned on the task of the same name (the FusionBench convention).
+A Python user can pass any other adapter with ``method.adapter = MyAdapter(...)`` before ``run``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fusion_bench.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from fusion_bench.modelpool.base import ModelPool
+
+
+@dataclass
+class TaskExamples:
+    """Inputs of one task (first dimension: examples) and their labels (None when not read)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for s in range(0, len(self), batch_size):
+            yield self.inputs[s:s + batch_size], None if self.labels is None else self.labels[s:s + batch_size]
+
+
+class TaskDataAdapter(ABC):
+    """Gives per-task examples and wraps a model of the pool as a classifier of a task."""
+
+    kind: str = ""
+
+    @abstractmethod
+    def examples(self, task: str, split: str, max_examples: int | None, with_labels: bool = True) -> TaskExamples:
+        """At most ``max_examples`` evenly spaced examples of ``task``'s ``split`` (None: all)."""
+
+    @abstractmethod
+    def classifier(self, model: nn.Module, task: str) -> nn.Module:
+        """A module ``inputs -> logits`` of ``task`` that calls ``model``; its other parts are frozen."""
+
+
+def _even(n: int, k: int | None) -> list[int]:
+    from fusion_bench.data.images import subset_indices
+
+    return subset_indices(n, k)
+
+
+def _split_spec(modelpool: ModelPool, task: str, split: str) -> Any:
+    ds = modelpool.config.datasets
+    if task not in ds:
+        raise ConfigError(f"modelpool.datasets has no task '{task}' (model '{task}' is matched to the task of its "
+                          f"name).{did_you_mean(task, ds)} Add {{{task}: {{{split}: <dataset>}}}} to modelpool.datasets.")
+    return ds[task]
+
+
+class GenericTaskData(TaskDataAdapter):
+    """Plain ``nn.Module`` classifiers and (input tensor, label) data (see the module docstring).
+
+    Args:
+        modelpool: the pool; ``modelpool.config.datasets[task]`` is ``{split: data}`` or ``data``, where
+            ``data`` is a ``torch.utils.data.Dataset`` of ``(input, label)`` or a pair ``(inputs, labels)``.
+    """
+
+    kind = "generic"
+
+    def __init__(self, modelpool: ModelPool):
+        self.modelpool = modelpool
+
+    def examples(self, task, split, max_examples, with_labels=True):
+        spec = _split_spec(self.modelpool, task, split)
+        if isinstance(spec, Mapping):
+            if split not in spec:
+                raise ConfigError(f"modelpool.datasets.{task} has no split '{split}'.{did_you_mean(split, spec)}")
+            spec = spec[split]
+        if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(t, torch.Tensor) for t in spec):
+            x, y = spec
+            if len(x) != len(y):
+                raise ConfigError(f"modelpool.datasets.{task}.{split}: {len(x)} inputs but {len(y)} labels.")
+            idx = torch.tensor(_even(len(x), max_examples), dtype=torch.long)
+            return TaskExamples(x[idx], y[idx].long() if with_labels else None)
+        if hasattr(spec, "__getitem__") and hasattr(spec, "__len__"):
+            n = len(spec)
+            if n == 0:
+                raise ConfigError(f"modelpool.datasets.{task}.{split} is empty.")
+            items = [spec[i] for i in _even(n, max_examples)]
+            try:
+                x = torch.stack([torch.as_tensor(it[0]) for it in items])
+                y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)
+            except (TypeError, IndexError, ValueError) as e:
+                raise ConfigError(f"modelpool.datasets.{task}.{split}: items must be (input tensor, label) pairs of one "
+                                  f"shape ({type(e).__name__}: {e}).") from e
+            return TaskExamples(x, y if with_labels else None)
+        raise ConfigError(f"modelpool.datasets.{task}.{split} is a {type(spec).__name__}: the generic adapter needs a "
+                          "torch Dataset of (input, label) pairs or a pair (inputs, labels) of tensors; for CLIP pools "
+                          "set method.adapter=clip.")
+
+    def classifier(self, model, task):
+        return model
+
+
+class CLIPTaskData(TaskDataAdapter):
+    """CLIP vision encoders classified by the pretrained CLIP's zero-shot heads (see the module docstring).
+
+    Args:
+        modelpool: a pool whose ``_pretrained_`` is a full CLIPModel folder (text tower, processor).
+        image_column: image column (None: detected).
+        label_column: label column (None: detected).
+        device: where heads are computed.
+    """
+
+    kind = "clip"
+
+    def __init__(self, modelpool: ModelPool, image_column: str | None = None, label_column: str | None = None,
+                 templates: Mapping[str, list[str]] | None = None):
+        from fusion_bench.methods.clip_finetune import load_full_clip
+
+        self.modelpool = modelpool
+        self.image_column = image_column
+        self.label_column = label_column
+        self.templates = dict(templates or {})
+        self.clip, self.processor = load_full_clip(modelpool)
+        proj = self.clip.visual_projection
+        self.projection = nn.Linear(proj.in_features, proj.out_features, bias=False)
+        self.projection.load_state_dict(proj.state_dict())
+        self.projection.requires_grad_(False)
+        self.logit_scale = float(self.clip.logit_scale.detach().exp())
+        self._heads: dict[str, torch.Tensor] = {}
+
+    def _dataset(self, task: str, split: str):
+        from fusion_bench.data.loading import find_image_column, find_label_column
+
+        _split_spec(self.modelpool, task, split)
+        ds = self.modelpool.dataset(task, split)
+        img = find_image_column(ds, self.image_column, where=f"task '{task}' ({split})")
+        lab = find_label_column(ds, self.label_column, where=f"task '{task}' ({split})")
+        return ds, img, lab
+
+    def head(self, task: str, split: str = "test") -> torch.Tensor:
+        if task not in self._heads:
+            from fusion_bench.methods.clip_finetune import task_classes_and_templates
+            from fusion_bench.models.clip import zeroshot_head
+
+            ds, _, lab = self._dataset(task, split)
+            classnames, templates = task_classes_and_templates(self.modelpool, task, ds, lab, self.templates)
+            self._heads[task] = zeroshot_head(self.clip, self.processor.tokenizer, classnames, templates)
+        return self._heads[task]
+
+    def examples(self, task, split, max_examples, with_labels=True):
+        from fusion_bench.data.images import preprocessed_images
+
+        ds, img, lab = self._dataset(task, split)
+        data = preprocessed_images(ds, self.processor.image_processor, image_column=img, label_column=lab,
+                                   max_samples=max_examples)
+        self.head(task, split)
+        return TaskExamples(data.all(), data.labels.clone() if with_labels else None)
+
+    def classifier(self, model, task):
+        from fusion_bench.models.clip import CLIPZeroShotClassifier
+
+        if task not in self._heads:
+            self.head(task)
+        return CLIPZeroShotClassifier(model, self.projection, self._heads[task], self.logit_scale)
+
+
+def make_adapter(modelpool: ModelPool, adapter: str, image_column: str | None = None,
+                 label_column: str | None = None) -> TaskDataAdapter:
+    """The adapter named by a method's ``adapter`` option (``auto``: CLIP for CLIP pools, else generic)."""
+    if adapter == "auto":
+        adapter = "clip" if modelpool.config.model_class in ("clip_vision", "clip", "transformers.CLIPVisionModel",
+                                                             "transformers.CLIPModel") else "generic"
+    if adapter == "clip":
+        return CLIPTaskData(modelpool, image_column, label_column)
+    if adapter == "generic":
+        return GenericTaskData(modelpool)
+    raise ConfigError(f"method.adapter={adapter!r} is unknown; use auto, clip or generic.")
+
+
+def check_tasks(modelpool: ModelPool, method: str) -> list[str]:
+    """The models to fuse, each named after its task; raise when the pool has none."""
+    names = modelpool.model_names
+    if not names:
+        raise ConfigError(f"{method}: the model pool has no model to fuse (only '_pretrained_').")
+    missing = [n for n in names if n not in modelpool.config.datasets]
+    if missing:
+        raise ConfigError(f"{method} needs data of each model's task: modelpool.datasets has no task '{missing[0]}'."
+                          f"{did_you_mean(missing[0], modelpool.config.datasets) if modelpool.config.datasets else ''} "
+                          "Name each model after its task and give {task: {split: <dataset>}} in modelpool.datasets.")
+    return names
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of ``model``'s state (parameters and buffers, shared tensors once)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def progress(desc: str, total: int, show: bool):
+    """A rich progress bar context (or a no-op one) with an ``advance()`` callable."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _bar():
+        if not show:
+            yield lambda n=1: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True) as p:
+            t = p.add_task(desc, total=total)
+            yield lambda n=1: p.advance(t, n)
+
+    return _bar()

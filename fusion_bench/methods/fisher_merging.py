@@ -1,0 +1,221 @@
+"""Fisher merging: a per-parameter weighted average with each model's diagonal Fisher information."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion_bench.config_schema import option
+from fusion_bench.errors import ConfigError, ModelMismatchError
+from fusion_bench.kernels.fisher import fisher_weighted_average
+from fusion_bench.methods._task_data import (
+    TaskDataAdapter,
+    check_tasks,
+    make_adapter,
+    progress,
+)
+from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
+from fusion_bench.utils import count_parameters, resolve_device
+
+if TYPE_CHECKING:
+    from fusion_bench.modelpool.base import ModelPool
+
+
+@dataclass
+class FisherMergingConfig(MethodConfig):
+    num_fisher_examples: int = option(256, help="Examples of each model's task used to estimate its Fisher "
+                                      "(evenly spaced over the split).")
+    batch_size: int = option(32, help="Examples per forward pass (per-example gradients are computed in batches).")
+    label_source: str = option("predicted", choices=("predicted", "true"),
+                               help="Whose log-likelihood is differentiated: 'predicted' (the model's own arg-max "
+                               "label, FusionBench) or 'true' (the dataset label: the empirical Fisher).")
+    normalize_fisher_weight: bool = option(True, help="Divide each model's Fisher by its global L2 norm over all "
+                                           "parameters, so that every model weighs the same in total.")
+    minimal_fisher_weight: float = option(1e-6, help="eps added to every Fisher entry before weighting (keeps "
+                                          "the division defined; all-zero entries give the simple average).")
+    split: str = option("train", help="The dataset split the Fisher is estimated on (modelpool.datasets).")
+    adapter: str = option("auto", choices=("auto", "clip", "generic"),
+                          help="How models become classifiers: clip (zero-shot text heads of the pool's CLIP), "
+                          "generic (model(x) -> logits), auto (clip for CLIP pools).")
+    image_column: str | None = option(None, help="Image column of CLIP datasets (null: detected).")
+    label_column: str | None = option(None, help="Label column (null: detected).")
+    device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    seed: int = option(0, help="Seed (the computation is deterministic; kept for the report).")
+    progress: bool = option(True, help="Show a progress bar on a terminal.")
+
+    def __post_init__(self) -> None:
+        for k in ("num_fisher_examples", "batch_size"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"method.{k}={getattr(self, k)} must be positive.")
+        if self.minimal_fisher_weight < 0:
+            raise ConfigError(f"method.minimal_fisher_weight={self.minimal_fisher_weight} must be >= 0.")
+
+
+def per_example_squared_grads(classifier: nn.Module, params: dict[str, nn.Parameter], inputs: torch.Tensor,
+                              labels: torch.Tensor | None, batch_size: int, device: torch.device,
+                              advance=lambda n=1: None) -> dict[str, torch.Tensor]:
+    """``sum_n (d/d theta log p(y_n | x_n))^2`` for every parameter in ``params`` (float32, on CPU).
+
+    ``y_n`` is ``labels[n]``, or the classifier's arg-max prediction when ``labels`` is None. Per-example
+    gradients come from ``torch.func.vmap(grad)`` over a batch; a model that vmap cannot trace falls back
+    to one backward pass per example (same numbers).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = list(params)
+    acc = {k: torch.zeros_like(p, dtype=torch.float32, device=device) for k, p in params.items()}
+    fixed = {k: v.detach() for k, v in params.items()}
+
+    def loglik(pvals: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(classifier, pvals, (x.unsqueeze(0),), strict=False)
+        return F.log_softmax(logits.float(), dim=-1)[0].gather(0, y.reshape(1)).squeeze(0)
+
+    use_vmap = True
+    for s in range(0, len(inputs), batch_size):
+        x = inputs[s:s + batch_size].to(device)
+        with torch.no_grad():
+            y = labels[s:s + batch_size].to(device) if labels is not None else classifier(x).argmax(-1)
+        done = False
+        if use_vmap:
+            try:
+                with warnings.catch_warnings():  # ops without a batching rule run in a slower fallback: fine
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    g = vmap(grad(loglik), in_dims=(None, 0, 0), randomness="different")(fixed, x, y)
+                for k in names:
+                    acc[k] += g[k].float().pow(2).sum(0)
+                done = True
+            except Exception:  # an op without a batching rule: per-example loop from now on
+                use_vmap = False
+        if not done:
+            for j in range(len(x)):
+                classifier.zero_grad(set_to_none=True)
+                logits = classifier(x[j:j + 1])
+                F.log_softmax(logits.float(), dim=-1)[0, y[j]].backward()
+                for k, p in params.items():
+                    if p.grad is not None:
+                        acc[k] += p.grad.detach().float().pow(2)
+            classifier.zero_grad(set_to_none=True)
+        advance(len(x))
+    return {k: v.cpu() for k, v in acc.items()}
+
+
+@register_method
+class FisherMerging(FusionMethod):
+    """Fisher merging: average parameters weighted by each model's diagonal Fisher information.
+
+    Matena & Raffel, NeurIPS 2022, "Merging models with Fisher weighting", diagonal Fisher variant:
+    for model ``i`` (fine-tuned on task ``i``), ``F_i = (1/N) sum_n (grad_theta log p_theta_i(y_n | x_n))^2``
+    over ``N = num_fisher_examples`` examples of task ``i``'s ``split``, per example (not per batch),
+    with ``y_n`` the model's own arg-max prediction (``label_source=predicted``, as FusionBench) or
+    the true label (``label_source=true``, the empirical Fisher). With ``normalize_fisher_weight``
+    each ``F_i`` is divided by its global L2 norm over all parameters. Then per parameter entry
+    ``theta = sum_i (F_i + eps) theta_i / sum_i (F_i + eps)``, ``eps = minimal_fisher_weight``.
+    Parameters without a Fisher (buffers, tensors that get no gradient) are simple-averaged;
+    integer buffers are copied from the first model. The base model is not used. Models are
+    classifiers through the adapter (CLIP: the zero-shot head of each task, frozen).
+
+    Args:
+        config: :class:`FisherMergingConfig` (num_fisher_examples, batch_size, label_source,
+            normalize_fisher_weight, minimal_fisher_weight, split, adapter, device, seed).
+    """
+
+    name = "fisher_merging"
+    config_class: ClassVar = FisherMergingConfig
+    uses_data = True
+    summary = "Per-parameter average weighted by each model's diagonal Fisher on its own task data."
+    variant = ("Matena & Raffel 2022, diagonal Fisher: F_i = mean_n (grad log p(y_n|x_n))^2 per example on task i's "
+               "train split, y_n = the model's prediction (or true label); optional global L2 normalisation of F_i; "
+               "theta = sum_i (F_i+eps) theta_i / sum_i (F_i+eps); no Fisher -> simple average.")
+
+    #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
+    adapter: TaskDataAdapter | None = None
+
+    def run(self, modelpool: ModelPool) -> FusionResult:
+        t0 = time.perf_counter()
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        names = check_tasks(modelpool, self.name)
+        device = resolve_device(cfg.device)
+        adapter = self.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
+        show = cfg.progress and sys.stderr.isatty()
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        fishers: dict[str, dict[str, torch.Tensor]] = {}
+        used: dict[str, int] = {}
+        template: nn.Module | None = None
+        for name in names:
+            model = modelpool.load_model(name)
+            if template is None:
+                template = model
+            data = adapter.examples(name, cfg.split, cfg.num_fisher_examples, with_labels=cfg.label_source == "true")
+            used[name] = len(data)
+            work = copy.deepcopy(model).to(device).float().eval()
+            params = {k: p for k, p in work.named_parameters() if p.dtype.is_floating_point}
+            for p in work.parameters():
+                p.requires_grad_(True)
+            clf = adapter.classifier(work, name).to(device).eval()
+            prefix = _param_prefix(clf, work)
+            with progress(f"fisher {name}", len(data), show) as adv:
+                sq = per_example_squared_grads(clf, {prefix + k: p for k, p in params.items()}, data.inputs,
+                                               data.labels, cfg.batch_size, device, adv)
+            fisher = {k[len(prefix):]: v / len(data) for k, v in sq.items()}
+            if cfg.normalize_fisher_weight:
+                norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in fisher.values()))
+                if norm > 0:
+                    fisher = {k: v / norm for k, v in fisher.items()}
+            fishers[name] = fisher
+            states[name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            del work, clf
+        assert template is not None
+        merged = merge_with_fishers(states, fishers, names, cfg.minimal_fisher_weight)
+        out = copy.deepcopy(template).cpu()
+        _load_merged(out, merged, names[0])
+        total_sq = {n: float(sum(float(v.sum()) for v in f.values())) for n, f in fishers.items()}
+        return FusionResult("merged", model=out, metadata=self._metadata(
+            t0, extra_parameters=0, parameters=count_parameters(out), adapter=adapter.kind,
+            data_used={"split": cfg.split, "labels_read": cfg.label_source == "true", "examples_per_task": used,
+                       "examples": int(sum(used.values()))},
+            fisher_total={n: round(v, 6) for n, v in total_sq.items()}))
+
+
+def _param_prefix(classifier: nn.Module, model: nn.Module) -> str:
+    """The name prefix of ``model``'s parameters inside ``classifier`` ('' when they are the same module)."""
+    if classifier is model:
+        return ""
+    for n, m in classifier.named_modules():
+        if m is model:
+            return n + "." if n else ""
+    raise ModelMismatchError("The adapter's classifier does not contain the model it wraps; it must call the model.")
+
+
+def merge_with_fishers(states: dict[str, dict[str, torch.Tensor]], fishers: dict[str, dict[str, torch.Tensor]],
+                       names: list[str], minimal_fisher_weight: float) -> dict[str, torch.Tensor]:
+    """Fisher-weighted average of every floating tensor; simple average without Fisher; others copied."""
+    ref = states[names[0]]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in ref.items():
+        for n in names[1:]:
+            if k not in states[n] or states[n][k].shape != v.shape:
+                raise ModelMismatchError(f"Tensor '{k}' is missing or has another shape in model '{n}' than in "
+                                         f"'{names[0]}'; merge models of one architecture.")
+        if not v.dtype.is_floating_point:
+            out[k] = v.clone()
+            continue
+        ts = [states[n][k].float() for n in names]
+        fs = [fishers[n].get(k) for n in names]
+        out[k] = fisher_weighted_average(ts, fs, minimal_fisher_weight).to(v.dtype)
+    return out
+
+
+def _load_merged(model: nn.Module, state: dict[str, Any], first: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ModelMismatchError(f"Merged tensors {list(unexpected)[:3]} do not fit model '{first}'.")
