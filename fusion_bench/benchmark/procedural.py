@@ -283,7 +283,6 @@ def _drawn_texture(rng: np.random.Generator, name: str, colors: list[np.ndarray]
         band = np.searchsorted(edges, v - v.min())
         pal = np.array([jitter_color(rng, tuple(colors[i % len(colors)]), 0.15) for i in range(41)])
         return pal[np.clip(band, 0, 40)]
-    big = S * SUPERSAMPLE
     if name == "fibrous":
         a = rng.uniform(0, math.pi)
 
@@ -312,7 +311,6 @@ def _drawn_texture(rng: np.random.Generator, name: str, colors: list[np.ndarray]
             m = line_mask((x, y), (x + ln * math.cos(aa), y + ln * math.sin(aa)), 0.05)
             img = compose(img, m, rng.random(3))
         return img
-    del big
     raise AssertionError(name)
 
 

@@ -402,17 +402,19 @@ def _build_arrays(name: str, scale: str, seed: int) -> dict[str, tuple[list[Imag
         labels = _rng(seed, key, 1000 + s_idx).permutation(np.arange(n) % c)
         images = task.build(split, labels, seed, key)
         regen = getattr(task.build, "regenerate", None)
+        digests = []
         for i, img in enumerate(images):
             d = _pixel_digest(img)
             attempt = 0
-            while d in seen and split != "train":
+            while d in seen:  # the image is in an earlier split: draw another one
                 attempt += 1
                 if regen is None or attempt > 50:
                     raise ConfigError(f"Task '{name}' could not draw a distinct {split} image #{i}; use another seed.")
                 img = regen(split, i, int(labels[i]), seed, key, attempt)
                 d = _pixel_digest(img)
             images[i] = img
-            seen.add(d)
+            digests.append(d)
+        seen.update(digests)  # duplicates inside one split are allowed, across splits never
         out[split] = (images, labels)
     return out
 
