@@ -52,6 +52,16 @@ def applicability(method_cls: type, names: list[str], has_pretrained: bool) -> s
     return None
 
 
+def _data_used(report: dict[str, Any], uses_data: bool) -> str:
+    """The data a method used, from its metadata's ``data_used`` (split, count, labels) when it gives one."""
+    du = report.get("metadata", {}).get("data_used")
+    if isinstance(du, dict) and "split" in du:
+        n = du.get("unlabeled_inputs", du.get("examples"))
+        labels = "labelled" if du.get("labels_read") else "unlabeled"
+        return f"{du['split']} split ({n} {labels} inputs)" if n is not None else f"{du['split']} split"
+    return "train split" if uses_data else "none"
+
+
 def _per_task_acc(report: dict[str, Any]) -> dict[str, float]:
     return {t: float(m["accuracy"]) for t, m in report.get("tasks", {}).items() if "accuracy" in m}
 
@@ -144,7 +154,7 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         rows.append(_row(name, cls.family, _per_task_acc(rep.get("evaluation", {})), tasks, ft_acc,
                          merge_time_s=cost.get("merge_wall_time_s"), peak_rss_mb=cost.get("peak_rss_mb"),
                          extra_parameters=cost.get("extra_parameters"),
-                         data="train split" if cls.uses_data else "none",
+                         data=_data_used(rep, cls.uses_data),
                          evaluation_time_s=cost.get("evaluation_wall_time_s"),
                          hyperparameters=rep.get("method", {}).get("hyperparameters")))
         r = rows[-1]
