@@ -327,3 +327,45 @@ def test_clip_fisher_matches_generic_path(clip_pool_spec):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-7)
     assert Path(clip_pool_spec["models"]["t1"]).exists()
+
+
+def test_generic_adapter_outputs(pool_parts):
+    """Hugging Face style outputs with .logits are accepted; anything but (batch, classes) logits is an error."""
+    base, models, data = pool_parts
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class HFLike(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return Out(self.inner(x))
+
+    wrapped = {t: HFLike(m) for t, m in models.items()}
+    r1 = build_method({"name": "regmean", "progress": False}).run(make_pool(HFLike(base), wrapped, data))
+    r2 = build_method({"name": "regmean", "progress": False}).run(make_pool(base, models, data))
+    for k, v in r2.model.state_dict().items():
+        torch.testing.assert_close(r1.model.state_dict()[f"inner.{k}"], v)
+
+    class Features(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)[:, None, :]  # (batch, 1, classes): not logits
+
+    with pytest.raises(ModelMismatchError, match="model\\(x\\) -> logits"):
+        build_method({"name": "fisher_merging", "progress": False}).run(
+            make_pool(base, {t: Features(m) for t, m in models.items()}, data))
+
+
+def test_clip_pool_detected_without_model_class(clip_pool_spec):
+    from fusion_bench.methods._task_data import is_clip_pool
+
+    assert is_clip_pool(ModelPool(config={**clip_pool_spec, "model_class": "auto"}))
+    assert not is_clip_pool(ModelPool({"a": mlp(0)}))

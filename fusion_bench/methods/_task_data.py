@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fusion_bench.errors import ConfigError, did_you_mean
+from fusion_bench.errors import ConfigError, ModelMismatchError, did_you_mean
 
 if TYPE_CHECKING:
     from fusion_bench.modelpool.base import ModelPool
@@ -46,17 +46,36 @@ if TYPE_CHECKING:
 
 @dataclass
 class TaskExamples:
-    """Inputs of one task (first dimension: examples) and their labels (None when not read)."""
+    """Examples of one task: ``source`` is a tensor (first dimension: examples) or a
+    :class:`~fusion_bench.data.images.PreprocessedImages` (read lazily, batch by batch); ``labels`` is
+    a 1-D long tensor, or None when not read."""
 
-    inputs: torch.Tensor
+    source: Any
     labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return int(self.source.shape[0]) if isinstance(self.source, torch.Tensor) else len(self.source)
+
+    def take(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        """Model inputs of the examples ``idx`` (an index tensor or a slice), float32 for images."""
+        if isinstance(self.source, torch.Tensor):
+            return self.source[idx]
+        from fusion_bench.data.images import PreprocessedImages
+
+        src: PreprocessedImages = self.source
+        if isinstance(idx, slice):
+            start, stop, _ = idx.indices(len(src))
+            return src.batch(start, stop)
+        return PreprocessedImages(src.pixels[idx], src.labels[idx], src.scale, src.mean, src.std).all()
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """Every example's model input (materialised)."""
+        return self.take(slice(None))
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for s in range(0, len(self), batch_size):
-            yield self.inputs[s:s + batch_size], None if self.labels is None else self.labels[s:s + batch_size]
+            yield self.take(slice(s, s + batch_size)), None if self.labels is None else self.labels[s:s + batch_size]
 
 
 class TaskDataAdapter(ABC):
@@ -129,7 +148,27 @@ class GenericTaskData(TaskDataAdapter):
                           "set method.adapter=clip.")
 
     def classifier(self, model, task):
-        return model
+        return LogitsOf(model)
+
+
+class LogitsOf(nn.Module):
+    """``model(x)`` as a logits tensor: a tensor output as is, else its ``.logits`` (Hugging Face
+    classification outputs); anything else is an error naming the fix."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if not isinstance(out, torch.Tensor):
+            out = getattr(out, "logits", out)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise ModelMismatchError(
+                f"The generic adapter needs model(x) -> logits (batch, classes), but {type(self.model).__name__} "
+                f"returned {type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}. "
+                "For CLIP vision encoders set method.adapter=clip; otherwise wrap the model in a classifier.")
+        return out
 
 
 class CLIPTaskData(TaskDataAdapter):
@@ -186,7 +225,7 @@ class CLIPTaskData(TaskDataAdapter):
         data = preprocessed_images(ds, self.processor.image_processor, image_column=img, label_column=lab,
                                    max_samples=max_examples)
         self.head(task, split)
-        return TaskExamples(data.all(), data.labels.clone() if with_labels else None)
+        return TaskExamples(data, data.labels.clone() if with_labels else None)
 
     def classifier(self, model, task):
         from fusion_bench.models.clip import CLIPZeroShotClassifier
@@ -200,13 +239,30 @@ def make_adapter(modelpool: ModelPool, adapter: str, image_column: str | None = 
                  label_column: str | None = None) -> TaskDataAdapter:
     """The adapter named by a method's ``adapter`` option (``auto``: CLIP for CLIP pools, else generic)."""
     if adapter == "auto":
-        adapter = "clip" if modelpool.config.model_class in ("clip_vision", "clip", "transformers.CLIPVisionModel",
-                                                             "transformers.CLIPModel") else "generic"
+        adapter = "clip" if is_clip_pool(modelpool) else "generic"
     if adapter == "clip":
         return CLIPTaskData(modelpool, image_column, label_column)
     if adapter == "generic":
         return GenericTaskData(modelpool)
     raise ConfigError(f"method.adapter={adapter!r} is unknown; use auto, clip or generic.")
+
+
+def is_clip_pool(modelpool: ModelPool) -> bool:
+    """A CLIP pool: ``model_class`` clip/clip_vision, live CLIP modules, or a ``clip*`` config.json model_type."""
+    import json
+
+    if modelpool.config.model_class in ("clip_vision", "clip", "transformers.CLIPVisionModel", "transformers.CLIPModel"):
+        return True
+    name = modelpool.model_names[0] if modelpool.model_names else modelpool.base_name()
+    kind = modelpool.kind(name)
+    if kind == "module":
+        return type(modelpool.entry(name)).__name__.startswith("CLIP")
+    if kind == "hf":
+        folder = modelpool.hf_folder(name)
+        cfg = folder / "config.json" if folder is not None else None
+        if cfg is not None and cfg.exists():
+            return str(json.loads(cfg.read_text()).get("model_type", "")).startswith("clip")
+    return False
 
 
 def check_tasks(modelpool: ModelPool, method: str) -> list[str]:

@@ -160,7 +160,7 @@ class AdaMerging(FusionMethod):
                 for n in names:
                     d = data[n]
                     idx = torch.randint(0, len(d), (min(cfg.batch_size, len(d)),), generator=gen)
-                    loss = loss + entropy(classifiers[n](d.inputs[idx].to(device)))
+                    loss = loss + entropy(classifiers[n](d.take(idx).to(device)))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
