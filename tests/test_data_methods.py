@@ -369,3 +369,29 @@ def test_clip_pool_detected_without_model_class(clip_pool_spec):
 
     assert is_clip_pool(ModelPool(config={**clip_pool_spec, "model_class": "auto"}))
     assert not is_clip_pool(ModelPool({"a": mlp(0)}))
+
+
+@pytest.mark.parametrize("name", ["fisher_merging", "regmean", "adamerging"])
+def test_custom_adapter_without_pool_datasets(pool_parts, name):
+    """A TaskDataAdapter set on the method supplies data and per-task classifiers (no modelpool.datasets)."""
+    from fusion_bench.methods._task_data import TaskDataAdapter, TaskExamples
+
+    base, models, data = pool_parts
+    calls: list[str] = []
+
+    class Adapter(TaskDataAdapter):
+        kind = "custom"
+
+        def examples(self, task, split, max_examples, with_labels=True):
+            x, y = data[task]["test" if split == "test" else "train"]
+            return TaskExamples(x[:max_examples], y[:max_examples] if with_labels else None)
+
+        def classifier(self, model, task):
+            calls.append(task)
+            return nn.Sequential(model, nn.Linear(3, 2).requires_grad_(False))  # a task head on top
+
+    method = build_method({"name": name, "progress": False, **({"steps": 2} if name == "adamerging" else {})})
+    method.adapter = Adapter()
+    res = method.run(ModelPool({"_pretrained_": base, **models}))
+    assert res.metadata["adapter"] == "custom" and set(calls) == set(TASKS)
+    assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())

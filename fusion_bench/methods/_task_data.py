@@ -265,11 +265,14 @@ def is_clip_pool(modelpool: ModelPool) -> bool:
     return False
 
 
-def check_tasks(modelpool: ModelPool, method: str) -> list[str]:
-    """The models to fuse, each named after its task; raise when the pool has none."""
+def check_tasks(modelpool: ModelPool, method: str, custom_adapter: bool = False) -> list[str]:
+    """The models to fuse, each named after its task; raise when the pool has none, or (built-in adapters)
+    when ``modelpool.datasets`` lacks a model's task."""
     names = modelpool.model_names
     if not names:
         raise ConfigError(f"{method}: the model pool has no model to fuse (only '_pretrained_').")
+    if custom_adapter:
+        return names
     missing = [n for n in names if n not in modelpool.config.datasets]
     if missing:
         raise ConfigError(f"{method} needs data of each model's task: modelpool.datasets has no task '{missing[0]}'."

@@ -122,7 +122,7 @@ class AdaMerging(FusionMethod):
         cfg = self.config
         if not modelpool.has_pretrained:
             raise ModelMismatchError("adamerging needs the base model: add '_pretrained_' to modelpool.models.")
-        names = check_tasks(modelpool, self.name)
+        names = check_tasks(modelpool, self.name, custom_adapter=self.adapter is not None)
         device = resolve_device(cfg.device)
         adapter = self.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
         base_model = modelpool.load_pretrained_model()

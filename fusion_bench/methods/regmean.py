@@ -121,7 +121,7 @@ class RegMean(FusionMethod):
         t0 = time.perf_counter()
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        names = check_tasks(modelpool, self.name)
+        names = check_tasks(modelpool, self.name, custom_adapter=self.adapter is not None)
         device = resolve_device(cfg.device)
         adapter = self.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
         show = cfg.progress and sys.stderr.isatty()
