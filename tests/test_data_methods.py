@@ -395,3 +395,26 @@ def test_custom_adapter_without_pool_datasets(pool_parts, name):
     res = method.run(ModelPool({"_pretrained_": base, **models}))
     assert res.metadata["adapter"] == "custom" and set(calls) == set(TASKS)
     assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())
+
+
+def test_kernels_against_loops():
+    """The list kernels (used by the incremental sums) against element loops / numpy."""
+    from fusion_bench.kernels.fisher import fisher_weighted_average
+    from fusion_bench.kernels.regmean import regmean_linear
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(3, 2, generator=g) for _ in range(3)]
+    fs = [torch.rand(3, 2, generator=g) for _ in range(3)]
+    fs[0][0, 0] = fs[1][0, 0] = fs[2][0, 0] = 0.0  # no information: the simple average
+    got = fisher_weighted_average(ts, fs, 1e-6)
+    for i in range(3):
+        for j in range(2):
+            w = [float(f[i, j]) + 1e-6 for f in fs]
+            ref = sum(wk * float(t[i, j]) for wk, t in zip(w, ts)) / sum(w)
+            assert abs(float(got[i, j]) - ref) < 1e-5
+    assert abs(float(got[0, 0]) - float(sum(t[0, 0] for t in ts)) / 3) < 1e-5
+    xs = [torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    ws = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    got = regmean_linear(ws, [x.T @ x for x in xs], 0.7)
+    np.testing.assert_allclose(got.numpy(), np_regmean([w.numpy() for w in ws], [x.numpy() for x in xs], 0.7),
+                               rtol=1e-10, atol=1e-12)

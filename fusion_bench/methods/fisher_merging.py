@@ -16,7 +16,7 @@ from torch import nn
 
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.kernels.fisher import fisher_weighted_average
+from fusion_bench.kernels.fisher import fisher_accumulate, fisher_finish
 from fusion_bench.methods._task_data import (
     TaskDataAdapter,
     check_tasks,
@@ -147,9 +147,9 @@ class FisherMerging(FusionMethod):
         device = resolve_device(cfg.device)
         adapter = self.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
         show = cfg.progress and sys.stderr.isatty()
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        fishers: dict[str, dict[str, torch.Tensor]] = {}
+        sums = FisherSums(cfg.minimal_fisher_weight)
         used: dict[str, int] = {}
+        total_sq: dict[str, float] = {}
         template: nn.Module | None = None
         for name in names:
             model = modelpool.load_model(name)
@@ -166,19 +166,19 @@ class FisherMerging(FusionMethod):
             with progress(f"fisher {name}", len(data), show) as adv:
                 sq = per_example_squared_grads(clf, {prefix + k: p for k, p in params.items()}, data.inputs,
                                                data.labels, cfg.batch_size, device, adv)
+            del work, clf
             fisher = {k[len(prefix):]: v / len(data) for k, v in sq.items()}
             if cfg.normalize_fisher_weight:
                 norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in fisher.values()))
                 if norm > 0:
                     fisher = {k: v / norm for k, v in fisher.items()}
-            fishers[name] = fisher
-            states[name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            del work, clf
-        assert template is not None
-        merged = merge_with_fishers(states, fishers, names, cfg.minimal_fisher_weight)
+            total_sq[name] = float(sum(float(v.sum()) for v in fisher.values()))
+            sums.add(name, model.state_dict(), fisher)
+        if template is None:  # pragma: no cover - check_tasks rejects empty pools
+            raise ConfigError("fisher_merging: no models to merge.")
+        merged = sums.finish()
         out = copy.deepcopy(template).cpu()
         _load_merged(out, merged, names[0])
-        total_sq = {n: float(sum(float(v.sum()) for v in f.values())) for n, f in fishers.items()}
         return FusionResult("merged", model=out, metadata=self._metadata(
             t0, extra_parameters=0, parameters=count_parameters(out), adapter=adapter.kind,
             data_used={"split": cfg.split, "labels_read": cfg.label_source == "true", "examples_per_task": used,
@@ -196,23 +196,58 @@ def _param_prefix(classifier: nn.Module, model: nn.Module) -> str:
     raise ModelMismatchError("The adapter's classifier does not contain the model it wraps; it must call the model.")
 
 
-def merge_with_fishers(states: dict[str, dict[str, torch.Tensor]], fishers: dict[str, dict[str, torch.Tensor]],
-                       names: list[str], minimal_fisher_weight: float) -> dict[str, torch.Tensor]:
-    """Fisher-weighted average of every floating tensor; simple average without Fisher; others copied."""
-    ref = states[names[0]]
-    out: dict[str, torch.Tensor] = {}
-    for k, v in ref.items():
-        for n in names[1:]:
-            if k not in states[n] or states[n][k].shape != v.shape:
-                raise ModelMismatchError(f"Tensor '{k}' is missing or has another shape in model '{n}' than in "
-                                         f"'{names[0]}'; merge models of one architecture.")
-        if not v.dtype.is_floating_point:
-            out[k] = v.clone()
-            continue
-        ts = [states[n][k].float() for n in names]
-        fs = [fishers[n].get(k) for n in names]
-        out[k] = fisher_weighted_average(ts, fs, minimal_fisher_weight).to(v.dtype)
-    return out
+class FisherSums:
+    """Running Fisher-merging sums over models, added one model at a time (memory: three model-sized sums,
+    whatever the number of models): ``sum_i (F_i + eps) theta_i``, ``sum_i (F_i + eps)`` and ``sum_i theta_i``
+    (for tensors without a Fisher in some model, which are simple-averaged)."""
+
+    def __init__(self, minimal_fisher_weight: float):
+        self.eps = minimal_fisher_weight
+        self.num: dict[str, torch.Tensor] = {}
+        self.den: dict[str, torch.Tensor] = {}
+        self.plain: dict[str, torch.Tensor] = {}
+        self.has_fisher: dict[str, bool] = {}
+        self.ref: dict[str, torch.Tensor] = {}
+        self.first = ""
+        self.n = 0
+
+    def add(self, name: str, state: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        if self.n == 0:
+            self.first = name
+            self.ref = {k: v.clone() if not v.dtype.is_floating_point else torch.empty(v.shape, dtype=v.dtype,
+                                                                                       device="meta")
+                        for k, v in state.items()}
+        for k, ref in self.ref.items():
+            if k not in state or state[k].shape != ref.shape:
+                raise ModelMismatchError(f"Tensor '{k}' is missing or has another shape in model '{name}' than in "
+                                         f"'{self.first}'; merge models of one architecture.")
+            if not ref.dtype.is_floating_point:
+                continue
+            v = state[k].to(torch.float32)
+            self.plain[k] = self.plain[k] + v if k in self.plain else v.clone()
+            f = fisher.get(k)
+            self.has_fisher[k] = self.has_fisher.get(k, True) and f is not None
+            if self.has_fisher[k]:
+                if k not in self.num:
+                    self.num[k] = torch.zeros_like(v)
+                    self.den[k] = torch.zeros_like(v)
+                fisher_accumulate(self.num[k], self.den[k], v, f, self.eps)
+            else:  # no Fisher in this model: the tensor is simple-averaged
+                self.num.pop(k, None)
+                self.den.pop(k, None)
+        self.n += 1
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, ref in self.ref.items():
+            if not ref.dtype.is_floating_point:
+                out[k] = ref
+            elif self.has_fisher[k]:
+                out[k] = fisher_finish(self.num[k], self.den[k]).to(ref.dtype)
+            else:
+                out[k] = (self.plain[k] / self.n).to(ref.dtype)
+        return out
 
 
 def _load_merged(model: nn.Module, state: dict[str, Any], first: str) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.kernels.regmean import regmean_linear
+from fusion_bench.kernels.regmean import regmean_accumulate, regmean_solve
 from fusion_bench.methods._task_data import TaskDataAdapter, check_tasks, make_adapter, progress
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
 from fusion_bench.utils import count_parameters, resolve_device
@@ -125,17 +125,14 @@ class RegMean(FusionMethod):
         device = resolve_device(cfg.device)
         adapter = self.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
         show = cfg.progress and sys.stderr.isatty()
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        grams: dict[str, dict[str, torch.Tensor]] = {}
+        sums = RegMeanSums(cfg.reduce_non_diagonal_ratio, cfg.include_bias)
         used: dict[str, int] = {}
         template: nn.Module | None = None
-        linears: list[str] = []
         for name in names:
             model = modelpool.load_model(name)
             if template is None:
                 template = model
-                linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-                if not linears:
+                if not any(isinstance(m, nn.Linear) for m in model.modules()):
                     raise ModelMismatchError(f"regmean: model '{name}' has no nn.Linear layer to merge; use "
                                              "simple_average for it.")
             data = adapter.examples(name, cfg.split, cfg.num_regmean_examples, with_labels=False)
@@ -143,66 +140,100 @@ class RegMean(FusionMethod):
             work = copy.deepcopy(model).to(device).float().eval()
             clf = adapter.classifier(work, name).to(device).eval()
             with progress(f"regmean {name}", len(data), show) as adv:
-                grams[name], _ = linear_grams(clf, work, data.inputs, cfg.batch_size, device, cfg.include_bias,
-                                              cfg.exclude, adv)
-            states[name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                grams, _ = linear_grams(clf, work, data.inputs, cfg.batch_size, device, cfg.include_bias,
+                                        cfg.exclude, adv)
             del work, clf
+            sums.add(name, model, grams)
         if template is None:  # pragma: no cover - check_tasks rejects empty pools
             raise ConfigError("regmean: no models to merge.")
-        merged, merged_layers = merge_with_grams(states, grams, names, linears, cfg.reduce_non_diagonal_ratio,
-                                                 cfg.include_bias)
+        merged, merged_layers = sums.finish()
         out = copy.deepcopy(template).cpu()
         missing, unexpected = out.load_state_dict(merged, strict=False)
         if unexpected:
             raise ModelMismatchError(f"Merged tensors {list(unexpected)[:3]} do not fit model '{names[0]}'.")
+        n_linear = sum(isinstance(m, nn.Linear) for m in out.modules())
         return FusionResult("merged", model=out, metadata=self._metadata(
             t0, extra_parameters=0, parameters=count_parameters(out), adapter=adapter.kind,
-            regmean_layers=len(merged_layers), averaged_linear_layers=len(linears) - len(merged_layers),
+            regmean_layers=len(merged_layers), averaged_linear_layers=n_linear - len(merged_layers),
             data_used={"split": cfg.split, "labels_read": False, "examples_per_task": used,
                        "examples": int(sum(used.values()))}))
 
 
-def merge_with_grams(states: dict[str, dict[str, torch.Tensor]], grams: dict[str, dict[str, torch.Tensor]],
-                     names: list[str], linears: list[str], alpha: float,
-                     include_bias: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """RegMean for linear layers with a Gram matrix from every model; simple average elsewhere."""
-    ref = states[names[0]]
-    out: dict[str, torch.Tensor] = {}
-    done: list[str] = []
-    for layer in linears:
-        pre = f"{layer}." if layer else ""  # '' is a bare nn.Linear model
-        wkey, bkey = f"{pre}weight", f"{pre}bias"
-        if wkey not in ref or not all(layer in grams[n] for n in names):
-            continue  # excluded or never called: averaged below
-        ws = []
-        for n in names:
-            if wkey not in states[n] or states[n][wkey].shape != ref[wkey].shape:
-                raise ModelMismatchError(f"Tensor '{wkey}' is missing or has another shape in model '{n}'.")
-            w = states[n][wkey].float()
-            if include_bias:
-                b = states[n][bkey].float() if bkey in ref else torch.zeros(w.shape[0])
-                w = torch.cat([w, b[:, None]], 1)
-            ws.append(w)
-        gs = [grams[n][layer] for n in names]
-        if include_bias and bkey not in ref:  # no bias: drop the constant column
-            gs = [g[:-1, :-1] for g in gs]
-            ws = [w[:, :-1] for w in ws]
-        m = regmean_linear(ws, gs, alpha)
-        if include_bias and bkey in ref:
-            out[wkey] = m[:, :-1].to(ref[wkey].dtype).contiguous()
-            out[bkey] = m[:, -1].to(ref[bkey].dtype).contiguous()
-        else:
-            out[wkey] = m.to(ref[wkey].dtype)
-        done.append(layer)
-    for k, v in ref.items():
-        if k in out:
-            continue
-        for n in names[1:]:
-            if k not in states[n] or states[n][k].shape != v.shape:
-                raise ModelMismatchError(f"Tensor '{k}' is missing or has another shape in model '{n}' than in "
-                                         f"'{names[0]}'; merge models of one architecture.")
-        if v.dtype.is_floating_point:
-            out[k] = torch.stack([states[n][k].float() for n in names]).mean(0).to(v.dtype)
-        else:
-            out[k] = v.clone()
-    return out, done
+class RegMeanSums:
+    """Running RegMean sums over models, added one model at a time (memory: one model's size plus, per
+    linear layer, ``sum G~`` and ``sum G~ W^T`` in float64, whatever the number of models).
+
+    Args:
+        alpha: ``reduce_non_diagonal_ratio``.
+        include_bias: solve each bias with its weight (Gram matrices of ``[x, 1]``).
+    """
+
+    def __init__(self, alpha: float, include_bias: bool):
+        self.alpha = alpha
+        self.include_bias = include_bias
+        self.g_sum: dict[str, torch.Tensor] = {}
+        self.rhs: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.plain: dict[str, torch.Tensor] = {}
+        self.ref: dict[str, torch.Tensor] = {}
+        self.linears: dict[str, bool] = {}  # layer -> has bias
+        self.first = ""
+        self.n = 0
+
+    def add(self, name: str, model: nn.Module, grams: dict[str, torch.Tensor]) -> None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if self.n == 0:
+            self.first = name
+            # non-float tensors are copied from the first model; float ones only need shape and dtype here
+            self.ref = {k: v.clone() if not v.dtype.is_floating_point else torch.empty(v.shape, dtype=v.dtype,
+                                                                                       device="meta")
+                        for k, v in state.items()}
+            self.linears = {n: m.bias is not None for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        for k, v in self.ref.items():
+            if k not in state or state[k].shape != v.shape:
+                raise ModelMismatchError(f"Tensor '{k}' is missing or has another shape in model '{name}' than in "
+                                         f"'{self.first}'; merge models of one architecture.")
+        for k, v in state.items():
+            if k in self.ref and v.dtype.is_floating_point:
+                if k in self.plain:
+                    self.plain[k] += v.to(torch.float32)
+                else:
+                    self.plain[k] = v.to(torch.float32).clone()
+        for layer, has_bias in self.linears.items():
+            if layer not in grams:
+                continue
+            pre = f"{layer}." if layer else ""  # '' is a bare nn.Linear model
+            w = state[f"{pre}weight"]
+            g = grams[layer]
+            if self.include_bias:
+                if has_bias:
+                    w = torch.cat([w.to(torch.float64), state[f"{pre}bias"].to(torch.float64)[:, None]], 1)
+                else:  # no bias: drop the constant input
+                    g = g[:-1, :-1]
+            if layer not in self.g_sum:
+                self.g_sum[layer] = torch.zeros(g.shape, dtype=torch.float64)
+                self.rhs[layer] = torch.zeros(g.shape[0], w.shape[0], dtype=torch.float64)
+            regmean_accumulate(self.g_sum[layer], self.rhs[layer], w, g, self.alpha)
+            self.count[layer] = self.count.get(layer, 0) + 1
+        self.n += 1
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The merged state dict and the layers merged by RegMean (the others are simple-averaged)."""
+        out: dict[str, torch.Tensor] = {}
+        done = []
+        for layer, has_bias in self.linears.items():
+            if self.count.get(layer, 0) != self.n:
+                continue  # excluded, or not called by every model: averaged below
+            pre = f"{layer}." if layer else ""
+            wkey, bkey = f"{pre}weight", f"{pre}bias"
+            m = regmean_solve(self.g_sum[layer], self.rhs[layer])
+            if self.include_bias and has_bias:
+                out[wkey] = m[:, :-1].to(self.ref[wkey].dtype).contiguous()
+                out[bkey] = m[:, -1].to(self.ref[bkey].dtype).contiguous()
+            else:
+                out[wkey] = m.to(self.ref[wkey].dtype)
+            done.append(layer)
+        for k, v in self.ref.items():
+            if k not in out:
+                out[k] = (self.plain[k] / self.n).to(v.dtype) if v.dtype.is_floating_point else v
+        return out, done
