@@ -720,6 +720,7 @@ def _keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: large blocks from the heap, not fresh mmaps
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not return freed heap memory at once
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: threads share two arenas, so freed blocks are reused across threads
     except Exception:  # pragma: no cover - other libc
         pass
 
