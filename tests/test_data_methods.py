@@ -418,3 +418,13 @@ def test_kernels_against_loops():
     got = regmean_linear(ws, [x.T @ x for x in xs], 0.7)
     np.testing.assert_allclose(got.numpy(), np_regmean([w.numpy() for w in ws], [x.numpy() for x in xs], 0.7),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_clip_examples_lazy_take_equals_materialised(clip_pool_spec):
+    from fusion_bench.methods._task_data import CLIPTaskData
+
+    ex = CLIPTaskData(ModelPool(config=clip_pool_spec)).examples("t1", "test", None, with_labels=False)
+    idx = torch.tensor([5, 0, 3])
+    torch.testing.assert_close(ex.take(idx), ex.inputs[idx])
+    torch.testing.assert_close(ex.take(slice(2, 4)), ex.inputs[2:4])
+    assert ex.labels is None and len(ex) == 12
