@@ -260,3 +260,19 @@ def test_finetune_config_errors_name_the_key():
         build_method({"name": "clip_finetune", "steps": 0})
     with pytest.raises(ConfigError, match="mode"):
         build_method({"name": "clip_finetune", "mode": "qlora"})
+
+
+def test_cli_run_on_the_tiny_zoo_prints_the_table(tiny_zoo, tmp_path, monkeypatch, capsys):
+    from fusion_bench.cli import main
+
+    zoo, _ = tiny_zoo
+    monkeypatch.chdir(tmp_path)
+    try:
+        main(["modelpool=clip_zoo_tiny", "taskpool=clip_zoo_tiny", f"modelpool.root={zoo.root}",
+              f"taskpool.root={zoo.root}", "modelpool.build=false", "taskpool.build=false"])
+    except SystemExit as e:  # hydra may exit explicitly; only success is accepted
+        assert e.code in (0, None)
+    out = capsys.readouterr().out
+    assert "| **average** |" in out and all(f"| {t} |" in out for t in zoo.tasks)
+    report = json.loads(next(tmp_path.glob("outputs/task_arithmetic/*/report.json")).read_text())
+    assert report["method"]["name"] == "task_arithmetic" and report["modelpool"]["type"] == "clip_zoo"
