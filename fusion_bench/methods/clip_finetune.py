@@ -41,6 +41,8 @@ class CLIPFinetuneConfig(MethodConfig):
     weight_decay: float = option(0.1, help="AdamW weight decay on matrices.")
     warmup_steps: int = option(20, help="Linear warm-up steps.")
     label_smoothing: float = option(0.0, help="Cross-entropy label smoothing.")
+    augment_shift: int = option(0, help="Data augmentation: translate each training image by a random offset of up "
+                                "to this many pixels (edge pixels repeated); 0: none.")
     lora_r: int = option(8, help="LoRA rank (mode=lora).")
     lora_alpha: float = option(16.0, help="LoRA alpha; the update is scaled by alpha / r (mode=lora).")
     lora_dropout: float = option(0.0, help="Dropout on the LoRA input (mode=lora).")
@@ -247,7 +249,10 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
         pos += bs
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps)
-        x, y = pixels[idx].to(device), labels[idx].to(device)
+        x, y = pixels[idx], labels[idx]
+        if cfg.augment_shift > 0:
+            x = random_shift(x, cfg.augment_shift, gen)
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -268,6 +273,14 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
     return vision, {"final_loss": round(last_loss, 4), "train_accuracy_last_steps": round(correct / max(1, seen), 4),
                     "steps": cfg.steps, "samples": n, "mode": cfg.mode,
                     "trainable_parameters": int(sum(p.numel() for p in params))}
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image of (N, C, H, W) by a random offset in [-max_shift, max_shift]^2 (edges repeated)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    off = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen)
+    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(off.tolist())])
 
 
 def save_vision(vision: nn.Module, processor: Any, folder: Path) -> Path:
