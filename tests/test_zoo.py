@@ -276,3 +276,17 @@ def test_cli_run_on_the_tiny_zoo_prints_the_table(tiny_zoo, tmp_path, monkeypatc
     assert "| **average** |" in out and all(f"| {t} |" in out for t in zoo.tasks)
     report = json.loads(next(tmp_path.glob("outputs/task_arithmetic/*/report.json")).read_text())
     assert report["method"]["name"] == "task_arithmetic" and report["modelpool"]["type"] == "clip_zoo"
+
+
+def test_random_shift_matches_naive_translation_with_repeated_edges():
+    from fusion_bench.methods.clip_finetune import random_shift
+
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    out = random_shift(x, 2, torch.Generator().manual_seed(3))
+    offsets = torch.randint(0, 5, (2, 2), generator=torch.Generator().manual_seed(3)).tolist()
+    for i, (a, b) in enumerate(offsets):
+        for c in range(3):
+            for yy in range(5):
+                for xx in range(6):
+                    src_y, src_x = min(max(yy + a - 2, 0), 4), min(max(xx + b - 2, 0), 5)
+                    assert out[i, c, yy, xx] == x[i, c, src_y, src_x]
