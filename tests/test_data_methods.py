@@ -69,7 +69,7 @@ def reference_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) 
     return {k: v / len(x) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("label_source,normalize", [("predicted", True), ("true", False)])
+@pytest.mark.parametrize("label_source,normalize", [("predicted", True), ("dataset", False)])
 def test_fisher_merging_matches_per_example_reference(pool_parts, label_source, normalize):
     base, models, data = pool_parts
     eps = 1e-4
@@ -79,7 +79,7 @@ def test_fisher_merging_matches_per_example_reference(pool_parts, label_source, 
     fishers = {}
     for t in TASKS:
         x, y = data[t]["train"]
-        f = reference_fisher(models[t], x, y if label_source == "true" else None)
+        f = reference_fisher(models[t], x, y if label_source == "dataset" else None)
         if normalize:
             norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in f.values())))
             f = {k: v / norm for k, v in f.items()}
@@ -93,7 +93,7 @@ def test_fisher_merging_matches_per_example_reference(pool_parts, label_source, 
     avg = torch.stack([models[t].state_dict()["2.weight"] for t in TASKS]).mean(0)
     assert (got["2.weight"] - avg).abs().max() > 1e-3
     assert res.metadata["data_used"]["examples"] == 30
-    assert res.metadata["data_used"]["labels_read"] == (label_source == "true")
+    assert res.metadata["data_used"]["labels_read"] == (label_source == "dataset")
 
 
 def test_fisher_merging_identical_models_and_errors(pool_parts):

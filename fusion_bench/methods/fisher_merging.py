@@ -35,9 +35,9 @@ class FisherMergingConfig(MethodConfig):
     num_fisher_examples: int = option(256, help="Examples of each model's task used to estimate its Fisher "
                                       "(evenly spaced over the split).")
     batch_size: int = option(32, help="Examples per forward pass (per-example gradients are computed in batches).")
-    label_source: str = option("predicted", choices=("predicted", "true"),
+    label_source: str = option("predicted", choices=("predicted", "dataset"),
                                help="Whose log-likelihood is differentiated: 'predicted' (the model's own arg-max "
-                               "label, FusionBench) or 'true' (the dataset label: the empirical Fisher).")
+                               "label, FusionBench) or 'dataset' (the dataset label: the empirical Fisher).")
     normalize_fisher_weight: bool = option(True, help="Divide each model's Fisher by its global L2 norm over all "
                                            "parameters, so that every model weighs the same in total.")
     minimal_fisher_weight: float = option(1e-6, help="eps added to every Fisher entry before weighting (keeps "
@@ -116,7 +116,7 @@ class FisherMerging(FusionMethod):
     for model ``i`` (fine-tuned on task ``i``), ``F_i = (1/N) sum_n (grad_theta log p_theta_i(y_n | x_n))^2``
     over ``N = num_fisher_examples`` examples of task ``i``'s ``split``, per example (not per batch),
     with ``y_n`` the model's own arg-max prediction (``label_source=predicted``, as FusionBench) or
-    the true label (``label_source=true``, the empirical Fisher). With ``normalize_fisher_weight``
+    the true label (``label_source=dataset``, the empirical Fisher). With ``normalize_fisher_weight``
     each ``F_i`` is divided by its global L2 norm over all parameters. Then per parameter entry
     ``theta = sum_i (F_i + eps) theta_i / sum_i (F_i + eps)``, ``eps = minimal_fisher_weight``.
     Parameters without a Fisher (buffers, tensors that get no gradient) are simple-averaged;
@@ -155,7 +155,7 @@ class FisherMerging(FusionMethod):
             model = modelpool.load_model(name)
             if template is None:
                 template = model
-            data = adapter.examples(name, cfg.split, cfg.num_fisher_examples, with_labels=cfg.label_source == "true")
+            data = adapter.examples(name, cfg.split, cfg.num_fisher_examples, with_labels=cfg.label_source == "dataset")
             used[name] = len(data)
             work = copy.deepcopy(model).to(device).float().eval()
             params = {k: p for k, p in work.named_parameters() if p.dtype.is_floating_point}
@@ -181,7 +181,7 @@ class FisherMerging(FusionMethod):
         _load_merged(out, merged, names[0])
         return FusionResult("merged", model=out, metadata=self._metadata(
             t0, extra_parameters=0, parameters=count_parameters(out), adapter=adapter.kind,
-            data_used={"split": cfg.split, "labels_read": cfg.label_source == "true", "examples_per_task": used,
+            data_used={"split": cfg.split, "labels_read": cfg.label_source == "dataset", "examples_per_task": used,
                        "examples": int(sum(used.values()))},
             fisher_total={n: round(v, 6) for n, v in total_sq.items()}))
 
