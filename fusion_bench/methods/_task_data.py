@@ -20,12 +20,14 @@ Two adapters are provided and chosen by :func:`make_adapter` (config key ``adapt
   as ``clip_finetune`` builds them), and the images are preprocessed by
   :func:`~fusion_bench.data.images.preprocessed_images` (the shared, cached path).
 - :class:`GenericTaskData` (``adapter=generic``): the models are plain ``nn.Module`` classifiers
-  (``model(x) -> logits``); ``modelpool.datasets[task][split]`` (or ``modelpool.datasets[task]``)
+  (``model(x) -> logits``, or an output with ``.logits`` such as Hugging Face classification models);
+  ``modelpool.datasets[task][split]`` (or ``modelpool.datasets[task]``)
   is a ``torch.utils.data.Dataset`` of ``(input tensor, label)`` pairs or a pair
   ``(inputs, labels)`` of tensors.
 
 Model ``i`` of the pool is fine-tuned on the task of the same name (the FusionBench convention).
-A Python user can pass any other adapter with ``method.adapter = MyAdapter(...)`` before ``run``.
+A Python user can pass any other adapter with ``method.adapter = MyAdapter(...)`` before ``run``
+(``modelpool.datasets`` is then not consulted).
 """
 
 from __future__ import annotations
