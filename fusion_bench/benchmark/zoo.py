@@ -68,7 +68,7 @@ SCALES: dict[str, ZooScale] = {
                                     max_length=32, steps=3000, batch_size=128, lr=1e-3, warmup_steps=100),
         pretrain_pairs=72000,
         pair_options={"generic_prob": 0.15},
-        finetune=dict(mode="full", steps=600, batch_size=64, lr=1e-3, warmup_steps=60, augment_shift=3),
+        finetune=dict(mode="full", steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, augment_shift=3),
     ),
     "tiny": ZooScale(
         data_scale="tiny",
