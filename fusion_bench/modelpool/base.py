@@ -340,7 +340,6 @@ class ModelPool:
         """
         names = names if names is not None else self.names
         ref_name = self.base_name()
-        ref = self.source(ref_name)
         self._check_hf_configs(names)
         if keys is None:
             # the tensors of the module that is merged (e.g. only the vision tower of a full CLIP base),
@@ -354,31 +353,9 @@ class ModelPool:
                 if aligned is not None:
                     srcs, key_map = aligned
                     return validate_sources(ref_name, srcs, keys=[key_map[k] for k in module_keys])
-        ref_metas = ref.metas()
-        keys = list(keys) if keys is not None else list(ref_metas)
-        for n in names:
-            if n == ref_name:
-                continue
-            src = self.source(n)
-            metas = src.metas()
-            missing = [k for k in keys if k not in metas]
-            if missing:
-                raise ModelMismatchError(
-                    f"Model '{n}' lacks tensor '{missing[0]}' (and {len(missing) - 1} more) that base model "
-                    f"'{ref_name}' has: the architectures differ. Use checkpoints fine-tuned from the same base.")
-            extra = [k for k in metas if k not in ref_metas]
-            if extra:
-                raise ModelMismatchError(
-                    f"Model '{n}' has tensor '{extra[0]}' (and {len(extra) - 1} more) that base model '{ref_name}' "
-                    "lacks: the architectures differ. Use checkpoints of the same architecture.")
-            for k in keys:
-                a, b = ref_metas[k], metas[k]
-                if a.shape != b.shape:
-                    raise ModelMismatchError(
-                        f"Tensor '{k}' has shape {list(b.shape)} in model '{n}' but {list(a.shape)} in base "
-                        f"model '{ref_name}'. Merge only models of one architecture (for vocabulary-size "
-                        "differences, resize embeddings first or exclude the embedding tensors).")
-        return keys
+        from fusion_bench.engine.validate import validate_sources
+
+        return validate_sources(ref_name, {n: self.source(n) for n in dict.fromkeys([ref_name, *names])}, keys=keys)
 
     def module_state_keys(self, name: str) -> list[str] | None:
         """State-dict keys (tied aliases removed) of the module :meth:`load_model` gives for ``name``, found
