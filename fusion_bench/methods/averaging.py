@@ -59,6 +59,25 @@ class LinearInterpolationConfig(TensorwiseConfig):
                                "Empty: the two models of the pool.")
 
 
+def select_pair(method: str, models: list[str], names: list[str], has_pretrained: bool) -> list[str]:
+    """The two models [a, b] a two-model method combines: ``method.models`` if set, else the pool's two.
+
+    Raises ConfigError naming ``method.models`` when the pool or the names do not give exactly two models.
+    """
+    pair = list(models)
+    if not pair:
+        if len(names) != 2:
+            raise ConfigError(f"{method} combines two models, the pool has {names}; set method.models=[a,b].")
+        return list(names)
+    if len(pair) != 2:
+        raise ConfigError(f"method.models must name exactly two models, got {pair}.")
+    valid = names + (["_pretrained_"] if has_pretrained else [])
+    for p in pair:
+        if p not in valid:
+            raise ConfigError(f"method.models names unknown model '{p}'.{did_you_mean(p, valid)}")
+    return pair
+
+
 @register_method
 class LinearInterpolation(TensorwiseMerge):
     elementwise = True  # row blocks allowed in the streaming engine
@@ -69,19 +88,7 @@ class LinearInterpolation(TensorwiseMerge):
     variant = "theta = (1 - t) theta_a + t theta_b, element-wise (t outside [0, 1] extrapolates)."
 
     def _pair(self, names, has_pretrained):
-        pair = list(self.config.models)
-        if not pair:
-            if len(names) != 2:
-                raise ConfigError(f"linear_interpolation needs two models, the pool has {names}; "
-                                  "set method.models=[a,b].")
-            return names
-        if len(pair) != 2:
-            raise ConfigError(f"method.models must name exactly two models, got {pair}.")
-        valid = names + (["_pretrained_"] if has_pretrained else [])
-        for p in pair:
-            if p not in valid:
-                raise ConfigError(f"method.models names unknown model '{p}'.{did_you_mean(p, valid)}")
-        return pair
+        return select_pair(self.name, self.config.models, names, has_pretrained)
 
     def check_pool(self, names, has_pretrained):
         self._pair(names, has_pretrained)

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fusion_bench.config_schema import option
-from fusion_bench.errors import ConfigError, did_you_mean
+from fusion_bench.errors import ConfigError
 from fusion_bench.kernels import slerp as K
+from fusion_bench.methods.averaging import select_pair
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
 
 
@@ -47,18 +48,7 @@ class Slerp(TensorwiseMerge):
                "|cos Omega| > 1 - colinear_eps (default 5e-4, mergekit's 0.9995) or a tensor has zero norm.")
 
     def _pair(self, names: list[str], has_pretrained: bool) -> list[str]:
-        pair = list(self.config.models)
-        if not pair:
-            if len(names) != 2:
-                raise ConfigError(f"slerp interpolates two models, the pool has {names}; set method.models=[a,b].")
-            return list(names)
-        if len(pair) != 2:
-            raise ConfigError(f"method.models must name exactly two models, got {pair}.")
-        valid = names + (["_pretrained_"] if has_pretrained else [])
-        for p in pair:
-            if p not in valid:
-                raise ConfigError(f"method.models names unknown model '{p}'.{did_you_mean(p, valid)}")
-        return pair
+        return select_pair(self.name, self.config.models, names, has_pretrained)
 
     def check_pool(self, names, has_pretrained):
         super().check_pool(names, has_pretrained)
