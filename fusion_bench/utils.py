@@ -65,6 +65,18 @@ def seeded_generator(seed: int, *names: str) -> torch.Generator:
     return g
 
 
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless index batches of size ``min(batch_size, n)``: a fresh permutation of ``range(n)`` each
+    epoch, the incomplete tail of an epoch dropped. Draws from ``generator`` only when a new epoch starts."""
+    bs = min(batch_size, n)
+    perm, pos = torch.randperm(n, generator=generator), 0
+    while True:
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos:pos + bs]
+        pos += bs
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes."""
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

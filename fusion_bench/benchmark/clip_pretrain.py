@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError
+from fusion_bench.utils import shuffled_batches
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -238,15 +239,10 @@ def pretrain_clip_tensors(pixels: torch.Tensor, captions: Sequence[str], tokeniz
     model.train()
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bs = min(cfg.batch_size, n)
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
+    batches = shuffled_batches(n, cfg.batch_size, gen)
     loss_v = float("nan")
     for step in range(cfg.steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + bs]
-        pos += bs
+        idx = next(batches)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps)
         mask = tok["attention_mask"][cap_ids[idx]]

@@ -22,6 +22,7 @@ from torch import nn
 from fusion_bench.config_schema import option
 from fusion_bench.errors import CheckpointError, ConfigError, did_you_mean
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
+from fusion_bench.utils import shuffled_batches
 
 if TYPE_CHECKING:
     from fusion_bench.modelpool.base import ModelPool
@@ -237,16 +238,11 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     n = len(labels)
-    bs = min(cfg.batch_size, n)
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
+    batches = shuffled_batches(n, cfg.batch_size, gen)
     correct = seen = 0
     last_loss = float("nan")
     for step in range(cfg.steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + bs]
-        pos += bs
+        idx = next(batches)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps)
         x, y = pixels[idx], labels[idx]
