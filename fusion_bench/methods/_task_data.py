@@ -305,3 +305,24 @@ def progress(desc: str, total: int, show: bool):
             yield lambda n=1: p.advance(t, n)
 
     return _bar()
+
+
+def start_data_run(method: Any, modelpool: ModelPool) -> tuple[list[str], torch.device, TaskDataAdapter, bool]:
+    """Common start of a per-model data method (Fisher, RegMean): seed the global RNG, check the pool's
+    tasks, resolve the device and the adapter. Returns (model names, device, adapter, show progress)."""
+    import sys
+
+    from fusion_bench.utils import resolve_device
+
+    cfg = method.config
+    torch.manual_seed(cfg.seed)
+    names = check_tasks(modelpool, method.name, custom_adapter=method.adapter is not None)
+    device = resolve_device(cfg.device)
+    adapter = method.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
+    return names, device, adapter, bool(cfg.progress and sys.stderr.isatty())
+
+
+def data_used(split: str, labels_read: bool, used: Mapping[str, int]) -> dict[str, Any]:
+    """The ``data_used`` metadata of a data method (reported by the leaderboard)."""
+    return {"split": split, "labels_read": labels_read, "examples_per_task": dict(used),
+            "examples": int(sum(used.values()))}

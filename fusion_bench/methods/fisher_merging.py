@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,12 +18,12 @@ from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.fisher import fisher_accumulate, fisher_finish
 from fusion_bench.methods._task_data import (
     TaskDataAdapter,
-    check_tasks,
-    make_adapter,
+    data_used,
     progress,
+    start_data_run,
 )
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
-from fusion_bench.utils import count_parameters, resolve_device
+from fusion_bench.utils import count_parameters
 
 if TYPE_CHECKING:
     from fusion_bench.modelpool.base import ModelPool
@@ -142,11 +141,7 @@ class FisherMerging(FusionMethod):
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        names = check_tasks(modelpool, self.name, custom_adapter=self.adapter is not None)
-        device = resolve_device(cfg.device)
-        adapter = self.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
-        show = cfg.progress and sys.stderr.isatty()
+        names, device, adapter, show = start_data_run(self, modelpool)
         sums = FisherSums(cfg.minimal_fisher_weight)
         used: dict[str, int] = {}
         total_sq: dict[str, float] = {}
@@ -181,8 +176,7 @@ class FisherMerging(FusionMethod):
         _load_merged(out, merged, names[0])
         return FusionResult("merged", model=out, metadata=self._metadata(
             t0, extra_parameters=0, parameters=count_parameters(out), adapter=adapter.kind,
-            data_used={"split": cfg.split, "labels_read": cfg.label_source == "dataset", "examples_per_task": used,
-                       "examples": int(sum(used.values()))},
+            data_used=data_used(cfg.split, cfg.label_source == "dataset", used),
             fisher_total={n: round(v, 6) for n, v in total_sq.items()}))
 
 

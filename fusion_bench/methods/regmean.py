@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -15,9 +14,14 @@ from torch import nn
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.regmean import regmean_accumulate, regmean_solve
-from fusion_bench.methods._task_data import TaskDataAdapter, check_tasks, make_adapter, progress
+from fusion_bench.methods._task_data import (
+    TaskDataAdapter,
+    data_used,
+    progress,
+    start_data_run,
+)
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
-from fusion_bench.utils import count_parameters, resolve_device
+from fusion_bench.utils import count_parameters
 
 if TYPE_CHECKING:
     from fusion_bench.modelpool.base import ModelPool
@@ -120,11 +124,7 @@ class RegMean(FusionMethod):
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        names = check_tasks(modelpool, self.name, custom_adapter=self.adapter is not None)
-        device = resolve_device(cfg.device)
-        adapter = self.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
-        show = cfg.progress and sys.stderr.isatty()
+        names, device, adapter, show = start_data_run(self, modelpool)
         sums = RegMeanSums(cfg.reduce_non_diagonal_ratio, cfg.include_bias)
         used: dict[str, int] = {}
         template: nn.Module | None = None
@@ -155,8 +155,7 @@ class RegMean(FusionMethod):
         return FusionResult("merged", model=out, metadata=self._metadata(
             t0, extra_parameters=0, parameters=count_parameters(out), adapter=adapter.kind,
             regmean_layers=len(merged_layers), averaged_linear_layers=n_linear - len(merged_layers),
-            data_used={"split": cfg.split, "labels_read": False, "examples_per_task": used,
-                       "examples": int(sum(used.values()))}))
+            data_used=data_used(cfg.split, False, used)))
 
 
 class RegMeanSums:
