@@ -369,6 +369,14 @@ def test_pretraining_pairs_use_train_only(tiny):
     assert len(pretraining_pairs("tiny", seed=0, tasks=("shapes",), n=40)) == 40
     with pytest.raises(ConfigError, match="generic_prob"):
         pretraining_pairs("tiny", tasks=("shapes",), generic_prob=1.5)
+    # pairs from already built train splits (the zoo's saved data) equal the pairs built here
+    saved = {t: ([im.convert("RGB") for im in tiny[t]["train"]["image"]], list(tiny[t]["train"]["label"]))
+             for t in tasks}
+    from_saved = pretraining_pairs("tiny", seed=0, tasks=tasks, train=saved)
+    assert [c for _, c in from_saved] == [c for _, c in pairs]
+    assert [_digest(i) for i, _ in from_saved] == [_digest(i) for i, _ in pairs]
+    with pytest.raises(ConfigError, match="shapes"):
+        pretraining_pairs("tiny", seed=0, tasks=("shapes",), train={"shapes": (saved["shapes"][0], [0])})
 
 
 def test_command_line_builds_and_reports(tmp_path, capsys):

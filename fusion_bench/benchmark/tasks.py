@@ -31,7 +31,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -562,6 +562,7 @@ def pretraining_pairs(
     generic_prob: float = 0.3,
     label_noise: float = 0.1,
     synonym_prob: float = 0.25,
+    train: Mapping[str, tuple[Sequence[Image.Image], Sequence[int]]] | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """Image-caption pairs for pre-training the benchmark's CLIP, drawn from the tasks' TRAIN splits only.
 
@@ -580,6 +581,9 @@ def pretraining_pairs(
         generic_prob: probability of a class-free caption.
         label_noise: probability of naming a wrong class of the same task.
         synonym_prob: probability of a synonym instead of the class name, when the class has one.
+        train: the train splits as ``{task: (images, labels)}`` when they are already built (the zoo passes
+            its saved data entries); tasks missing from it are built here. The images must be the
+            task's train split for ``(scale, seed)``: the pairs are then the same as when built here.
     """
     for key, p in (("generic_prob", generic_prob), ("label_noise", label_noise), ("synonym_prob", synonym_prob)):
         if not 0.0 <= p <= 1.0:
@@ -588,7 +592,13 @@ def pretraining_pairs(
         raise ConfigError(f"pretraining_pairs: n must be a positive integer or None, got {n}.")
     pool: list[tuple[Image.Image, str, int]] = []
     for name in tasks:
-        images, labels = _build_arrays(name, scale, seed)["train"]
+        if train is not None and name in train:
+            images, labels = train[name]
+            if len(images) != len(labels):
+                raise ConfigError(f"pretraining_pairs: task '{name}' has {len(images)} train images but "
+                                  f"{len(labels)} labels.")
+        else:
+            images, labels = _build_arrays(name, scale, seed)["train"]
         pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
     rng = _rng(seed, 4242)
     order = rng.permutation(len(pool))

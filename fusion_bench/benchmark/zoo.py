@@ -333,11 +333,17 @@ class Zoo:
         return {"splits": {k: len(v) for k, v in splits.items()}}
 
     def _build_pretrained(self, out: Path, bars: _Bars) -> dict[str, Any]:
+        from datasets import load_from_disk
+
         from fusion_bench.benchmark import tasks as T
         from fusion_bench.benchmark.clip_pretrain import pretrain_clip, save_clip
 
+        train = {}
+        for task in self.tasks:  # the saved train splits (PNG, lossless): the images are not generated again
+            ds = load_from_disk(str(self.data_path(task)))["train"]
+            train[task] = ([im.convert("RGB") for im in ds["image"]], [int(v) for v in ds["label"]])
         pairs = T.pretraining_pairs(self.spec.data_scale, self.spec.seed, self.spec.pretrain_pairs,
-                                    **self.spec.pair_options)
+                                    tasks=self.tasks, train=train, **self.spec.pair_options)
         images = [p[0] for p in pairs]
         captions = [p[1] for p in pairs]
         bar = bars.add("pretraining CLIP", self.spec.pretrain.steps)
