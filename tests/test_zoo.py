@@ -290,3 +290,18 @@ def test_random_shift_matches_naive_translation_with_repeated_edges():
                 for xx in range(6):
                     src_y, src_x = min(max(yy + a - 2, 0), 4), min(max(xx + b - 2, 0), 5)
                     assert out[i, c, yy, xx] == x[i, c, src_y, src_x]
+
+
+def test_zoo_corruptions_by_name_or_count(monkeypatch):
+    from dataclasses import replace
+
+    from fusion_bench.benchmark import zoo as Z
+    from fusion_bench.benchmark.corruptions import CORRUPTIONS
+    from fusion_bench.errors import ConfigError
+
+    full = Z.Zoo("full", root="unused")
+    assert len(full.corruptions()) >= 5 and set(full.corruptions()) <= set(CORRUPTIONS)
+    assert Z.Zoo("tiny", root="unused").corruptions() == list(CORRUPTIONS)[:5]
+    monkeypatch.setitem(Z.SCALES, "tiny", replace(Z.SCALES["tiny"], corruptions=["contrast", "pixelat"]))
+    with pytest.raises(ConfigError, match="pixelat.*pixelate"):
+        Z.Zoo("tiny", root="unused").corruptions()

@@ -56,8 +56,8 @@ class ZooScale:
     pair_options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "caption options of tasks.pretraining_pairs (generic_prob, label_noise, synonym_prob)"})
     seed: int = field(default=0, metadata={"help": "seed of data, pretraining and fine-tuning"})
-    corruptions: int | None = field(default=None, metadata={"help": "corrupted test splits: the first N of "
-                                                            "tasks.CORRUPTIONS (None: all, 0: none)"})
+    corruptions: int | list[str] | None = field(default=None, metadata={
+        "help": "corrupted test splits: these names of tasks.CORRUPTIONS, or the first N of them (None: all, 0: none)"})
 
 
 SCALES: dict[str, ZooScale] = {
@@ -69,6 +69,8 @@ SCALES: dict[str, ZooScale] = {
         pretrain_pairs=72000,
         pair_options={"generic_prob": 0.15},
         finetune=dict(mode="full", steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, augment_shift=3),
+        # the six the benchmark issue names (CIFAR-10-C families: noise, blur, digital): ~40 % less build time than all ten
+        corruptions=["gaussian_noise", "impulse_noise", "motion_blur", "pixelate", "contrast", "jpeg_compression"],
     ),
     "tiny": ZooScale(
         data_scale="tiny",
@@ -214,6 +216,12 @@ class Zoo:
         from fusion_bench.benchmark.tasks import CORRUPTIONS
 
         n = self.spec.corruptions
+        if isinstance(n, (list, tuple)):
+            unknown = [c for c in n if c not in CORRUPTIONS]
+            if unknown:
+                raise ConfigError(f"Zoo scale '{self.scale}' names unknown corruption '{unknown[0]}'."
+                                  f"{did_you_mean(unknown[0], CORRUPTIONS)}")
+            return list(n)
         return list(CORRUPTIONS) if n is None else list(CORRUPTIONS)[:n]
 
     def entries(self) -> list[tuple[str, Path]]:
