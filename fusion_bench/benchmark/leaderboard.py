@@ -1,7 +1,7 @@
 """The leaderboard: every registered method that applies, run on the offline CLIP zoo on equal terms.
 
     fusion_bench leaderboard [--scale full|tiny] [--root DIR] [--out DIR] [--methods a,b,...]
-                             [--max-samples N] [--corruption NAME]
+                             [--max-samples N] [--corruption NAME] [--tune [--tune-grid 0.05,0.1,...]]
 
 For every method of :func:`fusion_bench.methods.list_methods` (so new methods appear without
 edits) the zoo's model pool is fused with the method's documented defaults and the result is
@@ -14,18 +14,29 @@ Outputs (written atomically into ``--out``, default ``./leaderboard``): ``leader
 ``leaderboard.csv``, ``leaderboard.json`` (per-task accuracy, average, normalized accuracy = mean
 over tasks of accuracy / fine-tuned accuracy (tasks where that is 0 left out), merge wall time, peak memory, extra parameters, data
 used) and ``leaderboard.png`` (average accuracy against merge time and against peak memory).
+
+``--tune`` chooses the scaling coefficient lambda on held-out data, as task arithmetic's paper
+(Ilharco et al. 2023) and FusionBench do: every method whose config has a ``scaling_factor`` field
+is run once per value of a grid (default :data:`DEFAULT_TUNE_GRID`, or ``--tune-grid``, which
+implies ``--tune``), each result evaluated on the zoo's labelled VALIDATION split (``max_samples``
+applies); the value with the best average validation accuracy wins (ties: the smaller value) and
+the method is run once more with it and evaluated on the test split as usual. Such a row records
+``tuned`` = {scaling_factor, grid, validation_average} and ``tuning_time_s`` (the whole sweep; the
+merge time stays that of the final run), its ``data`` column names the validation split, and the
+tables show it as ``name (λ=value)``. Without ``--tune`` every method keeps its defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +45,52 @@ from fusion_bench.io.atomic import atomic_file, atomic_path
 
 PRETRAINED_ROW = "pretrained"
 FINETUNED_ROW = "fine-tuned (individual)"
+#: the hyperparameter ``--tune`` selects, and the default grid of values tried on the validation split
+TUNED_OPTION = "scaling_factor"
+DEFAULT_TUNE_GRID: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+TUNED_DATA = f"validation split (labelled, selects {TUNED_OPTION})"
+
+
+def tunable(method_cls: type) -> bool:
+    """True when the method's config dataclass has the ``scaling_factor`` field that ``--tune`` selects."""
+    cfg = getattr(method_cls, "config_class", None)
+    return dataclasses.is_dataclass(cfg) and any(f.name == TUNED_OPTION for f in dataclasses.fields(cfg))
+
+
+def _check_grid(grid: Sequence[float]) -> list[float]:
+    """The grid as sorted distinct floats; a ConfigError naming ``tune_grid`` when it is empty or not numeric."""
+    try:
+        values = sorted({float(v) for v in grid})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"leaderboard tune_grid (--tune-grid) must be numbers, got {list(grid)!r}: {e}") from None
+    if not values:
+        raise ConfigError("leaderboard tune_grid (--tune-grid) is empty; give at least one scaling_factor value.")
+    return values
+
+
+def select_scaling_factor(method_cls: type, pool, val_taskpool, grid: Sequence[float]) -> dict[str, Any]:
+    """Run ``method_cls`` with every ``scaling_factor`` of ``grid``, evaluate on ``val_taskpool``.
+
+    Returns ``{"scaling_factor": best, "grid": [...], "validation_average": {value: accuracy},
+    "tuning_time_s": seconds}``; best = highest average validation accuracy over the task pool's tasks,
+    ties broken toward the smaller value. Each run is seeded like the final run (seed 0).
+    """
+    from fusion_bench.programs.fusion import run_program
+
+    values = _check_grid(grid)
+    t0 = time.perf_counter()
+    scores: dict[float, float] = {}
+    for v in values:
+        rep = run_program({"print_table": False, "seed": 0}, modelpool=pool, method=method_cls({TUNED_OPTION: v}),
+                          taskpool=val_taskpool, log=lambda s: None)
+        accs = _per_task_acc(rep.get("evaluation", {}))
+        missing = [t for t in val_taskpool.tasks if t not in accs]
+        if missing:
+            raise FusionBenchError(f"tuning {method_cls.name}: no validation accuracy for task '{missing[0]}'.")
+        scores[v] = sum(accs[t] for t in val_taskpool.tasks) / len(val_taskpool.tasks)
+    best = max(values, key=lambda v: (scores[v], -v))
+    return {TUNED_OPTION: best, "grid": values, "validation_average": scores,
+            "tuning_time_s": round(time.perf_counter() - t0, 2)}
 
 
 def applicability(method_cls: type, names: list[str], has_pretrained: bool) -> str | None:
@@ -79,7 +136,8 @@ def _row(name: str, kind: str, accs: dict[str, float], tasks: list[str], finetun
 
 def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Path = "leaderboard",
                     methods: list[str] | None = None, max_samples: int | None = None,
-                    corruption: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    corruption: str | None = None, log: Callable[[str], None] | None = None,
+                    tune: bool = False, tune_grid: Sequence[float] | None = None) -> dict[str, Any]:
     """Run the leaderboard and write its tables and plot; return the JSON document.
 
     Args:
@@ -90,6 +148,9 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         max_samples: evaluate at most this many test images per task.
         corruption: evaluate on this corrupted test split (robustness) instead of the clean one.
         log: where progress lines go (default: stderr).
+        tune: choose ``scaling_factor`` on the validation split for every method that has one (see the
+            module docstring); otherwise every method runs with its defaults.
+        tune_grid: the values tried when ``tune`` (default :data:`DEFAULT_TUNE_GRID`).
     """
     from fusion_bench.methods import get_method_class, list_methods
     from fusion_bench.modelpool.clip_zoo import CLIPZooModelPool
@@ -104,6 +165,9 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     for m in chosen:
         if m not in registered:
             raise ConfigError(f"leaderboard --methods names unknown method '{m}'.{did_you_mean(m, registered)}")
+    if tune_grid is not None and not tune:
+        raise ConfigError("leaderboard tune_grid is given but tune is off; pass tune=True (--tune).")
+    grid = _check_grid(DEFAULT_TUNE_GRID if tune_grid is None else tune_grid) if tune else None
     t_start = time.perf_counter()
     pool = CLIPZooModelPool({"scale": scale, "root": root})
     taskpool = CLIPZooTaskPool({"scale": scale, "root": root, "max_samples": max_samples, "corruption": corruption})
@@ -131,6 +195,7 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     # methods ---------------------------------------------------------------------------------
     skipped: dict[str, str] = {}
     reports_dir = out / "reports"
+    val_taskpool = None  # built on the first method that is tuned
     for name in chosen:
         cls = get_method_class(name)
         why = applicability(cls, names, pool.has_pretrained)
@@ -138,8 +203,17 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
             skipped[name] = why
             log(f"leaderboard: skip {name}: {why}")
             continue
+        tuned: dict[str, Any] | None = None
         try:
-            method = cls()
+            if grid is not None and tunable(cls):
+                if val_taskpool is None:
+                    val_taskpool = CLIPZooTaskPool({"scale": scale, "root": root, "max_samples": max_samples,
+                                                    "split": "validation"})
+                tuned = select_scaling_factor(cls, pool, val_taskpool, grid)
+                log(f"leaderboard: {name} {TUNED_OPTION} on validation: " + ", ".join(
+                    f"{v:g}: {_pct(a).strip()}" for v, a in tuned["validation_average"].items())
+                    + f" -> {tuned[TUNED_OPTION]:g} ({tuned['tuning_time_s']:.1f}s)")
+            method = cls({TUNED_OPTION: tuned[TUNED_OPTION]}) if tuned else cls()
             rep = run_program({"print_table": False, "report_path": str(reports_dir / f"{name}.json"), "seed": 0},
                               modelpool=pool, method=method, taskpool=taskpool, log=lambda s: None)
         except FusionBenchError as e:
@@ -151,18 +225,25 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
             log(f"leaderboard: {name} raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
             continue
         cost = rep.get("cost", {})
+        data = _data_used(rep, cls.uses_data)
+        extra: dict[str, Any] = {}
+        if tuned:
+            data = TUNED_DATA if data == "none" else f"{data}; {TUNED_DATA}"
+            extra = {"tuned": {k: tuned[k] for k in (TUNED_OPTION, "grid", "validation_average")},
+                     "tuning_time_s": tuned["tuning_time_s"]}
         rows.append(_row(name, cls.family, _per_task_acc(rep.get("evaluation", {})), tasks, ft_acc,
                          merge_time_s=cost.get("merge_wall_time_s"), peak_rss_mb=cost.get("peak_rss_mb"),
                          extra_parameters=cost.get("extra_parameters"),
-                         data=_data_used(rep, cls.uses_data),
+                         data=data,
                          evaluation_time_s=cost.get("evaluation_wall_time_s"),
-                         hyperparameters=rep.get("method", {}).get("hyperparameters")))
+                         hyperparameters=rep.get("method", {}).get("hyperparameters"), **extra))
         r = rows[-1]
-        log(f"leaderboard: {name:28s} avg {_pct(r['average'])}  normalized {_pct(r['normalized'])}  "
+        log(f"leaderboard: {_label(r):28s} avg {_pct(r['average'])}  normalized {_pct(r['normalized'])}  "
             f"merge {r['merge_time_s']:.2f}s")
 
     doc = {"zoo": {"scale": scale, "root": str(pool.zoo.root), "corruption": corruption, "max_samples": max_samples},
            "tasks": tasks, "rows": rows, "skipped": skipped,
+           "tune": {"option": TUNED_OPTION, "grid": grid, "split": "validation"} if grid is not None else None,
            "evaluation_time_one_model_s": round(eval_time_one_model, 2),
            "total_time_s": round(time.perf_counter() - t_start, 2)}
     write_outputs(doc, out)
@@ -172,6 +253,12 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
 def _params(pool) -> int:
     src = pool.source(pool.model_names[0])
     return int(sum(src.meta(k).numel for k in src.keys() if src.meta(k).dtype.is_floating_point))
+
+
+def _label(r: dict[str, Any]) -> str:
+    """The row's method name, with the chosen lambda when it was tuned: ``task_arithmetic (λ=0.1)``."""
+    t = r.get("tuned")
+    return f"{r['method']} (λ={t[TUNED_OPTION]:g})" if t else r["method"]
 
 
 def _pct(v: float | None) -> str:
@@ -198,7 +285,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     head = ["method", "kind", *tasks, "avg", "norm", "merge s", "peak MB", "extra params", "data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _sorted_rows(doc):
-        cells = [r["method"], r["kind"], *[_pct(r["accuracy"][t]).strip() for t in tasks], _pct(r["average"]).strip(),
+        cells = [_label(r), r["kind"], *[_pct(r["accuracy"][t]).strip() for t in tasks], _pct(r["average"]).strip(),
                  _pct(r["normalized"]).strip(), _fmt_num(r.get("merge_time_s")), _fmt_num(r.get("peak_rss_mb"), 0),
                  _fmt_num(r.get("extra_parameters")), r.get("data", "")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -206,6 +293,13 @@ def to_markdown(doc: dict[str, Any]) -> str:
     note = [f"Zoo scale `{z['scale']}`" + (f", corruption `{z['corruption']}`" if z.get("corruption") else "")
             + f"; accuracy in %, normalized = mean over tasks of accuracy / fine-tuned accuracy; one model "
             f"evaluated on {len(tasks)} tasks in {doc['evaluation_time_one_model_s']:.1f} s."]
+    if any(r.get("tuned") for r in doc["rows"]):
+        tn = doc.get("tune") or {}
+        note.append("")
+        note.append(f"Rows marked (λ=...) are tuned: {TUNED_OPTION} was chosen on the validation split (best average "
+                    f"validation accuracy over the grid {tn.get('grid')}, ties to the smaller value), then the "
+                    "method was run once more with it and evaluated on the test split; merge time is that final "
+                    "run's. The other methods use their defaults.")
     if doc["skipped"]:
         note.append("")
         note.append("Not run:")
@@ -218,11 +312,11 @@ def to_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["method", "kind", *tasks, "average", "normalized", "merge_time_s", "peak_rss_mb",
-                "extra_parameters", "data", "evaluation_time_s"])
+                "extra_parameters", "data", "evaluation_time_s", "tuned_scaling_factor", "tuning_time_s"])
     for r in _sorted_rows(doc):
         w.writerow([r["method"], r["kind"], *[r["accuracy"][t] for t in tasks], r["average"], r["normalized"],
                     r.get("merge_time_s"), r.get("peak_rss_mb"), r.get("extra_parameters"), r.get("data"),
-                    r.get("evaluation_time_s")])
+                    r.get("evaluation_time_s"), (r.get("tuned") or {}).get(TUNED_OPTION), r.get("tuning_time_s")])
     return buf.getvalue()
 
 
@@ -247,7 +341,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                 continue
             color = {"merging": "tab:blue", "ensemble": "tab:orange", "mixing": "tab:green"}.get(r["kind"], "tab:red")
             ax.scatter([x], [100 * r["average"]], color=color)
-            ax.annotate(r["method"], (x, 100 * r["average"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_label(r), (x, 100 * r["average"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("average accuracy (%)")
         ax.grid(alpha=0.3)
@@ -279,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
     ap.add_argument("--max-samples", type=int, default=None, help="test images per task (default: all)")
     ap.add_argument("--corruption", default=None, help="evaluate on this corrupted test split (robustness)")
+    ap.add_argument("--tune", action="store_true",
+                    help="choose scaling_factor on the validation split for every method that has one")
+    ap.add_argument("--tune-grid", default=None,
+                    help="comma-separated scaling_factor values for --tune (implies --tune; default "
+                    + ",".join(f"{v:g}" for v in DEFAULT_TUNE_GRID) + ")")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
     if args.threads:
@@ -286,7 +385,15 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption)
+    grid = None
+    if args.tune_grid is not None:
+        try:
+            grid = [float(v) for v in args.tune_grid.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"leaderboard --tune-grid={args.tune_grid!r} must be comma-separated numbers, "
+                              "e.g. 0.1,0.3,1.0.") from None
+    doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption,
+                          tune=args.tune or grid is not None, tune_grid=grid)
     print(to_markdown(doc))
     print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) in {doc['total_time_s']:.1f}s")
     return 0

@@ -2,7 +2,9 @@
 
 A :class:`~fusion_bench.taskpool.clip_zeroshot.CLIPZeroShotTaskPool` whose ``clip_model``,
 ``processor`` and ``tasks`` (dataset folder, split, class names, caption templates) are filled in
-from the zoo (built first when missing, see :mod:`fusion_bench.benchmark.zoo`).
+from the zoo (built first when missing, see :mod:`fusion_bench.benchmark.zoo`). ``split`` picks the
+test split (default) or the validation split (for choosing hyperparameters); ``corruption`` picks a
+corrupted copy of the test split.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ class CLIPZooTaskPoolConfig(TaskPoolConfig):
     root: str | None = option(None, help="Zoo folder (default $FUSION_BENCH_ZOO or ~/.cache/fusion_bench/zoo-<scale>).")
     build: bool = option(True, help="Build the zoo when it is missing or damaged (false: raise instead).")
     select: list[str] | None = option(None, help="Evaluate only these tasks (null: all eight).")
+    split: str = option("test", choices=("test", "validation"),
+                        help="The split evaluated: test (results) or validation (labelled held-out images for "
+                        "choosing hyperparameters, e.g. the leaderboard's --tune).")
     corruption: str | None = option(None, help="Evaluate on the test split under this corruption (robustness), "
-                                    "e.g. gaussian_noise; null: the clean test split.")
+                                    "e.g. gaussian_noise; null: the clean test split. Needs split=test.")
     batch_size: int = option(512, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
     cache_dir: str | None = option(None, help="Cache of heads and preprocessed images (null: $FUSION_BENCH_CACHE or "
                                    "~/.cache/fusion_bench).")
     use_cache: bool = option(True, help="Read and write the head and image caches.")
-    max_samples: int | None = option(None, help="At most this many evenly spaced test images per task (null: all).")
+    max_samples: int | None = option(None, help="At most this many evenly spaced images per task of the evaluated "
+                                     "split (null: all).")
 
 
 @register_taskpool("clip_zoo")
@@ -57,8 +63,11 @@ class CLIPZooTaskPool(CLIPZeroShotTaskPool):
             if unknown:
                 raise ConfigError(f"taskpool.select names unknown task '{unknown[0]}'.{did_you_mean(unknown[0], tasks)}")
             tasks = [t for t in tasks if t in zc.select]
-        split = "test"
+        split = zc.split
         if zc.corruption is not None:
+            if split != "test":
+                raise ConfigError(f"taskpool.corruption={zc.corruption!r} applies to the test split only, but "
+                                  f"taskpool.split={split!r}; drop one of them.")
             known = self.zoo.corruptions()
             if zc.corruption not in known:
                 raise ConfigError(f"taskpool.corruption={zc.corruption!r} is not a corruption of this zoo."

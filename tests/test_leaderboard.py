@@ -1,0 +1,122 @@
+"""The leaderboard's hyperparameter selection on the tiny CLIP zoo: the clip_zoo task pool's validation
+split, ``run_leaderboard(tune=True)`` choosing scaling_factor by validation accuracy, and the errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fusion_bench.benchmark.zoo import Zoo
+from fusion_bench.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> Zoo:
+    """A tiny zoo built in-process (a few seconds), with its caches kept in the test's temporary folder."""
+    base = tmp_path_factory.mktemp("lb_zoo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
+        zoo = Zoo("tiny", base / "tiny")
+        zoo.build(progress=False, log=lambda s: None)
+    return zoo
+
+
+def _taskpool(zoo: Zoo, **extra):
+    from fusion_bench.taskpool.base import build_taskpool
+
+    return build_taskpool({"type": "clip_zoo", "scale": "tiny", "root": str(zoo.root), "build": False, **extra})
+
+
+def test_validation_split_taskpool_evaluates_the_validation_images(tiny_zoo):
+    from datasets import load_from_disk
+
+    from fusion_bench.data.loading import dataset_fingerprint
+
+    zoo = tiny_zoo
+    task = zoo.tasks[0]
+    splits = load_from_disk(str(zoo.data_path(task)))
+    val = _taskpool(zoo, split="validation", select=[task])
+    test = _taskpool(zoo, select=[task])
+    val_labels = val.images(task).labels
+    test_labels = test.images(task).labels
+    assert val_labels.numel() == len(splits["validation"])
+    assert val_labels.tolist() == list(splits["validation"]["label"])
+    assert test_labels.tolist() == list(splits["test"]["label"])
+    assert val_labels.tolist() != test_labels.tolist()
+    info = val.report_extras()["evaluation_splits"][task]
+    assert info["split"] == "validation" and info["samples"] == len(splits["validation"])
+    assert info["fingerprint"] == dataset_fingerprint(splits["validation"])
+    assert info["fingerprint"] != test.report_extras()["evaluation_splits"][task]["fingerprint"]
+    # max_samples applies to the validation split too
+    few = _taskpool(zoo, split="validation", select=[task], max_samples=5)
+    assert few.images(task).labels.numel() == 5
+
+
+def test_validation_split_with_corruption_is_a_config_error(tiny_zoo):
+    with pytest.raises(ConfigError, match=r"taskpool\.corruption.*taskpool\.split='validation'"):
+        _taskpool(tiny_zoo, split="validation", corruption=tiny_zoo.corruptions()[0])
+    with pytest.raises(ConfigError, match="taskpool.split"):
+        _taskpool(tiny_zoo, split="train")
+
+
+def test_tuned_leaderboard_selects_scaling_factor_on_validation(tiny_zoo, tmp_path):
+    from fusion_bench.benchmark.leaderboard import TUNED_DATA, run_leaderboard
+    from fusion_bench.methods.base import build_method
+    from fusion_bench.modelpool.base import build_modelpool
+
+    zoo = tiny_zoo
+    grid = [1.0, 0.1]  # given unsorted: the row records it sorted
+    doc = run_leaderboard("tiny", str(zoo.root), tmp_path / "lb", methods=["simple_average", "task_arithmetic"],
+                          tune=True, tune_grid=grid, log=lambda s: None)
+    rows = {r["method"]: r for r in doc["rows"]}
+    ta = rows["task_arithmetic"]
+    tuned = ta["tuned"]
+    scores = tuned["validation_average"]
+    assert tuned["grid"] == [0.1, 1.0] and set(scores) == {0.1, 1.0}
+    top = max(scores.values())
+    expected = min(v for v, a in scores.items() if a == top)  # argmax, ties to the smaller value
+    assert tuned["scaling_factor"] == expected
+    assert ta["hyperparameters"]["scaling_factor"] == expected
+    assert ta["data"] == TUNED_DATA and "validation split" in ta["data"]
+    assert ta["tuning_time_s"] > 0 and ta["merge_time_s"] is not None
+    # simple_average has no scaling_factor: untouched
+    sa = rows["simple_average"]
+    assert "tuned" not in sa and "tuning_time_s" not in sa and sa["data"] == "none"
+
+    # one validation average, recomputed independently: merge with that value, evaluate on validation
+    pool = build_modelpool({"type": "clip_zoo", "scale": "tiny", "root": str(zoo.root), "build": False})
+    val = _taskpool(zoo, split="validation")
+    torch.manual_seed(0)
+    model = build_method({"name": "task_arithmetic", "scaling_factor": 0.1}).run(pool).model
+    accs = [m["accuracy"] for m in val.evaluate(model)["tasks"].values()]
+    assert len(accs) == len(zoo.tasks)
+    assert scores[0.1] == pytest.approx(sum(accs) / len(accs))
+
+    out = tmp_path / "lb"
+    md = (out / "leaderboard.md").read_text()
+    assert f"| task_arithmetic (λ={expected:g}) |" in md and "| simple_average |" in md
+    assert "scaling_factor was chosen on the validation split" in md
+    saved = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert saved["task_arithmetic"]["tuned"]["scaling_factor"] == expected
+    with open(out / "leaderboard.csv") as f:
+        table = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(table["task_arithmetic"]["tuned_scaling_factor"]) == expected
+    assert table["simple_average"]["tuned_scaling_factor"] == ""
+
+
+def test_tune_options_are_checked_before_any_work(tmp_path):
+    from fusion_bench.benchmark.leaderboard import main, run_leaderboard, tunable
+    from fusion_bench.methods import get_method_class
+
+    assert tunable(get_method_class("task_arithmetic")) and tunable(get_method_class("ties_merging"))
+    assert not tunable(get_method_class("simple_average"))
+    root = str(tmp_path / "no_zoo")
+    with pytest.raises(ConfigError, match="tune_grid"):
+        run_leaderboard("tiny", root, tmp_path / "lb", tune_grid=[0.1])  # grid without tune
+    with pytest.raises(ConfigError, match="tune_grid"):
+        run_leaderboard("tiny", root, tmp_path / "lb", tune=True, tune_grid=[])
+    with pytest.raises(ConfigError, match="--tune-grid"):
+        main(["--scale", "tiny", "--root", root, "--out", str(tmp_path / "lb"), "--tune-grid", "0.1,big"])
