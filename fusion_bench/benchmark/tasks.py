@@ -58,7 +58,7 @@ __all__ = [
     "split_sizes",
 ]
 
-TASKS_VERSION = 2  # bump when any generator changes its output
+TASKS_VERSION = 3  # bump when any generator changes its output
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 # images per split at each scale; "tiny" is per class (a few dozen images, for tests)
 SCALES: dict[str, tuple[int, int, int]] = {"small": (600, 200, 400), "full": (3000, 500, 1000)}
@@ -228,7 +228,7 @@ _add(
         "letters", P.LETTERS,
         ("a photo of the letter {}.", "the letter {}.", "a picture of the letter {}.",
          "the character {} in some font.", "a rendered letter {}.", "the letter {}, printed in colour."),
-        "A Latin letter (upper case, lower case one time in four) rendered in one of 21 fonts, rotated, shifted, coloured, "
+        "An upper-case Latin letter rendered in one of 21 fonts, rotated, shifted, coloured, "
         "sometimes with a clutter stroke, with pixel noise.",
         "rendered with PIL from matplotlib's bundled TrueType fonts (DejaVu, STIX, Computer Modern)",
     ),
@@ -308,7 +308,7 @@ _add(
     _procedural(P.sign_image), ("a road sign.", "a symbol on a sign.", "a traffic sign.", "a sign plate."),
     {"plus sign": ("plus",), "multiplication sign": ("times sign",), "equals sign": ("equal sign",),
      "hash sign": ("number sign", "hashtag"), "question mark": ("question sign",), "heart": ("heart symbol",),
-     "check mark": ("tick",), "airplane": ("plane",), "smiley face": ("smiley",)},
+     "check mark": ("tick",), "lightning bolt": ("lightning",), "musical note": ("music note",)},
     "a {} symbol",
 )
 _add(
