@@ -378,6 +378,15 @@ def test_pretraining_pairs_use_train_only(tiny):
     assert [_digest(i) for i, _ in from_saved] == [_digest(i) for i, _ in pairs]
     with pytest.raises(ConfigError, match="shapes"):
         pretraining_pairs("tiny", seed=0, tasks=("shapes",), train={"shapes": (saved["shapes"][0], [0])})
+    # a per-task generic_prob: textures captions never name a class, shapes captions keep the global rate
+    mixed = pretraining_pairs("tiny", seed=0, tasks=tasks, generic_prob=0.0, synonym_prob=0.0,
+                              task_generic_prob={"textures": 1.0})
+    tex_names, shape_names = get_task_spec("textures").classnames, get_task_spec("shapes").classnames
+    tex_caps = [c for (img, c) in mixed if _digest(img) in {_digest(i) for i in tiny["textures"]["train"]["image"]}]
+    assert tex_caps and not any(any(n in c for n in tex_names) for c in tex_caps)
+    assert sum(any(n in c for n in shape_names) for _, c in mixed) == len(mixed) - len(tex_caps)
+    with pytest.raises(ConfigError, match="task_generic_prob.*textres"):
+        pretraining_pairs("tiny", seed=0, tasks=tasks, task_generic_prob={"textres": 0.5})
 
 
 def test_command_line_builds_and_reports(tmp_path, capsys):
