@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import datasets
 import numpy as np
@@ -387,6 +388,26 @@ def test_pretraining_pairs_use_train_only(tiny):
     assert sum(any(n in c for n in shape_names) for _, c in mixed) == len(mixed) - len(tex_caps)
     with pytest.raises(ConfigError, match="task_generic_prob.*textres"):
         pretraining_pairs("tiny", seed=0, tasks=tasks, task_generic_prob={"textres": 0.5})
+    # hidden classes: their names never appear, their aliases do, the other classes keep their names
+    from fusion_bench.benchmark.tasks import class_alias, hidden_classes
+
+    hid = hidden_classes("shapes", 0.5, seed=0)
+    assert len(hid) == round(0.5 * get_task_spec("shapes").num_classes) and hid == hidden_classes("shapes", 0.5, 0)
+    assert hidden_classes("shapes", 0.0) == []
+    names = get_task_spec("shapes").classnames
+    alias = {c: class_alias("shapes", c, 0) for c in hid}
+    assert len(set(alias.values())) == len(alias) and not set(alias.values()) & set(names)
+    hp = pretraining_pairs("tiny", seed=0, tasks=("shapes",), generic_prob=0.0, synonym_prob=0.0, label_noise=0.0,
+                           hidden_class_fraction=0.5)
+    labels = {_digest(im): int(y) for im, y in zip(tiny["shapes"]["train"]["image"], tiny["shapes"]["train"]["label"])}
+    for img, cap in hp:
+        y = labels[_digest(img)]
+        if y in alias:
+            assert alias[y] in cap and not any(re.search(rf"\b{re.escape(names[c])}\b", cap) for c in hid), cap
+        else:
+            assert names[y] in cap and not any(a in cap for a in alias.values()), cap
+    with pytest.raises(ConfigError, match="hidden_class_fraction"):
+        pretraining_pairs("tiny", tasks=("shapes",), hidden_class_fraction=2.0)
 
 
 def test_command_line_builds_and_reports(tmp_path, capsys):

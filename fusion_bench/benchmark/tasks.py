@@ -564,6 +564,7 @@ def pretraining_pairs(
     synonym_prob: float = 0.25,
     train: Mapping[str, tuple[Sequence[Image.Image], Sequence[int]]] | None = None,
     task_generic_prob: Mapping[str, float] | None = None,
+    hidden_class_fraction: float = 0.0,
 ) -> list[tuple[Image.Image, str]]:
     """Image-caption pairs for pre-training the benchmark's CLIP, drawn from the tasks' TRAIN splits only.
 
@@ -584,11 +585,17 @@ def pretraining_pairs(
         synonym_prob: probability of a synonym instead of the class name, when the class has one.
         task_generic_prob: per-task ``generic_prob`` overriding the global one, e.g. ``{"aerial": 0.9}``: web
             captions of some domains rarely name the class, and their zero-shot accuracy is lower.
+        hidden_class_fraction: the fraction of each task's classes (a fixed random subset, see
+            :func:`hidden_classes`) whose name never appears in a caption: their images are captioned with
+            an alias, a made-up word (:func:`class_alias`), as web captions name things in words a dataset
+            does not use. The encoder still learns to tell those classes apart, but the zero-shot head
+            built from the dataset's class names does not know them: fine-tuning has to align them.
         train: the train splits as ``{task: (images, labels)}`` when they are already built (the zoo passes
             its saved data entries); tasks missing from it are built here. The images must be the
             task's train split for ``(scale, seed)``: the pairs are then the same as when built here.
     """
-    for key, p in (("generic_prob", generic_prob), ("label_noise", label_noise), ("synonym_prob", synonym_prob)):
+    for key, p in (("generic_prob", generic_prob), ("label_noise", label_noise), ("synonym_prob", synonym_prob),
+                   ("hidden_class_fraction", hidden_class_fraction)):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"pretraining_pairs: {key} must be in [0, 1], got {p}.")
     if n is not None and n < 1:
@@ -610,6 +617,8 @@ def pretraining_pairs(
         else:
             images, labels = _build_arrays(name, scale, seed)["train"]
         pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
+    aliases = {name: {c: class_alias(name, c, seed) for c in hidden_classes(name, hidden_class_fraction, seed)}
+               for name in tasks}
     rng = _rng(seed, 4242)
     order = rng.permutation(len(pool))
     total = len(pool) if n is None else n
@@ -617,15 +626,39 @@ def pretraining_pairs(
     for j in range(total):
         img, name, lab = pool[order[j % len(pool)]]
         pairs.append((img, _caption(rng, _TASKS[name], lab, per_task.get(name, generic_prob), label_noise,
-                                    synonym_prob)))
+                                    synonym_prob, aliases[name])))
     return pairs
+
+
+def hidden_classes(name: str, fraction: float, seed: int = 0) -> list[int]:
+    """The labels of task ``name`` whose class names pre-training captions never use (sorted).
+
+    ``round(fraction * num_classes)`` labels drawn without replacement by a generator seeded with
+    ``seed`` and the task: the same for every call.
+    """
+    c = _task(name).spec.num_classes
+    k = int(round(fraction * c))
+    if k == 0:
+        return []
+    return sorted(int(v) for v in _rng(seed, _task_key(name), 7777).choice(c, size=k, replace=False))
+
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "pl", "st")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
+
+
+def class_alias(name: str, label: int, seed: int = 0) -> str:
+    """A made-up two- or three-syllable word standing for class ``label`` of task ``name`` (deterministic)."""
+    rng = _rng(seed, _task_key(name), 8888, label)
+    n = 2 + int(rng.integers(2))
+    return "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(n))
 
 
 _EXTRA_TEMPLATES = ("an image of {}.", "{}.", "a picture showing {}.", "this is {}.", "a small image of {}.")
 
 
 def _caption(rng: np.random.Generator, task: _Task, label: int, generic_prob: float, label_noise: float,
-             synonym_prob: float) -> str:
+             synonym_prob: float, aliases: Mapping[int, str] | None = None) -> str:
     if rng.random() < generic_prob:
         choices = task.generic + _GENERIC
         return choices[rng.integers(len(choices))]
@@ -636,6 +669,8 @@ def _caption(rng: np.random.Generator, task: _Task, label: int, generic_prob: fl
     syn = task.synonyms.get(cname, ())
     if syn and rng.random() < synonym_prob:
         cname = syn[rng.integers(len(syn))]
+    if aliases and label in aliases:  # a hidden class: neither its name nor a synonym, its alias
+        cname = aliases[label]
     if rng.random() < 0.2:
         t = _EXTRA_TEMPLATES[rng.integers(len(_EXTRA_TEMPLATES))]
         return _articles(t.format(task.phrase.format(cname)))
