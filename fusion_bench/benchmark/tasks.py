@@ -2,17 +2,17 @@
 
 The field's headline benchmark fine-tunes CLIP on SUN397, Stanford Cars, RESISC45, EuroSAT, SVHN, GTSRB,
 MNIST and DTD. Those cannot be downloaded here, so each task below is built offline from data that ships
-with installed packages, in the same spirit (digits vs textures vs objects vs scenes, 10 to 43 classes):
+with installed packages, in the same spirit (digits vs textures vs objects vs scenes, 10 to 26 classes):
 
 ==============  =====================================================  ========  ==========================
 task            images                                                 classes   stands in for
 ==============  =====================================================  ========  ==========================
-letters         letters rendered from matplotlib's fonts                    26   (character recognition)
+letters         upper-case letters rendered from matplotlib's fonts         26   (character recognition)
 fashion         Fashion-MNIST (Debian dataset-fashion-mnist / hub)          10   Stanford Cars (objects)
 aerial          procedural satellite tiles (land use)                      12   RESISC45 / EuroSAT
 shapes          procedural geometric shapes on cluttered backgrounds       14   SUN397 (objects in scenes)
 house_numbers   rendered street numbers with neighbour digits              10   SVHN
-signs           sign plates carrying rendered symbols                      43   GTSRB
+signs           sign plates carrying rendered symbols                      24   GTSRB
 digits          scikit-learn's 8x8 handwritten digits, upscaled            10   MNIST
 textures        procedural textures (DTD adjectives)                       21   DTD
 ==============  =====================================================  ========  ==========================
