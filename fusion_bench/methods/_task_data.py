@@ -33,7 +33,7 @@ A Python user can pass any other adapter with ``method.adapter = MyAdapter(...)`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -320,6 +320,30 @@ def start_data_run(method: Any, modelpool: ModelPool) -> tuple[list[str], torch.
     device = resolve_device(cfg.device)
     adapter = method.adapter or make_adapter(modelpool, cfg.adapter, cfg.image_column, cfg.label_column)
     return names, device, adapter, bool(cfg.progress and sys.stderr.isatty())
+
+
+def per_model_statistics(names: list[str], modelpool: ModelPool, adapter: TaskDataAdapter, *, label: str,
+                         split: str, num_examples: int | None, with_labels: bool, device: torch.device, show: bool,
+                         stat: Callable[[str, nn.Module, nn.Module, TaskExamples, Callable[[int], None]], Any],
+                         ) -> Iterator[tuple[str, nn.Module, int, Any]]:
+    """The per-model loop of a data method (Fisher, RegMean): each model on its own task's examples.
+
+    For every name: load the model, draw ``num_examples`` examples of its task's ``split``, make a float32
+    copy on ``device`` (the loaded model is left untouched) and the adapter's classifier around it, and call
+    ``stat(name, copy, classifier, examples, advance)`` under a progress bar ``"<label> <name>"``. Yields
+    ``(name, model, number of examples, stat's result)``; the copy is dropped before the next model.
+    """
+    import copy
+
+    for name in names:
+        model = modelpool.load_model(name)
+        data = adapter.examples(name, split, num_examples, with_labels=with_labels)
+        work = copy.deepcopy(model).to(device).float().eval()
+        clf = adapter.classifier(work, name).to(device).eval()
+        with progress(f"{label} {name}", len(data), show) as adv:
+            result = stat(name, work, clf, data, adv)
+        del work, clf
+        yield name, model, len(data), result
 
 
 def data_used(split: str, labels_read: bool, used: Mapping[str, int]) -> dict[str, Any]:

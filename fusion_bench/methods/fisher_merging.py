@@ -19,7 +19,7 @@ from fusion_bench.kernels.fisher import fisher_accumulate, fisher_finish
 from fusion_bench.methods._task_data import (
     TaskDataAdapter,
     data_used,
-    progress,
+    per_model_statistics,
     start_data_run,
 )
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
@@ -146,23 +146,21 @@ class FisherMerging(FusionMethod):
         used: dict[str, int] = {}
         total_sq: dict[str, float] = {}
         template: nn.Module | None = None
-        for name in names:
-            model = modelpool.load_model(name)
-            if template is None:
-                template = model
-            data = adapter.examples(name, cfg.split, cfg.num_fisher_examples, with_labels=cfg.label_source == "dataset")
-            used[name] = len(data)
-            work = copy.deepcopy(model).to(device).float().eval()
+        def fisher_of(name: str, work: nn.Module, clf: nn.Module, data, adv) -> dict[str, torch.Tensor]:
             params = {k: p for k, p in work.named_parameters() if p.dtype.is_floating_point}
             for p in work.parameters():
                 p.requires_grad_(True)
-            clf = adapter.classifier(work, name).to(device).eval()
             prefix = _param_prefix(clf, work)
-            with progress(f"fisher {name}", len(data), show) as adv:
-                sq = per_example_squared_grads(clf, {prefix + k: p for k, p in params.items()}, data.inputs,
-                                               data.labels, cfg.batch_size, device, adv)
-            del work, clf
-            fisher = {k[len(prefix):]: v / len(data) for k, v in sq.items()}
+            sq = per_example_squared_grads(clf, {prefix + k: p for k, p in params.items()}, data.inputs,
+                                           data.labels, cfg.batch_size, device, adv)
+            return {k[len(prefix):]: v / len(data) for k, v in sq.items()}
+
+        for name, model, n, fisher in per_model_statistics(
+                names, modelpool, adapter, label="fisher", split=cfg.split, num_examples=cfg.num_fisher_examples,
+                with_labels=cfg.label_source == "dataset", device=device, show=show, stat=fisher_of):
+            if template is None:
+                template = model
+            used[name] = n
             if cfg.normalize_fisher_weight:
                 norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in fisher.values()))
                 if norm > 0:

@@ -17,7 +17,7 @@ from fusion_bench.kernels.regmean import regmean_accumulate, regmean_solve
 from fusion_bench.methods._task_data import (
     TaskDataAdapter,
     data_used,
-    progress,
+    per_model_statistics,
     start_data_run,
 )
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
@@ -128,21 +128,18 @@ class RegMean(FusionMethod):
         sums = RegMeanSums(cfg.reduce_non_diagonal_ratio, cfg.include_bias)
         used: dict[str, int] = {}
         template: nn.Module | None = None
-        for name in names:
-            model = modelpool.load_model(name)
+        def grams_of(name: str, work: nn.Module, clf: nn.Module, data, adv):
+            if not any(isinstance(m, nn.Linear) for m in work.modules()):
+                raise ModelMismatchError(f"regmean: model '{name}' has no nn.Linear layer to merge; use "
+                                         "simple_average for it.")
+            return linear_grams(clf, work, data.inputs, cfg.batch_size, device, cfg.include_bias, cfg.exclude, adv)[0]
+
+        for name, model, n, grams in per_model_statistics(
+                names, modelpool, adapter, label="regmean", split=cfg.split, num_examples=cfg.num_regmean_examples,
+                with_labels=False, device=device, show=show, stat=grams_of):
             if template is None:
                 template = model
-                if not any(isinstance(m, nn.Linear) for m in model.modules()):
-                    raise ModelMismatchError(f"regmean: model '{name}' has no nn.Linear layer to merge; use "
-                                             "simple_average for it.")
-            data = adapter.examples(name, cfg.split, cfg.num_regmean_examples, with_labels=False)
-            used[name] = len(data)
-            work = copy.deepcopy(model).to(device).float().eval()
-            clf = adapter.classifier(work, name).to(device).eval()
-            with progress(f"regmean {name}", len(data), show) as adv:
-                grams, _ = linear_grams(clf, work, data.inputs, cfg.batch_size, device, cfg.include_bias,
-                                        cfg.exclude, adv)
-            del work, clf
+            used[name] = n
             sums.add(name, model, grams)
         if template is None:  # pragma: no cover - check_tasks rejects empty pools
             raise ConfigError("regmean: no models to merge.")
