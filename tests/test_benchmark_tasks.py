@@ -37,6 +37,7 @@ from fusion_bench.benchmark.tasks import (
     pretraining_pairs,
     save_task,
     split_sizes,
+    web_images,
 )
 from fusion_bench.errors import ConfigError
 
@@ -408,6 +409,46 @@ def test_pretraining_pairs_use_train_only(tiny):
             assert names[y] in cap and not any(a in cap for a in alias.values()), cap
     with pytest.raises(ConfigError, match="hidden_class_fraction"):
         pretraining_pairs("tiny", tasks=("shapes",), hidden_class_fraction=2.0)
+
+
+def test_web_images_are_in_no_split_and_join_pretraining(tiny):
+    for name in TASK_NAMES:
+        c = get_task_spec(name).num_classes
+        images, labels = web_images(name, 2 * c, seed=0, scale="tiny")
+        assert len(images) == 2 * c and sorted(labels.tolist()) == sorted(list(range(c)) * 2)
+        assert all(im.size == (IMAGE_SIZE, IMAGE_SIZE) and im.mode == "RGB" for im in images)
+        split_digests = {s: {_digest(im) for im in tiny[name][s]["image"]} for s in ("train", "validation", "test")}
+        web = [_digest(im) for im in images]
+        assert not set(web) & (split_digests["validation"] | split_digests["test"]), name
+        if name == "fashion":  # other official train rows than the train split's
+            assert not set(web) & split_digests["train"]
+        again, _ = web_images(name, 2 * c, seed=0, scale="tiny")
+        assert [_digest(im) for im in again] == web
+    # an image equal to a held-out one is redrawn (procedural), or refused where nothing can be redrawn
+    first, _ = web_images("shapes", 3, seed=0, scale="tiny")
+    redrawn, _ = web_images("shapes", 3, seed=0, held_out=[first[0]])
+    assert _digest(redrawn[0]) != _digest(first[0]) and [_digest(i) for i in redrawn[1:]] == [_digest(i) for i in first[1:]]
+    fashion, _ = web_images("fashion", 2, seed=0, scale="tiny")
+    with pytest.raises(ConfigError, match="fashion.*web image #0"):
+        web_images("fashion", 2, seed=0, held_out=[fashion[0]])
+    with pytest.raises(ConfigError, match="non-negative"):
+        web_images("shapes", -1)
+    assert web_images("shapes", 0)[0] == []
+    # pre-training pairs: the train images plus k web images per task; held-out images passed in or built
+    tasks = ("shapes", "digits")
+    plain = pretraining_pairs("tiny", seed=0, tasks=tasks)
+    pairs = pretraining_pairs("tiny", seed=0, tasks=tasks, web_images_per_task=5)
+    assert len(pairs) == len(plain) + 10
+    train = {_digest(im) for t in tasks for im in tiny[t]["train"]["image"]}
+    held = {_digest(im) for t in tasks for s in ("validation", "test") for im in tiny[t][s]["image"]}
+    digests = [_digest(im) for im, _ in pairs]
+    assert train <= set(digests) and not held & set(digests)
+    assert sum(d not in train for d in digests) == 10
+    given = {t: [im.convert("RGB") for s in ("validation", "test") for im in tiny[t][s]["image"]] for t in tasks}
+    same = pretraining_pairs("tiny", seed=0, tasks=tasks, web_images_per_task=5, held_out=given)
+    assert [_digest(im) for im, _ in same] == digests and [c for _, c in same] == [c for _, c in pairs]
+    with pytest.raises(ConfigError, match="web_images_per_task"):
+        pretraining_pairs("tiny", tasks=tasks, web_images_per_task=-2)
 
 
 def test_command_line_builds_and_reports(tmp_path, capsys):

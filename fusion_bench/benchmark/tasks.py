@@ -55,11 +55,15 @@ __all__ = [
     "CORRUPTIONS", "IMAGE_SIZE", "SCALES", "SPLITS", "TASK_NAMES", "TASKS_VERSION", "DataSourceError",
     "TaskSpec", "build_corrupted_test", "build_task_dataset", "corrupt_image", "dataset_hash",
     "get_task_spec", "list_tasks", "load_task", "load_task_meta", "pretraining_pairs", "save_task",
+    "web_images",
     "split_sizes",
 ]
 
 TASKS_VERSION = 3  # bump when any generator changes its output
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# a fourth random stream that no split uses: the extra, unlabelled-by-the-dataset "web" images of a task's
+# domain that pre-training may draw on (see :func:`web_images`)
+_STREAMS: tuple[str, ...] = (*SPLITS, "web")
 # images per split at each scale; "tiny" is per class (a few dozen images, for tests)
 SCALES: dict[str, tuple[int, int, int]] = {"small": (600, 200, 400), "full": (3000, 500, 1000)}
 _TINY_PER_CLASS = (2, 1, 1)
@@ -108,11 +112,11 @@ def _task_key(name: str) -> int:
 
 def _procedural(gen: Callable[[np.random.Generator, int], Image.Image]):
     def build(split: str, labels: np.ndarray, seed: int, key: int) -> list[Image.Image]:
-        s = SPLITS.index(split)
+        s = _STREAMS.index(split)
         return [gen(_rng(seed, key, s, i), int(lab)) for i, lab in enumerate(labels)]
 
     build.regenerate = lambda split, i, label, seed, key, attempt: gen(  # type: ignore[attr-defined]
-        _rng(seed, key, SPLITS.index(split), i, attempt), int(label)
+        _rng(seed, key, _STREAMS.index(split), i, attempt), int(label)
     )
     return build
 
@@ -143,10 +147,10 @@ def _digit_render(rng: np.random.Generator, src: np.ndarray) -> Image.Image:
 
 def _build_digits(split: str, labels: np.ndarray, seed: int, key: int) -> list[Image.Image]:
     images, _ = load_sklearn_digits()
-    pools = _digit_pools(seed, key)[split]
+    pools = _digit_pools(seed, key)["train" if split == "web" else split]  # web: new renders of train sources
     out = []
     for i, lab in enumerate(labels):
-        rng = _rng(seed, key, SPLITS.index(split), i)
+        rng = _rng(seed, key, _STREAMS.index(split), i)
         pool = pools[int(lab)]
         out.append(_digit_render(rng, images[pool[rng.integers(len(pool))]]))
     return out
@@ -154,8 +158,8 @@ def _build_digits(split: str, labels: np.ndarray, seed: int, key: int) -> list[I
 
 def _regen_digits(split: str, i: int, label: int, seed: int, key: int, attempt: int) -> Image.Image:
     images, _ = load_sklearn_digits()
-    pool = _digit_pools(seed, key)[split][int(label)]
-    rng = _rng(seed, key, SPLITS.index(split), i, attempt)
+    pool = _digit_pools(seed, key)["train" if split == "web" else split][int(label)]
+    rng = _rng(seed, key, _STREAMS.index(split), i, attempt)
     return _digit_render(rng, images[pool[rng.integers(len(pool))]])
 
 
@@ -197,7 +201,10 @@ def _fashion_image(arr: np.ndarray) -> Image.Image:
 
 
 def _build_fashion(split: str, labels: np.ndarray, seed: int, key: int) -> list[Image.Image]:
-    pools = _fashion_pools(seed, key)[split]
+    if split == "web":  # the official train rows from the far end of each class's pool: the train split
+        pools = [p[::-1] for p in _fashion_pools(seed, key)["train"]]  # takes them from the front
+    else:
+        pools = _fashion_pools(seed, key)[split]
     used = [0] * len(pools)
     out = []
     for lab in labels:
@@ -205,7 +212,7 @@ def _build_fashion(split: str, labels: np.ndarray, seed: int, key: int) -> list[
         if used[lab] >= len(pool):
             raise ConfigError(
                 f"Task 'fashion' split '{split}' needs more than the {len(pool)} distinct Fashion-MNIST images "
-                f"of class '{FASHION_CLASSES[lab]}'; use a smaller scale."
+                f"of class '{FASHION_CLASSES[lab]}'; use a smaller scale or fewer web images."
             )
         out.append(_fashion_image(pool[used[lab]]))
         used[lab] += 1
@@ -419,6 +426,49 @@ def _build_arrays(name: str, scale: str, seed: int) -> dict[str, tuple[list[Imag
     return out
 
 
+def web_images(name: str, n: int, seed: int = 0, *, held_out: Sequence[Image.Image] | None = None,
+               scale: str = "full") -> tuple[list[Image.Image], np.ndarray]:
+    """``n`` more images of task ``name``'s domain, in no split: the stand-in for web images for pre-training.
+
+    They come from a random stream that no split uses (procedural tasks), new renders of the train
+    split's source digits (digits), or official Fashion-MNIST train rows from the other end of each class's
+    pool (fashion). None is pixel-identical to a validation or test image: those are redrawn. Labels are
+    balanced (``i % num_classes``, shuffled) and the same ``(name, n, seed)`` gives the same images.
+
+    Args:
+        name: a task from :func:`list_tasks`.
+        n: number of images (non-negative).
+        seed: the seed of the task build.
+        held_out: the task's validation and test images, when they are already built (the zoo passes its
+            saved data); otherwise the splits of ``(name, scale, seed)`` are built to check against.
+        scale: the task scale whose held-out splits to check against when ``held_out`` is not given.
+    """
+    if n < 0:
+        raise ConfigError(f"web_images: n must be a non-negative integer, got {n}.")
+    task = _task(name)
+    seed = _check_seed(seed)
+    key = _task_key(name)
+    labels = _rng(seed, key, 1000 + _STREAMS.index("web")).permutation(np.arange(n) % task.spec.num_classes)
+    if n == 0:
+        return [], labels
+    if held_out is None:
+        arrays = _build_arrays(name, scale, seed)
+        held_out = [*arrays["validation"][0], *arrays["test"][0]]
+    seen = {_pixel_digest(img) for img in held_out}
+    images = task.build("web", labels, seed, key)
+    regen = getattr(task.build, "regenerate", None)
+    for i, img in enumerate(images):
+        attempt = 0
+        while _pixel_digest(img) in seen:
+            attempt += 1
+            if regen is None or attempt > 50:
+                raise ConfigError(f"Task '{name}' could not draw web image #{i} distinct from the held-out "
+                                  "splits; use another seed or fewer web images.")
+            img = regen("web", i, int(labels[i]), seed, key, attempt)
+        images[i] = img
+    return images, labels
+
+
 def build_task_dataset(name: str, scale: str = "full", seed: int = 0):
     """Build task ``name`` as a ``datasets.DatasetDict`` with splits train / validation / test.
 
@@ -565,8 +615,11 @@ def pretraining_pairs(
     train: Mapping[str, tuple[Sequence[Image.Image], Sequence[int]]] | None = None,
     task_generic_prob: Mapping[str, float] | None = None,
     hidden_class_fraction: float = 0.0,
+    web_images_per_task: int = 0,
+    held_out: Mapping[str, Sequence[Image.Image]] | None = None,
 ) -> list[tuple[Image.Image, str]]:
-    """Image-caption pairs for pre-training the benchmark's CLIP, drawn from the tasks' TRAIN splits only.
+    """Image-caption pairs for pre-training the benchmark's CLIP: the tasks' TRAIN splits (and web images), never
+    a validation or test image.
 
     Each train image gets one caption: with probability ``generic_prob`` a class-free caption (of its domain,
     e.g. "a satellite image.", or fully generic, e.g. "a small picture."); otherwise a template (the task's
@@ -593,11 +646,20 @@ def pretraining_pairs(
         train: the train splits as ``{task: (images, labels)}`` when they are already built (the zoo passes
             its saved data entries); tasks missing from it are built here. The images must be the
             task's train split for ``(scale, seed)``: the pairs are then the same as when built here.
+        web_images_per_task: this many more images per task from :func:`web_images` (in no split, never
+            equal to a validation or test image) join the train images: a pre-training corpus larger than
+            the fine-tuning data, as CLIP's is, so the encoder learns features that generalise instead of
+            memorising the train images.
+        held_out: the tasks' validation and test images as ``{task: images}`` when already built, for the
+            web images' distinctness check (tasks missing from it are built here).
     """
     for key, p in (("generic_prob", generic_prob), ("label_noise", label_noise), ("synonym_prob", synonym_prob),
                    ("hidden_class_fraction", hidden_class_fraction)):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"pretraining_pairs: {key} must be in [0, 1], got {p}.")
+    if isinstance(web_images_per_task, bool) or not isinstance(web_images_per_task, int) or web_images_per_task < 0:
+        raise ConfigError(f"pretraining_pairs: web_images_per_task must be a non-negative integer, got "
+                          f"{web_images_per_task!r}.")
     if n is not None and n < 1:
         raise ConfigError(f"pretraining_pairs: n must be a positive integer or None, got {n}.")
     per_task = dict(task_generic_prob or {})
@@ -617,6 +679,10 @@ def pretraining_pairs(
         else:
             images, labels = _build_arrays(name, scale, seed)["train"]
         pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
+        if web_images_per_task:
+            held = held_out.get(name) if held_out is not None else None
+            images, labels = web_images(name, web_images_per_task, seed, held_out=held, scale=scale)
+            pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
     aliases = {name: {c: class_alias(name, c, seed) for c in hidden_classes(name, hidden_class_fraction, seed)}
                for name in tasks}
     rng = _rng(seed, 4242)

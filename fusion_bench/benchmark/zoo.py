@@ -54,7 +54,8 @@ class ZooScale:
     pretrain_pairs: int = field(metadata={"help": "image-caption pairs drawn from the train splits"})
     finetune: dict[str, Any] = field(metadata={"help": "clip_finetune options"})
     pair_options: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "caption options of tasks.pretraining_pairs (generic_prob, label_noise, synonym_prob)"})
+        "help": "options of tasks.pretraining_pairs (generic_prob, label_noise, synonym_prob, task_generic_prob, "
+                "hidden_class_fraction, web_images_per_task)"})
     seed: int = field(default=0, metadata={"help": "seed of data, pretraining and fine-tuning"})
     corruptions: int | list[str] | None = field(default=None, metadata={
         "help": "corrupted test splits: these names of tasks.CORRUPTIONS, or the first N of them (None: all, 0: none)"})
@@ -84,6 +85,7 @@ SCALES: dict[str, ZooScale] = {
                                     text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, vocab_size=700,
                                     max_length=24, steps=30, batch_size=32, lr=2e-3, warmup_steps=5),
         pretrain_pairs=400,
+        pair_options={"web_images_per_task": 4},  # exercises the web-image path
         finetune=dict(mode="full", steps=12, batch_size=32, lr=1e-3, warmup_steps=2),
         corruptions=5,
     ),
@@ -352,12 +354,16 @@ class Zoo:
         from fusion_bench.benchmark import tasks as T
         from fusion_bench.benchmark.clip_pretrain import pretrain_clip, save_clip
 
-        train = {}
-        for task in self.tasks:  # the saved train splits (PNG, lossless): the images are not generated again
-            ds = load_from_disk(str(self.data_path(task)))["train"]
-            train[task] = ([im.convert("RGB") for im in ds["image"]], [int(v) for v in ds["label"]])
+        train, held_out = {}, {}
+        web = bool(self.spec.pair_options.get("web_images_per_task"))
+        for task in self.tasks:  # the saved splits (PNG, lossless): the images are not generated again
+            dd = load_from_disk(str(self.data_path(task)))
+            train[task] = ([im.convert("RGB") for im in dd["train"]["image"]], [int(v) for v in dd["train"]["label"]])
+            if web:  # the web images are checked against these
+                held_out[task] = [im.convert("RGB") for s in ("validation", "test") for im in dd[s]["image"]]
         pairs = T.pretraining_pairs(self.spec.data_scale, self.spec.seed, self.spec.pretrain_pairs,
-                                    tasks=self.tasks, train=train, **self.spec.pair_options)
+                                    tasks=self.tasks, train=train, held_out=held_out or None,
+                                    **self.spec.pair_options)
         images = [p[0] for p in pairs]
         captions = [p[1] for p in pairs]
         bar = bars.add("pretraining CLIP", self.spec.pretrain.steps)
