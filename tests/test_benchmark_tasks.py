@@ -409,6 +409,22 @@ def test_pretraining_pairs_use_train_only(tiny):
             assert names[y] in cap and not any(a in cap for a in alias.values()), cap
     with pytest.raises(ConfigError, match="hidden_class_fraction"):
         pretraining_pairs("tiny", tasks=("shapes",), hidden_class_fraction=2.0)
+    # hidden_name_prob: a hidden class is sometimes captioned with its real name (0: never, the default)
+    opts = dict(seed=0, tasks=("shapes",), generic_prob=0.0, synonym_prob=0.0, label_noise=0.0,
+                hidden_class_fraction=0.5, n=600)
+    never = pretraining_pairs("tiny", hidden_name_prob=0.0, **opts)
+    assert [c for _, c in never] == [c for _, c in pretraining_pairs("tiny", **opts)]
+    for prob in (0.3, 1.0):
+        some = pretraining_pairs("tiny", hidden_name_prob=prob, **opts)
+        hidden_caps = [c for img, c in some if labels[_digest(img)] in alias]
+        real = np.mean([not any(a in c for a in alias.values()) for c in hidden_caps])
+        assert abs(real - prob) < 0.1, (prob, real)
+        for img, c in some:
+            y = labels[_digest(img)]
+            if y in alias and alias[y] not in c:
+                assert re.search(rf"\b{re.escape(names[y])}\b", c), c
+    with pytest.raises(ConfigError, match="hidden_name_prob"):
+        pretraining_pairs("tiny", tasks=("shapes",), hidden_name_prob=-0.1)
 
 
 def test_web_images_are_in_no_split_and_join_pretraining(tiny):

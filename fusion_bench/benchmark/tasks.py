@@ -615,8 +615,10 @@ def pretraining_pairs(
     train: Mapping[str, tuple[Sequence[Image.Image], Sequence[int]]] | None = None,
     task_generic_prob: Mapping[str, float] | None = None,
     hidden_class_fraction: float = 0.0,
+    hidden_name_prob: float = 0.0,
     web_images_per_task: int = 0,
     held_out: Mapping[str, Sequence[Image.Image]] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """Image-caption pairs for pre-training the benchmark's CLIP: the tasks' TRAIN splits (and web images), never
     a validation or test image.
@@ -643,6 +645,8 @@ def pretraining_pairs(
             an alias, a made-up word (:func:`class_alias`), as web captions name things in words a dataset
             does not use. The encoder still learns to tell those classes apart, but the zero-shot head
             built from the dataset's class names does not know them: fine-tuning has to align them.
+        hidden_name_prob: the probability that a hidden class's caption uses its real name after all (else
+            its alias): the name is rare rather than absent, so the zero-shot head knows it only vaguely.
         train: the train splits as ``{task: (images, labels)}`` when they are already built (the zoo passes
             its saved data entries); tasks missing from it are built here. The images must be the
             task's train split for ``(scale, seed)``: the pairs are then the same as when built here.
@@ -652,9 +656,10 @@ def pretraining_pairs(
             memorising the train images.
         held_out: the tasks' validation and test images as ``{task: images}`` when already built, for the
             web images' distinctness check (tasks missing from it are built here).
+        progress: called with the task name once that task's images are ready.
     """
     for key, p in (("generic_prob", generic_prob), ("label_noise", label_noise), ("synonym_prob", synonym_prob),
-                   ("hidden_class_fraction", hidden_class_fraction)):
+                   ("hidden_class_fraction", hidden_class_fraction), ("hidden_name_prob", hidden_name_prob)):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"pretraining_pairs: {key} must be in [0, 1], got {p}.")
     if isinstance(web_images_per_task, bool) or not isinstance(web_images_per_task, int) or web_images_per_task < 0:
@@ -683,6 +688,8 @@ def pretraining_pairs(
             held = held_out.get(name) if held_out is not None else None
             images, labels = web_images(name, web_images_per_task, seed, held_out=held, scale=scale)
             pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
+        if progress is not None:
+            progress(name)
     aliases = {name: {c: class_alias(name, c, seed) for c in hidden_classes(name, hidden_class_fraction, seed)}
                for name in tasks}
     rng = _rng(seed, 4242)
@@ -692,7 +699,7 @@ def pretraining_pairs(
     for j in range(total):
         img, name, lab = pool[order[j % len(pool)]]
         pairs.append((img, _caption(rng, _TASKS[name], lab, per_task.get(name, generic_prob), label_noise,
-                                    synonym_prob, aliases[name])))
+                                    synonym_prob, aliases[name], hidden_name_prob)))
     return pairs
 
 
@@ -724,7 +731,7 @@ _EXTRA_TEMPLATES = ("an image of {}.", "{}.", "a picture showing {}.", "this is 
 
 
 def _caption(rng: np.random.Generator, task: _Task, label: int, generic_prob: float, label_noise: float,
-             synonym_prob: float, aliases: Mapping[int, str] | None = None) -> str:
+             synonym_prob: float, aliases: Mapping[int, str] | None = None, hidden_name_prob: float = 0.0) -> str:
     if rng.random() < generic_prob:
         choices = task.generic + _GENERIC
         return choices[rng.integers(len(choices))]
@@ -735,8 +742,8 @@ def _caption(rng: np.random.Generator, task: _Task, label: int, generic_prob: fl
     syn = task.synonyms.get(cname, ())
     if syn and rng.random() < synonym_prob:
         cname = syn[rng.integers(len(syn))]
-    if aliases and label in aliases:  # a hidden class: neither its name nor a synonym, its alias
-        cname = aliases[label]
+    if aliases and label in aliases and (hidden_name_prob <= 0.0 or rng.random() >= hidden_name_prob):
+        cname = aliases[label]  # a hidden class: neither its name nor a synonym, its alias
     if rng.random() < 0.2:
         t = _EXTRA_TEMPLATES[rng.integers(len(_EXTRA_TEMPLATES))]
         return _articles(t.format(task.phrase.format(cname)))

@@ -74,7 +74,7 @@ SCALES: dict[str, ZooScale] = {
         # web captions of satellite tiles and product photos rarely name the dataset's class, and 30 % of each
         # task's classes go by another word (an alias): their zero-shot head is unknown to the pretrained model
         pair_options={"generic_prob": 0.15, "task_generic_prob": {"fashion": 0.8, "aerial": 0.9},
-                      "hidden_class_fraction": 0.3},
+                      "hidden_class_fraction": 0.3, "web_images_per_task": 9000},
         finetune=dict(mode="full", steps=500, batch_size=64, lr=5e-4, warmup_steps=50, augment_shift=3),
         # the six the benchmark issue names (CIFAR-10-C families: noise, blur, digital): ~40 % less build time than all ten
         corruptions=["gaussian_noise", "impulse_noise", "motion_blur", "pixelate", "contrast", "jpeg_compression"],
@@ -361,8 +361,10 @@ class Zoo:
             train[task] = ([im.convert("RGB") for im in dd["train"]["image"]], [int(v) for v in dd["train"]["label"]])
             if web:  # the web images are checked against these
                 held_out[task] = [im.convert("RGB") for s in ("validation", "test") for im in dd[s]["image"]]
+        drawing = bars.add("pre-training images" + (" (train + web)" if web else ""), len(self.tasks))
         pairs = T.pretraining_pairs(self.spec.data_scale, self.spec.seed, self.spec.pretrain_pairs,
                                     tasks=self.tasks, train=train, held_out=held_out or None,
+                                    progress=lambda task: bars.update(drawing, self.tasks.index(task) + 1, task),
                                     **self.spec.pair_options)
         images = [p[0] for p in pairs]
         captions = [p[1] for p in pairs]
@@ -452,7 +454,7 @@ class _Bars:
             self._p.update(task, completed=completed, info=info)
         elif self._log is not None and task in self._tasks:  # no terminal: a line every 10 %
             desc, total = self._tasks[task]
-            if total >= 10 and completed % max(1, total // 10) == 0:
+            if completed % max(1, total // 10) == 0:
                 self._log(f"zoo: {desc} {completed}/{total} {info}")
 
     def advance(self, task: int) -> None:
