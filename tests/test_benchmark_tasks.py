@@ -465,6 +465,13 @@ def test_web_images_are_in_no_split_and_join_pretraining(tiny):
     assert [_digest(im) for im, _ in same] == digests and [c for _, c in same] == [c for _, c in pairs]
     with pytest.raises(ConfigError, match="web_images_per_task"):
         pretraining_pairs("tiny", tasks=tasks, web_images_per_task=-2)
+    # drawn by two processes: the same pairs, and the progress callback still sees every task in order
+    seen = []
+    parallel = pretraining_pairs("tiny", seed=0, tasks=tasks, web_images_per_task=5, workers=2, progress=seen.append)
+    assert [_digest(im) for im, _ in parallel] == digests and [c for _, c in parallel] == [c for _, c in pairs]
+    assert seen == list(tasks)
+    with pytest.raises(ConfigError, match="workers"):
+        pretraining_pairs("tiny", tasks=tasks, workers=0)
 
 
 def test_command_line_builds_and_reports(tmp_path, capsys):

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -619,6 +620,7 @@ def pretraining_pairs(
     web_images_per_task: int = 0,
     held_out: Mapping[str, Sequence[Image.Image]] | None = None,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> list[tuple[Image.Image, str]]:
     """Image-caption pairs for pre-training the benchmark's CLIP: the tasks' TRAIN splits (and web images), never
     a validation or test image.
@@ -657,6 +659,7 @@ def pretraining_pairs(
         held_out: the tasks' validation and test images as ``{task: images}`` when already built, for the
             web images' distinctness check (tasks missing from it are built here).
         progress: called with the task name once that task's images are ready.
+        workers: processes drawing the web images (the pairs do not depend on it).
     """
     for key, p in (("generic_prob", generic_prob), ("label_noise", label_noise), ("synonym_prob", synonym_prob),
                    ("hidden_class_fraction", hidden_class_fraction), ("hidden_name_prob", hidden_name_prob)):
@@ -674,22 +677,45 @@ def pretraining_pairs(
                               f"tasks {list(tasks)}.{did_you_mean(name, tasks)}")
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"pretraining_pairs: task_generic_prob[{name!r}] must be in [0, 1], got {p}.")
-    pool: list[tuple[Image.Image, str, int]] = []
-    for name in tasks:
-        if train is not None and name in train:
-            images, labels = train[name]
-            if len(images) != len(labels):
-                raise ConfigError(f"pretraining_pairs: task '{name}' has {len(images)} train images but "
-                                  f"{len(labels)} labels.")
-        else:
-            images, labels = _build_arrays(name, scale, seed)["train"]
-        pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
-        if web_images_per_task:
-            held = held_out.get(name) if held_out is not None else None
-            images, labels = web_images(name, web_images_per_task, seed, held_out=held, scale=scale)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"pretraining_pairs: workers must be a positive integer, got {workers!r}.")
+    web_jobs: dict[str, Any] = {}
+    executor = None
+    if web_images_per_task and workers > 1 and len(tasks) > 1:
+        # the web images of different tasks are independent draws: other processes make them while this
+        # one reads the train splits (spawned, not forked: the parent may hold torch's thread pools)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        executor = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        if executor is not None:
+            for name in tasks:
+                held = held_out.get(name) if held_out is not None else None
+                web_jobs[name] = executor.submit(web_images, name, web_images_per_task, seed, held_out=held,
+                                                 scale=scale)
+        pool: list[tuple[Image.Image, str, int]] = []
+        for name in tasks:
+            if train is not None and name in train:
+                images, labels = train[name]
+                if len(images) != len(labels):
+                    raise ConfigError(f"pretraining_pairs: task '{name}' has {len(images)} train images but "
+                                      f"{len(labels)} labels.")
+            else:
+                images, labels = _build_arrays(name, scale, seed)["train"]
             pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
-        if progress is not None:
-            progress(name)
+            if web_images_per_task:
+                if name in web_jobs:
+                    images, labels = web_jobs[name].result()
+                else:
+                    held = held_out.get(name) if held_out is not None else None
+                    images, labels = web_images(name, web_images_per_task, seed, held_out=held, scale=scale)
+                pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
+            if progress is not None:
+                progress(name)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
     aliases = {name: {c: class_alias(name, c, seed) for c in hidden_classes(name, hidden_class_fraction, seed)}
                for name in tasks}
     rng = _rng(seed, 4242)

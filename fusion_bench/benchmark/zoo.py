@@ -75,7 +75,7 @@ SCALES: dict[str, ZooScale] = {
         # task's classes go by another word (an alias): their zero-shot head is unknown to the pretrained model
         pair_options={"generic_prob": 0.15, "task_generic_prob": {"fashion": 0.8, "aerial": 0.9},
                       "hidden_class_fraction": 0.3, "web_images_per_task": 9000},
-        finetune=dict(mode="full", steps=500, batch_size=64, lr=5e-4, warmup_steps=50, augment_shift=3),
+        finetune=dict(mode="full", steps=800, batch_size=64, lr=5e-4, warmup_steps=80, augment_shift=3),
         # the six the benchmark issue names (CIFAR-10-C families: noise, blur, digital): ~40 % less build time than all ten
         corruptions=["gaussian_noise", "impulse_noise", "motion_blur", "pixelate", "contrast", "jpeg_compression"],
     ),
@@ -365,6 +365,7 @@ class Zoo:
         pairs = T.pretraining_pairs(self.spec.data_scale, self.spec.seed, self.spec.pretrain_pairs,
                                     tasks=self.tasks, train=train, held_out=held_out or None,
                                     progress=lambda task: bars.update(drawing, self.tasks.index(task) + 1, task),
+                                    workers=min(2, os.cpu_count() or 1),
                                     **self.spec.pair_options)
         images = [p[0] for p in pairs]
         captions = [p[1] for p in pairs]
