@@ -445,7 +445,7 @@ def test_web_images_are_in_no_split_and_join_pretraining(tiny):
     redrawn, _ = web_images("shapes", 3, seed=0, held_out=[first[0]])
     assert _digest(redrawn[0]) != _digest(first[0]) and [_digest(i) for i in redrawn[1:]] == [_digest(i) for i in first[1:]]
     fashion, _ = web_images("fashion", 2, seed=0, scale="tiny")
-    with pytest.raises(ConfigError, match="fashion.*web image #0"):
+    with pytest.raises(ConfigError, match="fashion.*web image #0 distinct"):
         web_images("fashion", 2, seed=0, held_out=[fashion[0]])
     with pytest.raises(ConfigError, match="non-negative"):
         web_images("shapes", -1)

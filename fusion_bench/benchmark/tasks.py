@@ -409,22 +409,29 @@ def _build_arrays(name: str, scale: str, seed: int) -> dict[str, tuple[list[Imag
         n = sizes[split]
         labels = _rng(seed, key, 1000 + s_idx).permutation(np.arange(n) % c)
         images = task.build(split, labels, seed, key)
-        regen = getattr(task.build, "regenerate", None)
-        digests = []
-        for i, img in enumerate(images):
-            d = _pixel_digest(img)
-            attempt = 0
-            while d in seen:  # the image is in an earlier split: draw another one
-                attempt += 1
-                if regen is None or attempt > 50:
-                    raise ConfigError(f"Task '{name}' could not draw a distinct {split} image #{i}; use another seed.")
-                img = regen(split, i, int(labels[i]), seed, key, attempt)
-                d = _pixel_digest(img)
-            images[i] = img
-            digests.append(d)
-        seen.update(digests)  # duplicates inside one split are allowed, across splits never
-        out[split] = (images, labels)
+        seen.update(_redraw_seen(name, split, images, labels, seen, seed, key))
+        out[split] = (images, labels)  # duplicates inside one split are allowed, across splits never
     return out
+
+
+def _redraw_seen(name: str, split: str, images: list[Image.Image], labels: np.ndarray, seen: set[bytes],
+                 seed: int, key: int) -> list[bytes]:
+    """Redraw (in place) every image whose pixels are in ``seen``; return the final images' digests."""
+    regen = getattr(_task(name).build, "regenerate", None)
+    digests = []
+    for i, img in enumerate(images):
+        d = _pixel_digest(img)
+        attempt = 0
+        while d in seen:
+            attempt += 1
+            if regen is None or attempt > 50:
+                raise ConfigError(f"Task '{name}' could not draw a {split} image #{i} distinct from the other "
+                                  "splits; use another seed" + (" or fewer web images." if split == "web" else "."))
+            img = regen(split, i, int(labels[i]), seed, key, attempt)
+            d = _pixel_digest(img)
+        images[i] = img
+        digests.append(d)
+    return digests
 
 
 def web_images(name: str, n: int, seed: int = 0, *, held_out: Sequence[Image.Image] | None = None,
@@ -455,18 +462,8 @@ def web_images(name: str, n: int, seed: int = 0, *, held_out: Sequence[Image.Ima
     if held_out is None:
         arrays = _build_arrays(name, scale, seed)
         held_out = [*arrays["validation"][0], *arrays["test"][0]]
-    seen = {_pixel_digest(img) for img in held_out}
     images = task.build("web", labels, seed, key)
-    regen = getattr(task.build, "regenerate", None)
-    for i, img in enumerate(images):
-        attempt = 0
-        while _pixel_digest(img) in seen:
-            attempt += 1
-            if regen is None or attempt > 50:
-                raise ConfigError(f"Task '{name}' could not draw web image #{i} distinct from the held-out "
-                                  "splits; use another seed or fewer web images.")
-            img = regen("web", i, int(labels[i]), seed, key, attempt)
-        images[i] = img
+    _redraw_seen(name, "web", images, labels, {_pixel_digest(img) for img in held_out}, seed, key)
     return images, labels
 
 
@@ -679,6 +676,9 @@ def pretraining_pairs(
             raise ConfigError(f"pretraining_pairs: task_generic_prob[{name!r}] must be in [0, 1], got {p}.")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"pretraining_pairs: workers must be a positive integer, got {workers!r}.")
+    def held(name: str) -> Sequence[Image.Image] | None:
+        return held_out.get(name) if held_out is not None else None
+
     web_jobs: dict[str, Any] = {}
     executor = None
     if web_images_per_task and workers > 1 and len(tasks) > 1:
@@ -690,10 +690,8 @@ def pretraining_pairs(
         executor = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
     try:
         if executor is not None:
-            for name in tasks:
-                held = held_out.get(name) if held_out is not None else None
-                web_jobs[name] = executor.submit(web_images, name, web_images_per_task, seed, held_out=held,
-                                                 scale=scale)
+            web_jobs = {name: executor.submit(web_images, name, web_images_per_task, seed, held_out=held(name),
+                                              scale=scale) for name in tasks}
         pool: list[tuple[Image.Image, str, int]] = []
         for name in tasks:
             if train is not None and name in train:
@@ -705,11 +703,8 @@ def pretraining_pairs(
                 images, labels = _build_arrays(name, scale, seed)["train"]
             pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
             if web_images_per_task:
-                if name in web_jobs:
-                    images, labels = web_jobs[name].result()
-                else:
-                    held = held_out.get(name) if held_out is not None else None
-                    images, labels = web_images(name, web_images_per_task, seed, held_out=held, scale=scale)
+                images, labels = (web_jobs[name].result() if name in web_jobs else
+                                  web_images(name, web_images_per_task, seed, held_out=held(name), scale=scale))
                 pool.extend((img, name, int(lab)) for img, lab in zip(images, labels))
             if progress is not None:
                 progress(name)

@@ -65,9 +65,9 @@ SCALES: dict[str, ZooScale] = {
     "full": ZooScale(
         data_scale="full",
         # 6000 steps on 96k distinct images (the train splits plus 9000 web images per task, each seen 8 times):
-        # an encoder whose features generalise (linear probe 74-96 % in the lab run), so fine-tuning stays a small move and
-        # merges land between pretrained and fine-tuned; the text tower has one layer (the captions are short
-        # templates) to pay for the vision steps. docs/benchmark.md has the lab notes behind these values.
+        # an encoder whose features generalise (linear probe 74-96 % in the lab run), so fine-tuning stays a
+        # small move and merges land between pretrained and fine-tuned; the text tower has one layer (the
+        # captions are short templates) to pay for the vision steps. docs/benchmark.md has the lab notes.
         pretrain=CLIPPretrainConfig(image_size=32, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
                                     text_hidden=128, text_layers=1, text_heads=4, projection_dim=128, vocab_size=1536,
                                     max_length=32, steps=6000, batch_size=128, lr=1e-3, warmup_steps=100),
