@@ -392,8 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise ConfigError(f"leaderboard --tune-grid={args.tune_grid!r} must be comma-separated numbers, "
                               "e.g. 0.1,0.3,1.0.") from None
-    doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption,
-                          tune=args.tune or grid is not None, tune_grid=grid)
+    from fusion_bench.benchmark.zoo import _quiet_transformers
+
+    with _quiet_transformers():  # no "Loading weights" bar for each of the hundreds of model loads
+        doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption,
+                              tune=args.tune or grid is not None, tune_grid=grid)
     print(to_markdown(doc))
     print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) in {doc['total_time_s']:.1f}s")
     return 0
