@@ -13,7 +13,8 @@ def test_every_method_in_readme_table():
 
 
 def test_readme_gives_main_job_and_test_commands():
-    assert "pip install torch==2.13.0 && pip install -e . && fusion_bench" in README
+    assert ("apt-get install -y -qq dataset-fashion-mnist && pip install torch==2.13.0 && pip install -e . && fusion_bench"
+            in README)
     assert 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q -x' in README
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
-    assert "python -m pytest -q -x" in ci and "torch==2.13.0" in ci
+    assert "python -m pytest -q -x" in ci and "torch==2.13.0" in ci and "dataset-fashion-mnist" in ci
