@@ -8,8 +8,6 @@ a module.
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +20,14 @@ from torch import nn
 from fusion_bench.config_schema import build_config, option, to_plain
 from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError, did_you_mean
 from fusion_bench.io.atomic import atomic_dir, atomic_path
-from fusion_bench.io.checkpoint import ModuleSource, StateDictSource, TensorSource, open_checkpoint
+from fusion_bench.io.checkpoint import (
+    ModuleSource,
+    StateDictSource,
+    TensorSource,
+    open_checkpoint,
+    read_json_object,
+)
+from fusion_bench.models.registry import check_plain_data, is_allowed_ref, resolve_class_ref
 from fusion_bench.utils import parse_dtype
 
 PRETRAINED = "_pretrained_"
@@ -50,10 +55,13 @@ class ModelPoolConfig:
         ".bin/.pt state-dict file. '_pretrained_' names the base model.")
     model_class: str = option(
         "auto", help="Which class loads Hugging Face checkpoints: one of " + ", ".join(MODEL_CLASSES)
-        + ", or a dotted path such as 'transformers.CLIPVisionModel'. Ignored for state-dict files.")
+        + ", a transformers class such as 'transformers.CLIPVisionModel', or a class registered with "
+        "fusion_bench.models.registry.register_model_class. Ignored for state-dict files.")
     architecture: dict[str, Any] | None = option(
-        None, help="For state-dict pools: {'class': 'pkg.module.Class', 'kwargs': {...}} builds the module "
-        "that the tensors are loaded into. Without it, merged state dicts are returned as a TensorBag.")
+        None, help="For state-dict pools: {'class': <name>, 'kwargs': {...}} builds the module that the tensors "
+        "are loaded into; <name> is a class registered with register_model_class (from Python) or a "
+        "transformers / torch.nn nn.Module class, and kwargs are plain data. Without it, merged state dicts "
+        "are returned as a TensorBag.")
     dtype: str | None = option(None, help="Load models in this dtype (float32, bf16, fp16); null keeps the checkpoint dtype.")
     tokenizer: str | None = option(None, help="Tokenizer folder or hub id saved beside merged language models.")
     processor: str | None = option(None, help="Image processor folder or hub id saved beside merged vision models.")
@@ -92,21 +100,29 @@ class TensorBag(nn.Module):
         raise TypeError("A TensorBag holds merged tensors only; give the model pool an `architecture` to run it.")
 
 
-def _import(path: str):
-    mod, _, attr = path.rpartition(".")
-    if not mod:
-        raise ConfigError(f"'{path}' is not a dotted import path (module.Class).")
-    try:
-        return getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"Cannot import '{path}': {e}") from e
-
-
 def resolve_model_class(model_class: str):
-    path = MODEL_CLASSES.get(model_class, model_class)
-    if "." not in path:
-        raise ConfigError(f"modelpool.model_class={model_class!r} is unknown.{did_you_mean(model_class, MODEL_CLASSES)}")
-    return _import(path)
+    """The class that loads Hugging Face checkpoints, resolved only through the allow-list
+    (:mod:`fusion_bench.models.registry`): a shortcut, a registered class, or a transformers class."""
+    return resolve_class_ref(model_class, "modelpool.model_class", MODEL_CLASSES, loader=True)
+
+
+def check_architecture(arch: Any) -> None:
+    """Check ``modelpool.architecture`` without importing or calling anything (configs are data)."""
+    if arch is None:
+        return
+    if not isinstance(arch, Mapping):
+        raise ConfigError(f"modelpool.architecture must be a mapping {{class: ..., kwargs: {{...}}}}, got {arch!r}.")
+    if "class" not in arch:
+        raise ConfigError("modelpool.architecture needs a 'class' key (a registered model class or a transformers / "
+                          "torch.nn class).")
+    extra = set(arch) - {"class", "kwargs"}
+    if extra:
+        raise ConfigError(f"Unknown key(s) {sorted(extra)} in modelpool.architecture; use 'class' and 'kwargs'.")
+    is_allowed_ref(arch["class"], "modelpool.architecture.class")
+    kwargs = arch.get("kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigError(f"modelpool.architecture.kwargs must be a mapping, got {type(kwargs).__name__}.")
+    check_plain_data(kwargs, "modelpool.architecture.kwargs")
 
 
 def resolve_hf_path(ref: str, name: str) -> Path:
@@ -175,6 +191,9 @@ class ModelPool:
         if not entries:
             raise ConfigError("The model pool is empty: set modelpool.models (name -> checkpoint path).")
         self._entries = entries
+        # configs are data: class names are checked against the allow-list now, before anything is imported
+        check_architecture(self.config.architecture)
+        is_allowed_ref(self.config.model_class, "modelpool.model_class", MODEL_CLASSES)
         self._sources: dict[str, TensorSource] = {}
         self.dtype = parse_dtype(self.config.dtype, "modelpool.dtype")
 
@@ -278,12 +297,14 @@ class ModelPool:
 
     def build_architecture(self) -> nn.Module:
         arch = self.config.architecture or {}
-        if "class" not in arch:
-            raise ConfigError("modelpool.architecture needs a 'class' key (dotted path of an nn.Module class).")
-        extra = set(arch) - {"class", "kwargs"}
-        if extra:
-            raise ConfigError(f"Unknown key(s) {sorted(extra)} in modelpool.architecture; use 'class' and 'kwargs'.")
-        return _import(arch["class"])(**dict(arch.get("kwargs") or {}))
+        check_architecture(arch if arch else {})
+        cls = resolve_class_ref(arch["class"], "modelpool.architecture.class")  # an allowed nn.Module class
+        kwargs = dict(arch.get("kwargs") or {})
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"modelpool.architecture: {cls.__name__}(**kwargs) failed ({e}); check "
+                              "modelpool.architecture.kwargs.") from e
 
     def load_pretrained_model(self) -> nn.Module:
         if not self.has_pretrained:
@@ -386,6 +407,8 @@ class ModelPool:
                     module = self.build_architecture()
             else:
                 return None
+        except ConfigError:
+            raise  # a class name off the allow-list is the user's to fix, not a reason to guess
         except Exception:
             return None
         return untied_keys(module.state_dict(keep_vars=True), self.source(name).keys())
@@ -401,7 +424,7 @@ class ModelPool:
                 continue
             cfg = resolve_hf_path(str(self._entries[n]), n) / "config.json"
             if cfg.exists():
-                mt = json.loads(cfg.read_text()).get("model_type")
+                mt = read_json_object(cfg, n).get("model_type")
                 types[n] = mt
         # a tower saved alone (CLIPVisionModel: 'clip_vision_model') belongs to its full model ('clip')
         family = {n: str(t).removesuffix("_vision_model").removesuffix("_text_model") for n, t in types.items()}
