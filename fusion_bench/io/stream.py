@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from fusion_bench.errors import CheckpointError
-from fusion_bench.io.checkpoint import _ST_DTYPES, SAFE_INDEX, TensorMeta
+from fusion_bench.io.checkpoint import (
+    _FIX,
+    _ST_DTYPES,
+    SAFE_INDEX,
+    HeaderEntry,
+    TensorMeta,
+    parse_safetensors_header,
+    read_weight_map,
+)
 
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -64,17 +72,10 @@ class TensorLocation:
         return self.row_bytes * self.rows if self.shape else dtype_size(self.dtype)
 
 
-def _read_header(path: Path, model: str) -> tuple[dict, int]:
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > 100 * 2**20:
-                raise ValueError(f"implausible header length {n}")
-            header = json.loads(fh.read(n))
-    except Exception as e:
-        raise CheckpointError(f"Model '{model}': cannot read the safetensors header of {path}: {e}. "
-                              "Re-download or re-save that file.") from e
-    return header, 8 + n
+def _read_header(path: Path, model: str) -> tuple[dict[str, str], list[HeaderEntry], int]:
+    """The validated header of ``path``: (metadata, entries in file order, data start); see
+    :func:`fusion_bench.io.checkpoint.parse_safetensors_header` (as strict as the safetensors library)."""
+    return parse_safetensors_header(path, model)
 
 
 class StreamReader:
@@ -92,12 +93,9 @@ class StreamReader:
         if path.is_dir():
             idx = path / SAFE_INDEX
             if idx.exists():
-                try:
-                    weight_map = json.loads(idx.read_text())["weight_map"]
-                except Exception as e:
-                    raise CheckpointError(f"Model '{self.name}': unreadable {idx}: {e}") from e
+                weight_map = read_weight_map(idx, self.name)
                 files = [path / f for f in dict.fromkeys(weight_map.values())]
-                missing = [f for f in files if not f.exists()]
+                missing = [f for f in files if not f.is_file()]
                 if missing:
                     raise CheckpointError(f"Model '{self.name}': shard {missing[0]} named in {idx} does not exist; "
                                           "the download is incomplete.")
@@ -115,21 +113,17 @@ class StreamReader:
         self.metadata: dict[str, str] = {}
         self._loc: dict[str, TensorLocation] = {}
         for f in files:
-            header, data_start = _read_header(f, self.name)
-            self.metadata.update(header.pop("__metadata__", None) or {})
-            size = f.stat().st_size
-            for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if k in self._loc:
-                    raise CheckpointError(f"Model '{self.name}': tensor '{k}' appears in two shards ({f.name} and "
-                                          f"{self._loc[k].file.name}).")
-                if v["dtype"] not in _ST_DTYPES:
-                    raise CheckpointError(f"Model '{self.name}': tensor '{k}' has unsupported dtype {v['dtype']}.")
-                s, e = v["data_offsets"]
-                loc = TensorLocation(f, data_start + s, tuple(int(d) for d in v["shape"]), _ST_DTYPES[v["dtype"]])
-                if e - s != loc.nbytes or data_start + e > size:
-                    raise CheckpointError(f"Model '{self.name}': tensor '{k}' in {f.name} has inconsistent offsets "
-                                          "(truncated or corrupt file).")
-                self._loc[k] = loc
+            meta, entries, data_start = _read_header(f, self.name)  # validated before any tensor byte is read
+            self.metadata.update(meta)
+            for t in entries:
+                if t.name in self._loc:
+                    raise CheckpointError(f"Model '{self.name}': tensor '{t.name}' appears in two shards ({f.name} "
+                                          f"and {self._loc[t.name].file.name}). {_FIX}")
+                loc = TensorLocation(f, data_start + t.begin, t.shape, _ST_DTYPES[t.dtype])
+                if t.end - t.begin != loc.nbytes:  # itemsize tables agree; kept as a guard
+                    raise CheckpointError(f"Model '{self.name}': tensor '{t.name}' in {f} has inconsistent "
+                                          f"offsets. {_FIX}")
+                self._loc[t.name] = loc
         self._fds: dict[Path, int] = {}
 
     # -- queries ---------------------------------------------------------------------------------
