@@ -679,7 +679,9 @@ def _copy_side_files(pool: ModelPool, plan: MergePlan, folder: Path) -> list[str
                 copied.append(f.name)
     cfg_path = folder / "config.json"
     if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
+        from fusion_bench.io.checkpoint import read_json_object
+
+        cfg = read_json_object(cfg_path, cfg_name)
         cfg.update(plan.config_updates)
         dtypes = {j.dtype for j in plan.jobs if j.dtype.is_floating_point}
         if len(dtypes) == 1:

@@ -251,8 +251,6 @@ def make_adapter(modelpool: ModelPool, adapter: str, image_column: str | None = 
 
 def is_clip_pool(modelpool: ModelPool) -> bool:
     """A CLIP pool: ``model_class`` clip/clip_vision, live CLIP modules, or a ``clip*`` config.json model_type."""
-    import json
-
     if modelpool.config.model_class in ("clip_vision", "clip", "transformers.CLIPVisionModel", "transformers.CLIPModel"):
         return True
     name = modelpool.model_names[0] if modelpool.model_names else modelpool.base_name()
@@ -263,7 +261,9 @@ def is_clip_pool(modelpool: ModelPool) -> bool:
         folder = modelpool.hf_folder(name)
         cfg = folder / "config.json" if folder is not None else None
         if cfg is not None and cfg.exists():
-            return str(json.loads(cfg.read_text()).get("model_type", "")).startswith("clip")
+            from fusion_bench.io.checkpoint import read_json_object
+
+            return str(read_json_object(cfg, name).get("model_type", "")).startswith("clip")
     return False
 
 
