@@ -9,7 +9,6 @@ by construction and streams as pure copies.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError, did_you_mean
+from fusion_bench.io.checkpoint import read_json_object
 from fusion_bench.methods.base import FusionMethod, FusionResult, register_method
 
 
@@ -138,7 +138,7 @@ class Passthrough(FusionMethod):
         for m in {s[0] for s in slices}:
             p = checkpoint_folder(pool, m)
             f = p / "config.json" if p is not None and p.is_dir() else None
-            cfgs[m] = json.loads(f.read_text()) if f is not None and f.exists() else {}
+            cfgs[m] = read_json_object(f, m) if f is not None and f.exists() else {}
         if all("layer_types" in c for c in cfgs.values()) and cfgs:
             updates["layer_types"] = [t for m, a, b in slices for t in cfgs[m]["layer_types"][a:b]]
         return updates

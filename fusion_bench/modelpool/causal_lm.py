@@ -22,13 +22,13 @@ requires equal shapes.
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fusion_bench.config_schema import option
 from fusion_bench.errors import CheckpointError, ConfigError, did_you_mean
+from fusion_bench.io.checkpoint import read_json_object
 from fusion_bench.modelpool.base import PRETRAINED, ModelPool, ModelPoolConfig
 from fusion_bench.modelpool.registry import register_modelpool
 
@@ -149,13 +149,14 @@ class CausalLMPool(ModelPool):
         f = folder / "tokenizer.json" if folder is not None else None
         if f is None or not f.exists():
             return None
+        tok = read_json_object(f, name, "tokenizer file")
         try:
-            tok = json.loads(f.read_text())
-        except Exception as e:
-            raise CheckpointError(f"Model '{name}': unreadable {f}: {e}") from e
-        vocab = dict((tok.get("model") or {}).get("vocab") or {})
-        for a in tok.get("added_tokens") or []:
-            vocab[a["content"]] = a["id"]
+            vocab = dict((tok.get("model") or {}).get("vocab") or {})
+            for a in tok.get("added_tokens") or []:
+                vocab[a["content"]] = a["id"]
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"Model '{name}': tokenizer file {f} has no valid vocabulary ({type(e).__name__}: "
+                                  f"{e}). Re-download or re-save that file.") from e
         return vocab if vocab else None
 
     def _tokenizer_conflicts(self, names: list[str], shared: int) -> list[str]:
