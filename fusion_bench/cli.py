@@ -101,28 +101,68 @@ def preflight(argv: list[str]) -> Any:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
         raise ConfigError(f"Cannot parse the command line: {str(e).splitlines()[0]}") from e
-    single = []
+    if config_dir is not None and not Path(config_dir).is_dir():
+        raise ConfigError(f"--config-dir {config_dir}: no such folder. Give a folder holding modelpool/, taskpool/ "
+                          "or method/ YAML files.")
+    single, sweeps = [], []
     for o in parsed:
         if o.key_or_group.startswith("hydra"):
             continue
         if o.is_sweep_override():
-            first = next(iter(o.sweep_string_iterator()))
-            single.append(f"{o.get_key_element()}={first}")
+            values = list(o.sweep_string_iterator())
+            for v in values:
+                _check_group_value(o.get_key_element(), v)
+            single.append(f"{o.get_key_element()}={values[0]}")
+            sweeps.append((len(single) - 1, o.get_key_element(), values[1:]))
         else:
+            if o.value_type is not None and isinstance(o.value(), str):
+                _check_group_value(o.get_key_element(), o.value())
             single.append(o.input_line)
     if config_dir:
         single.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    # the first value of every sweep together, then each further sweep value on its own (a sweep whose
+    # second value is invalid fails here, before any run starts)
+    variants = [single]
+    for i, key, rest in sweeps:
+        for v in rest:
+            variants.append([*single[:i], f"{key}={v}", *single[i + 1:]])
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            try:
-                cfg = compose(config_name="fusion_bench", overrides=single)
-            except (ConfigCompositionException, MissingConfigException) as e:
-                raise _explain(e, single, compose) from None
+            first = None
+            for ov in variants:
+                try:
+                    cfg = compose(config_name="fusion_bench", overrides=ov)
+                except (ConfigCompositionException, MissingConfigException) as e:
+                    raise _explain(e, ov, compose) from None
+                except Exception as e:  # YAML syntax errors and other parse failures of a config file
+                    raise ConfigError(_one_line(f"Cannot read the configuration: {e}")) from e
+                try:
+                    validate_composed(cfg)
+                except FusionBenchError as e:
+                    if len(variants) > 1 and ov is not single:
+                        swept = ov[[j for j, a in enumerate(ov) if a != single[j]][0]]
+                        raise type(e)(f"{e} (sweep value {swept})") from None
+                    raise
+                first = first if first is not None else cfg
     finally:
         GlobalHydra.instance().clear()
-    validate_composed(cfg)
-    return cfg
+    return first
+
+
+_GROUPS = ("method", "modelpool", "taskpool")
+
+
+def _check_group_value(key: str, value: str) -> None:
+    """A config group's option names a YAML inside the config folders; it may not leave them."""
+    group = key.lstrip("+~")
+    if group.split("@")[0] not in _GROUPS:
+        return
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith(("/", "~")) or ".." in parts or ":" in value:
+        raise ConfigError(f"{group}={value}: a config name cannot leave the config folders (no '..', absolute paths "
+                          f"or drive letters). Put your YAML in a folder DIR as DIR/{group}/NAME.yaml and run "
+                          f"`fusion_bench --config-dir DIR {group}=NAME`.")
 
 
 def _explain(e: Exception, overrides: list[str], compose) -> ConfigError:
@@ -213,36 +253,114 @@ def _hydra_main() -> None:
     def task(cfg: DictConfig) -> None:
         from fusion_bench.programs.fusion import run_program
 
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain: dict = {}
         try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
             run_program(plain)
-        except FusionBenchError as e:
-            _remove_empty_run_dir(plain.get("output_dir"))
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            if plain.get("dry_run"):  # a dry run writes nothing, not even Hydra's run folder
+                _remove_empty_run_dir(plain.get("output_dir"))
+        except BaseException as e:
+            if isinstance(e, SystemExit) and e.code in (0, None):
+                raise
+            _remove_empty_run_dir(plain.get("output_dir") if isinstance(plain, dict) else None)
+            fail(e)
 
     task()
 
 
+def debug_enabled() -> bool:
+    """Tracebacks instead of one-line errors: ``--debug``, ``FUSION_BENCH_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``."""
+    import os
+
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("FUSION_BENCH_DEBUG", "HYDRA_FULL_ERROR"))
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+_OS_FIXES = {
+    "ENOSPC": "free disk space or write somewhere else",
+    "EDQUOT": "free disk space (quota) or write somewhere else",
+    "EROFS": "the file system is read-only: write somewhere else",
+    "EACCES": "check the permissions or write somewhere else",
+    "EPERM": "check the permissions or write somewhere else",
+    "ENOTDIR": "a part of the path is a file, not a folder: choose another path",
+    "EISDIR": "the path is a folder where a file was expected: choose another path",
+    "ENOENT": "check the path",
+    "EEXIST": "the path exists already: choose another path",
+    "ENAMETOOLONG": "use a shorter path",
+    "EMFILE": "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def error_line(e: BaseException) -> tuple[str, int]:
+    """The one ``error:`` line for an exception and the exit code (2: the user's input or environment,
+    1: a bug of fusion_bench, 130: interrupted)."""
+    import errno
+
+    if isinstance(e, KeyboardInterrupt):
+        return "error: interrupted; nothing was written under the final output names.", 130
+    if isinstance(e, SystemExit):
+        return f"error: stopped (exit code {e.code}).", e.code if isinstance(e.code, int) else 2
+    if isinstance(e, FusionBenchError):
+        return f"error: {_one_line(e)}", 2
+    if isinstance(e, OSError):
+        code = errno.errorcode.get(e.errno or 0, "")
+        where = " ".join(str(f) for f in (e.filename, e.filename2) if f)
+        fix = _OS_FIXES.get(code, "check the path and the disk")
+        what = e.strerror or _one_line(e) or type(e).__name__
+        return f"error: {what}{': ' + where if where else ''} ({code or type(e).__name__}); {fix}.", 2
+    if isinstance(e, MemoryError):
+        return ("error: out of memory. Use engine=streaming with merged_model_path=..., a smaller dtype "
+                "(modelpool.dtype=bfloat16) or fewer models."), 2
+    if type(e).__module__.split(".")[0] in ("yaml", "omegaconf", "hydra"):
+        return f"error: invalid configuration: {_one_line(e)}", 2
+    return (f"error: internal error ({type(e).__name__}: {_one_line(e)[:300]}). This is a bug in fusion_bench: "
+            "rerun with --debug for the traceback and report it."), 1
+
+
+def fail(e: BaseException) -> None:
+    """Print the one-line error for ``e`` and exit; re-raise (full traceback) in debug mode."""
+    if debug_enabled():
+        raise e
+    line, code = error_line(e)
+    try:
+        sys.stdout.flush()
+    except Exception:  # pragma: no cover - a closed stdout
+        pass
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["FUSION_BENCH_DEBUG"] = "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
 
         mod, fn = SUBCOMMANDS[argv[0]].split(":")
         try:
-            sys.exit(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
-        except FusionBenchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    register_method_configs()
-    wants_help = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in argv)
-    if not wants_help:
-        try:
+            code = getattr(importlib.import_module(mod), fn)(argv[1:]) or 0
+        except SystemExit:
+            raise
+        except BaseException as e:
+            fail(e)
+        sys.exit(code)
+    try:
+        register_method_configs()
+        wants_help = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in argv)
+        if not wants_help:
             preflight(argv)
-        except FusionBenchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        fail(e)
     sys.argv = [sys.argv[0], *_flags_first(argv)]
     _hydra_main()
 

@@ -54,7 +54,7 @@ def _fashion_standin(folder, per_class_train=1400, per_class_test=100):
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:28, 0:28]
-    for split, stem, n in (("train", "train", per_class_train), ("test", "t10k", per_class_test)):
+    for stem, n in (("train", per_class_train), ("t10k", per_class_test)):
         labels = np.repeat(np.arange(10), n)
         rng.shuffle(labels)
         images = np.empty((len(labels), 28, 28), dtype=np.uint8)

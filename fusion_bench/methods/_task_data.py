@@ -283,6 +283,30 @@ def check_tasks(modelpool: ModelPool, method: str, custom_adapter: bool = False)
     return names
 
 
+def check_task_data(method: Any, modelpool: ModelPool, split: str) -> list[str]:
+    """The dry run's check of a data method: every model to fuse has its task's ``split`` in
+    ``modelpool.datasets`` and that dataset can be opened (local folder or hub cache). Returns notes."""
+    if getattr(method, "adapter", None) is not None:
+        check_tasks(modelpool, method.name, custom_adapter=True)
+        return [f"{method.name}: the data of the custom adapter {type(method.adapter).__name__} was not checked"]
+    names = check_tasks(modelpool, method.name)
+    from fusion_bench.data import load_dataset_ref
+
+    for task in names:
+        spec = _split_spec(modelpool, task, split)
+        if isinstance(spec, Mapping) and "path" not in spec:
+            if split not in spec:
+                raise ConfigError(f"{method.name} reads split '{split}' (method.split) of each task, but "
+                                  f"modelpool.datasets.{task} has no split '{split}'.{did_you_mean(split, spec)}")
+            spec = spec[split]
+        if isinstance(spec, (str, Mapping)) or hasattr(spec, "__fspath__"):
+            load_dataset_ref(spec, split=split)
+        elif isinstance(spec, (list, tuple)) or hasattr(spec, "__getitem__"):
+            if len(spec) == 0:
+                raise ConfigError(f"modelpool.datasets.{task}.{split} is empty.")
+    return []
+
+
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of ``model``'s state (parameters and buffers, shared tensors once)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -100,6 +100,12 @@ class FusionMethod(ABC):
     def run(self, modelpool: ModelPool) -> FusionResult:
         """Fuse the models of ``modelpool``."""
 
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        """Check, without fusing, that ``modelpool`` gives this method everything :meth:`run` needs
+        beyond the models themselves (data of each task, ...); raise a FusionBenchError naming what is
+        missing. Returns notes on what could not be checked (shown by the dry run)."""
+        return []
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
@@ -249,7 +255,8 @@ class TensorwiseMerge(FusionMethod):
 
     def merge_one(self, key: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
                   names: list[str]) -> torch.Tensor:
-        """Cast, check finiteness, merge, cast back. Shared by in-memory and streaming paths."""
+        """Cast, check finiteness, merge, cast back, check the result is finite (else nothing is written).
+        Shared by in-memory and streaming paths."""
         ref = base if base is not None else tensors[0]
         if not self.should_merge(key, ref.dtype):
             return ref
@@ -259,8 +266,11 @@ class TensorwiseMerge(FusionMethod):
                 raise ModelMismatchError(
                     f"Model '{n}' has non-finite values (NaN/inf) in tensor '{key}'; fix or drop that checkpoint.")
         b = base.to(cd) if base is not None else None
-        out = self.merge_tensor(key, b, [t.to(cd) for t in tensors], names)
-        return out.to(ref.dtype)
+        out = self.merge_tensor(key, b, [t.to(cd) for t in tensors], names).to(ref.dtype)
+        from fusion_bench.checks import check_merged_tensor
+
+        check_merged_tensor(self, key, out)
+        return out
 
     def run(self, modelpool: ModelPool) -> FusionResult:
         from fusion_bench.engine.inmemory import merge_in_memory
