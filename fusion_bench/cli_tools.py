@@ -21,6 +21,7 @@ def list_methods_main(argv: list[str]) -> int:
         print(methods_markdown())
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fusion_bench.config_schema import describe
@@ -30,15 +31,18 @@ def list_methods_main(argv: list[str]) -> int:
     if argv:
         for name in argv:
             cls = get_method_class(name)
-            console.print(f"[bold]{name}[/bold] ({cls.family}): {cls.summary}\n  variant: {cls.variant}")
+            # metadata is plain text: escape it, or Rich reads '[u_ij >= p]' as markup (and may fail on it)
+            console.print(f"[bold]{escape(name)}[/bold] ({escape(cls.family)}): {escape(cls.summary)}\n"
+                          f"  variant: {escape(cls.variant)}")
             t = Table("option", "type", "default", "help")
             for fname, tp, default, help_ in describe(cls.config_class):
-                t.add_row(fname, tp, repr(default), help_)
+                t.add_row(escape(fname), escape(tp), escape(repr(default)), escape(help_))
             console.print(t)
         return 0
     t = Table("method", "family", "needs base", "uses data", "summary")
     for name in list_methods():
         cls = get_method_class(name)
-        t.add_row(name, cls.family, "yes" if cls.requires_pretrained else "no", "yes" if cls.uses_data else "no", cls.summary)
+        t.add_row(escape(name), escape(cls.family), "yes" if cls.requires_pretrained else "no",
+                  "yes" if cls.uses_data else "no", escape(cls.summary))
     console.print(t)
     return 0

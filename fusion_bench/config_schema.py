@@ -1,14 +1,16 @@
 """Typed configuration dataclasses and their validation.
 
 Every method, model pool and task pool declares its options as a dataclass; field ``metadata``
-holds ``help`` (the documentation) and optionally ``choices``. :func:`build_config` turns a plain
-mapping (from YAML, the command line or Python) into that dataclass, rejecting unknown keys with
-the closest valid key, and wrong types or values with the key and the fix.
+holds ``help`` (the documentation) and optionally ``choices`` and a numeric ``range``
+(``ge``/``gt``/``le``/``lt``). :func:`build_config` turns a plain mapping (from YAML, the command line or
+Python) into that dataclass, rejecting unknown keys with the closest valid key, wrong types, NaN/inf
+numbers and values outside the declared range with the key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -19,17 +21,69 @@ from fusion_bench.errors import ConfigError, did_you_mean
 T = TypeVar("T")
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None, **kw) -> Any:
-    """A dataclass field with documentation (``help``) and optional allowed values (``choices``)."""
-    md = {"help": help}
+#: the valid range of seeds: what torch.manual_seed, numpy (seed % 2**32) and random all accept
+SEED_RANGE: dict[str, int] = {"ge": 0, "le": 2**63 - 1}
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           **kw) -> Any:
+    """A dataclass field with documentation (``help``), optional allowed values (``choices``) and, for
+    numbers (and each element of a list of numbers), an optional valid range: ``ge`` (>=), ``gt`` (>),
+    ``le`` (<=), ``lt`` (<). The range is stored in the field metadata as ``range`` and checked by
+    :func:`build_config`."""
+    md: dict[str, Any] = {"help": help}
     if choices is not None:
         md["choices"] = tuple(choices)
+    rng = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if rng:
+        md["range"] = rng
     if isinstance(default, (list, dict, set)):
         val = default
         return dataclasses.field(default_factory=lambda: type(val)(val), metadata=md, **kw)
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=md, **kw)
     return dataclasses.field(default=default, metadata=md, **kw)
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v == 2**63 - 1:
+            return "2**63 - 1"
+        return str(v)
+    return f"{v:g}"
+
+
+def range_text(rng: Mapping[str, float] | None) -> str:
+    """A declared range as text: ``[0, 1]``, ``(0, 1]``, ``>= 1``, ``> 0`` ('' when none)."""
+    if not rng:
+        return ""
+    lo = ("[", rng["ge"]) if "ge" in rng else (("(", rng["gt"]) if "gt" in rng else None)
+    hi = ("]", rng["le"]) if "le" in rng else ((")", rng["lt"]) if "lt" in rng else None)
+    if lo and hi:
+        return f"{lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {_num(lo[1])}"
+    return f"{'<=' if hi[0] == ']' else '<'} {_num(hi[1])}"
+
+
+def in_range(value: float, rng: Mapping[str, float]) -> bool:
+    """True when ``value`` satisfies every bound of ``rng``."""
+    return not (("ge" in rng and not value >= rng["ge"]) or ("gt" in rng and not value > rng["gt"])
+                or ("le" in rng and not value <= rng["le"]) or ("lt" in rng and not value < rng["lt"]))
+
+
+def check_range(value: Any, rng: Mapping[str, float] | None, where: str) -> None:
+    """Raise ConfigError naming ``where``, the value and the valid range when a number (or an element of a
+    list of numbers) is outside ``rng``; None and non-numbers pass."""
+    if not rng or value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_range(v, rng, f"{where}[{i}]")
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, rng):
+        raise ConfigError(f"{where}={value!r} is out of range: it must be in {range_text(rng)}.")
 
 
 def _type_name(tp: Any) -> str:
@@ -45,6 +99,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:  # Optional[X]: X's own message (e.g. 'not a finite number')
+            return _coerce(value, non_none[0], where)
         errors = []
         for a in args:
             if a is type(None):
@@ -84,14 +141,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}={value!r} has the wrong type: expected a number.")
+        f = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                f = float(value)
+            except OverflowError:
+                f = math.inf
+        elif isinstance(value, str):
+            try:
+                f = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}={value!r} has the wrong type: expected a number.")
+        if f is None:
+            raise ConfigError(f"{where}={value!r} has the wrong type: expected a number.")
+        if not math.isfinite(f):
+            raise ConfigError(f"{where}={value} is not a finite number; give a finite value.")
+        return f
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where}={value!r} has the wrong type: expected an integer.")
@@ -161,6 +226,7 @@ def build_config(cls: type[T], values: Mapping[str, Any] | T | None = None, *, p
         choices = f.metadata.get("choices")
         if choices is not None and val not in choices:
             raise ConfigError(f"{pre}{key}={val!r} is not one of {list(choices)}.{did_you_mean(str(val), map(str, choices))}")
+        check_range(val, f.metadata.get("range"), f"{pre}{key}")
         kwargs[key] = val
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -175,7 +241,8 @@ def build_config(cls: type[T], values: Mapping[str, Any] | T | None = None, *, p
 
 
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for every field: the documentation of a config dataclass."""
+    """(name, type, default, help) for every field: the documentation of a config dataclass. A declared
+    range is appended to the help as ``(range: [0, 1])``."""
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -185,5 +252,9 @@ def describe(cls: type) -> list[tuple[str, str, Any, str]]:
             d = f.default_factory()
         else:
             d = "<required>"
-        out.append((f.name, _type_name(hints.get(f.name, Any)), d, f.metadata.get("help", "")))
+        help_ = f.metadata.get("help", "")
+        rng = f.metadata.get("range")
+        if rng:
+            help_ = f"{help_} (range: {range_text(rng)})"
+        out.append((f.name, _type_name(hints.get(f.name, Any)), d, help_))
     return out

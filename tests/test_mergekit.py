@@ -130,9 +130,11 @@ def test_dare_and_della_yaml_map_to_gta(zoo):
     c = plan.method.config
     assert (c.sparsification, c.consensus, c.normalize, c.rescale) == ("random", "sum", False, True)
     assert plan.method.params("model.norm.weight", ["ft0"]) == ([0.5], [0.6])
+    # lambda is a global parameter in mergekit (a per-model lambda is refused: mergekit ignores it)
     plan = load_mergekit_config({"merge_method": "della_linear", "base_model": zoo["_pretrained_"],
+                                 "parameters": {"lambda": 0.8},
                                  "models": [{"model": zoo["ft0"], "parameters": {"weight": 1, "density": 0.5,
-                                                                                 "epsilon": 0.1, "lambda": 0.8}}]})
+                                                                                 "epsilon": 0.1}}]})
     c = plan.method.config
     assert (c.sparsification, c.consensus, c.epsilon, c.scaling_factor) == ("della", "none", 0.1, 0.8)
 

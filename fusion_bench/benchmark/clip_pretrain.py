@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fusion_bench.config_schema import option
+from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError
 from fusion_bench.utils import shuffled_batches
 
@@ -40,23 +40,23 @@ EOS = "<|endoftext|>"
 class CLIPPretrainConfig:
     """Size and schedule of the from-scratch CLIP (the zoo's ``pretrained`` stage)."""
 
-    image_size: int = option(32, help="Input resolution (the task images' size).")
-    patch_size: int = option(4, help="ViT patch size (image_size must be a multiple).")
-    vision_hidden: int = option(128, help="Vision transformer width.")
-    vision_layers: int = option(4, help="Vision transformer depth.")
-    vision_heads: int = option(4, help="Vision attention heads.")
-    text_hidden: int = option(128, help="Text transformer width.")
-    text_layers: int = option(2, help="Text transformer depth.")
-    text_heads: int = option(4, help="Text attention heads.")
-    projection_dim: int = option(128, help="Joint embedding size.")
-    vocab_size: int = option(1024, help="BPE vocabulary size (including the 512 byte-level base tokens).")
-    max_length: int = option(32, help="Maximum caption length in tokens (text position embeddings).")
-    steps: int = option(1500, help="Optimizer steps.")
-    batch_size: int = option(128, help="Pairs per contrastive batch.")
-    lr: float = option(1e-3, help="Peak learning rate (AdamW).")
-    weight_decay: float = option(0.1, help="AdamW weight decay (not applied to biases, norms, embeddings).")
-    warmup_steps: int = option(100, help="Linear warm-up steps.")
-    seed: int = option(0, help="Seed of initialisation and batch order.")
+    image_size: int = option(32, ge=1, le=2**20, help="Input resolution (the task images' size).")
+    patch_size: int = option(4, ge=1, le=2**20, help="ViT patch size (image_size must be a multiple).")
+    vision_hidden: int = option(128, ge=1, le=2**20, help="Vision transformer width.")
+    vision_layers: int = option(4, ge=1, le=2**20, help="Vision transformer depth.")
+    vision_heads: int = option(4, ge=1, le=2**20, help="Vision attention heads.")
+    text_hidden: int = option(128, ge=1, le=2**20, help="Text transformer width.")
+    text_layers: int = option(2, ge=1, le=2**20, help="Text transformer depth.")
+    text_heads: int = option(4, ge=1, le=2**20, help="Text attention heads.")
+    projection_dim: int = option(128, ge=1, le=2**20, help="Joint embedding size.")
+    vocab_size: int = option(1024, ge=1, le=2**20, help="BPE vocabulary size (including the 512 byte-level base tokens).")
+    max_length: int = option(32, ge=1, le=2**20, help="Maximum caption length in tokens (text position embeddings).")
+    steps: int = option(1500, ge=1, le=10**7, help="Optimizer steps.")
+    batch_size: int = option(128, ge=1, le=2**20, help="Pairs per contrastive batch.")
+    lr: float = option(1e-3, gt=0.0, le=10.0, help="Peak learning rate (AdamW).")
+    weight_decay: float = option(0.1, ge=0.0, le=10.0, help="AdamW weight decay (not applied to biases, norms, embeddings).")
+    warmup_steps: int = option(100, ge=0, le=10**7, help="Linear warm-up steps.")
+    seed: int = option(0, **SEED_RANGE, help="Seed of initialisation and batch order.")
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:

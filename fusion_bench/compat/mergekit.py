@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fusion_bench.checks import check_weights
 from fusion_bench.errors import ConfigError, did_you_mean
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge
 
@@ -55,6 +57,102 @@ GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrum
                "della_linear")
 SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough")
 LAYER_RX = re.compile(r"\.layers\.(\d+)\.")
+
+# The parameters mergekit (0.1.x, merge_methods/*.py) defines for each method: (parameters read only from the
+# global ``parameters``, tensor parameters read per model then from the global ``parameters``). Anything else
+# is refused: mergekit would ignore it, so a misspelt key would silently change the merge.
+_GTA_GLOBAL = ("int8_mask", "normalize", "rescale", "lambda")
+METHOD_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("normalize",), ("weight",)),
+    "task_arithmetic": (_GTA_GLOBAL, ("weight", "density")),
+    "ties": (_GTA_GLOBAL, ("weight", "density")),
+    "dare_ties": (_GTA_GLOBAL, ("weight", "density")),
+    "dare_linear": (_GTA_GLOBAL, ("weight", "density")),
+    "breadcrumbs": (_GTA_GLOBAL, ("weight", "density", "gamma")),
+    "breadcrumbs_ties": (_GTA_GLOBAL, ("weight", "density", "gamma")),
+    "della": (_GTA_GLOBAL, ("weight", "density", "epsilon")),
+    "della_linear": (_GTA_GLOBAL, ("weight", "density", "epsilon")),
+    "slerp": (("t",), ()),
+    "karcher": (("max_iter", "tol"), ()),
+    "passthrough": ((), ("scale",)),
+}
+#: valid values of numeric parameters: (low, low inclusive, high, high inclusive, why)
+PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
+    "weight": (-math.inf, False, math.inf, False, "any finite number"),
+    "density": (0.0, False, 1.0, True, "the fraction of each task vector kept; mergekit keeps everything at "
+                "density >= 1 and cannot trim to nothing at 0"),
+    "gamma": (0.0, True, 1.0, False, "the fraction of the largest magnitudes removed"),
+    "epsilon": (0.0, True, 0.5, False, "keep probabilities density +- epsilon must lie in (0, 1)"),
+    "lambda": (-1e3, True, 1e3, True, "the scale of the merged task vector, as fusion_bench's scaling_factor"),
+    "t": (-10.0, True, 10.0, True, "the interpolation parameter, as fusion_bench's slerp t"),
+}
+_BOOL_PARAMETERS = ("int8_mask", "normalize", "rescale")
+
+
+def _range_text(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
+    return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _check_leaves(name: str, setting: Any, where: str) -> None:
+    """Check every number in a parameter setting (scalar, gradient or filters) against its range; the
+    ranges are intervals, so values interpolated in a gradient are in range too."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, (list, tuple)):
+        for i, e in enumerate(setting):
+            if isinstance(e, Mapping):
+                _check_leaves(name, e.get("value"), f"{where}[{i}].value")
+            else:
+                _check_leaves(name, e, f"{where}[{i}]")
+        return
+    if name in _BOOL_PARAMETERS:
+        if not isinstance(setting, bool):
+            raise ConfigError(f"mergekit parameter {where}={setting!r} must be true or false.")
+        return
+    if name not in PARAMETER_RANGES:
+        return
+    if isinstance(setting, bool) or not isinstance(setting, (int, float)):
+        raise ConfigError(f"mergekit parameter {where}={setting!r} is not a number.")
+    v = float(setting)
+    if not math.isfinite(v):
+        raise ConfigError(f"mergekit parameter {where}={v} is not a finite number; give a finite value.")
+    lo, lo_in, hi, hi_in, why = PARAMETER_RANGES[name]
+    if (v < lo or (v == lo and not lo_in)) or (v > hi or (v == hi and not hi_in)):
+        raise ConfigError(f"mergekit parameter {where}={setting!r} is out of range: {name} must be in "
+                          f"{_range_text(lo, lo_in, hi, hi_in)} ({why}).")
+
+
+def validate_parameters(method_name: str, global_params: Mapping[str, Any],
+                        model_params: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse unknown parameter names (naming the closest valid one for ``method_name``), parameters given
+    where mergekit does not read them, and values that are not finite or out of range. Called before any
+    tensor is read.
+
+    Args:
+        method_name: the mergekit merge_method.
+        global_params: the top-level ``parameters``.
+        model_params: where (e.g. ``models[0].parameters``) -> that model's or slice source's parameters.
+    """
+    global_only, tensor = METHOD_PARAMETERS[method_name]
+    valid = (*global_only, *tensor)
+    if not isinstance(global_params, Mapping):
+        raise ConfigError(f"mergekit 'parameters' must be a mapping of parameter names to values, got {global_params!r}.")
+    for k, v in global_params.items():
+        if k not in valid:
+            raise ConfigError(f"Unknown mergekit parameter 'parameters.{k}' for merge_method {method_name}."
+                              f"{did_you_mean(str(k), valid) if valid else ' It takes no parameters.'}")
+        _check_leaves(k, v, f"parameters.{k}")
+    for where, params in model_params.items():
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"mergekit {where} must be a mapping of parameter names to values, got {params!r}.")
+        for k, v in params.items():
+            if k in global_only:
+                raise ConfigError(f"mergekit parameter '{where}.{k}' is read by mergekit only from the top-level "
+                                  f"'parameters' for {method_name} (a per-model value would be ignored); move it there.")
+            if k not in tensor:
+                hint = did_you_mean(str(k), valid) if valid else " It takes no parameters."
+                raise ConfigError(f"Unknown mergekit parameter '{where}.{k}' for merge_method {method_name}.{hint}")
+            _check_leaves(k, v, f"{where}.{k}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +241,7 @@ class MergekitLinear(TensorwiseMerge):
     """mergekit ``linear``: theta = sum_i w_i theta_i [/ sum_i w_i], w_i evaluated per tensor.
 
     Paper: Wortsman et al. 2022 (model soups) with per-model weights. Variant: mergekit linear,
-    ``normalize`` true by default (divisor sum_i w_i; 1 when |sum| < 1e-8).
+    ``normalize`` true by default (divisor sum_i w_i; a (near) zero sum is refused).
 
     Args:
         resolver: the parameter resolver of the YAML.
@@ -160,14 +258,21 @@ class MergekitLinear(TensorwiseMerge):
         self.resolver = resolver
         self.normalize = normalize
 
-    def merge_tensor(self, key, base, tensors, names):
+    def weights(self, key: str, names: list[str]) -> list[float]:
+        """The weights of tensor ``key``; refused when normalised and their sum is (near) zero (mergekit would
+        divide by it)."""
         w = [float(self.resolver.value("weight", key, n, required=True)) for n in names]
+        check_weights(w, f"the weights of tensor '{key}'", normalize=self.normalize,
+                      fix="set parameters.normalize: false")
+        return w
+
+    def merge_tensor(self, key, base, tensors, names):
+        w = self.weights(key, names)
         out = torch.zeros_like(tensors[0])
         for wi, t in zip(w, tensors):
             out.add_(t, alpha=wi)
         if self.normalize:
-            s = sum(w)
-            out.div_(s if abs(s) >= 1e-8 else 1.0)
+            out.div_(sum(w))
         return out
 
 
@@ -202,6 +307,88 @@ class MergekitSlerp(TensorwiseMerge):
 # ----------------------------------------------------------------------------------------------
 # YAML -> (method, pool)
 # ----------------------------------------------------------------------------------------------
+def _yaml_error_text(e: Exception) -> str:
+    """One line: 'line L, column C: problem' from a PyYAML error."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+SLICE_KEYS = {"sources", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+
+
+def _model_parameters(cfg: Mapping[str, Any], method_name: str) -> dict[str, Any]:
+    """where -> parameters of every model entry and slice source (per-model parameters in mergekit)."""
+    out: dict[str, Any] = {}
+    for i, m in enumerate(cfg.get("models") or []):
+        if isinstance(m, Mapping) and m.get("parameters") is not None:
+            out[f"models[{i}].parameters"] = m["parameters"]
+    for i, s in enumerate(cfg.get("slices") or []):
+        if not isinstance(s, Mapping):
+            raise ConfigError(f"slices[{i}] must be a mapping with 'sources'.")
+        for k in s:
+            if k not in SLICE_KEYS:
+                raise ConfigError(f"Unknown mergekit key 'slices[{i}].{k}' (per-slice base models and residual "
+                                  f"weights are not supported).{did_you_mean(str(k), SLICE_KEYS)}")
+        if s.get("parameters") is not None:
+            out[f"slices[{i}].parameters"] = s["parameters"]
+        for j, src in enumerate(s.get("sources") or []):
+            if not isinstance(src, Mapping):
+                raise ConfigError(f"slices[{i}].sources[{j}] must be a mapping with 'model' and 'layer_range'.")
+            for k in src:
+                if k not in SOURCE_KEYS:
+                    raise ConfigError(f"Unknown mergekit key 'slices[{i}].sources[{j}].{k}'."
+                                      f"{did_you_mean(str(k), SOURCE_KEYS)}")
+            if src.get("parameters") is not None:
+                out[f"slices[{i}].sources[{j}].parameters"] = src["parameters"]
+    if method_name == "passthrough":
+        for where, p in out.items():
+            if isinstance(p, Mapping) and "scale" in p:
+                raise ConfigError(f"mergekit parameter '{where}.scale' (passthrough scaling) is not supported by "
+                                  "fusion_bench; remove it or scale the tensors beforehand.")
+    return out
+
+
+def _tensor_keys(path: str) -> list[str]:
+    """Tensor names of a local checkpoint (headers only), or [] when it is not on disk."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    from fusion_bench.io.stream import StreamReader
+
+    r = StreamReader(p)
+    try:
+        return list(r.keys())
+    finally:
+        close = getattr(r, "close", None)
+        if callable(close):
+            close()
+
+
+def _single_value(resolver: ParameterResolver, name: str, keys: list[str], models: list[str | None],
+                  default: float) -> float:
+    """A tensor parameter fusion_bench applies as one value (gamma, epsilon): refuse per-model or per-tensor
+    values, which mergekit would apply but fusion_bench cannot."""
+    vals = {float(resolver.value(name, k, m, default=default)) for k in keys for m in models}
+    if len(vals) > 1:
+        raise ConfigError(f"mergekit parameter '{name}' takes the values {sorted(vals)} across models or tensors; "
+                          f"fusion_bench applies one {name} to every tensor: give a single value in the top-level "
+                          "parameters.")
+    return vals.pop() if vals else default
+
+
+def _check_della(resolver: ParameterResolver, keys: list[str], models: list[str], epsilon: float) -> None:
+    """mergekit's della constraint: for density < 1, density - epsilon > 0 and density + epsilon < 1."""
+    for k in keys:
+        for m in models:
+            d = float(resolver.value("density", k, m, default=1.0))
+            if d < 1.0 and not (d - epsilon > 0.0 and d + epsilon < 1.0):
+                raise ConfigError(f"mergekit della: density={d:g} with epsilon={epsilon:g} (model '{m}', tensor '{k}'): "
+                                  "density +- epsilon must lie in (0, 1), as mergekit requires; lower epsilon.")
+
+
 def _model_ref(ref: Any, where: str) -> str:
     if isinstance(ref, Mapping):
         if "model" in ref and isinstance(ref["model"], (str, Mapping)):
@@ -261,9 +448,14 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         if not p.exists():
             raise ConfigError(f"mergekit config {p} does not exist.")
         try:
-            config = yaml.safe_load(p.read_text()) or {}
+            config = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"mergekit config {p} is not valid YAML: {e}") from e
+            raise ConfigError(f"mergekit config {p} is not valid YAML: {_yaml_error_text(e)}.") from None
+        if config is None:
+            raise ConfigError(f"mergekit config {p} is empty; it needs merge_method, models, ...")
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"mergekit config {p} must be a mapping of keys (merge_method, models, parameters, "
+                              f"...) at the top level, not a {type(config).__name__}.")
     cfg = dict(config)
     for k in cfg:
         if k in UNSUPPORTED_KEYS:
@@ -275,7 +467,11 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         raise ConfigError(f"mergekit merge_method={method_name!r} is not supported.{did_you_mean(str(method_name), SUPPORTED)}"
                           " See docs/mergekit.md for the supported methods.")
     notes: list[str] = []
+    if not isinstance(cfg.get("parameters") or {}, Mapping):
+        raise ConfigError(f"mergekit 'parameters' must be a mapping of parameter names to values, got "
+                          f"{cfg['parameters']!r}.")
     gparams = dict(cfg.get("parameters") or {})
+    validate_parameters(method_name, gparams, _model_parameters(cfg, method_name))
     base_path = _model_ref(cfg["base_model"], "base_model") if cfg.get("base_model") else None
     taken: set[str] = set()
     entries: list[ModelEntry] = []
@@ -334,6 +530,9 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         if base_path is not None and all(e.path != base_path for e in entries):
             models.pop("_pretrained_", None)  # linear does not use a base model
         method: Any = MergekitLinear(resolver, normalize=bool(gparams.get("normalize", True)))
+        if method.normalize:  # refuse a (near) zero weight sum on any tensor before any work
+            for key in _tensor_keys(ref_path):
+                method.weights(key, [e.name for e in entries])
     elif method_name == "slerp":
         method = MergekitSlerp(resolver)
     elif method_name == "karcher":
@@ -345,17 +544,19 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         from fusion_bench.methods.sparsify import MERGEKIT_PRESETS
 
         spars, consensus, norm_default, rescale_default = MERGEKIT_PRESETS[method_name]
-        first = entries[0].name if entries else None
         key0 = "model.layers.0.mlp.down_proj.weight"
-        lam = resolver.value("lambda", key0, first, default=1.0) if spars == "della" else 1.0
+        keys = _tensor_keys(ref_path) or [key0]
+        # mergekit reads lambda from the global parameters (per tensor) for every generalized task arithmetic method
+        lam = _single_value(resolver, "lambda", keys, [None], 1.0)
         opts = {"sparsification": spars, "consensus": consensus,
                 "normalize": bool(gparams.get("normalize", norm_default)),
                 "rescale": bool(gparams.get("rescale", rescale_default)),
                 "scaling_factor": float(lam)}
-        if "gamma" in gparams or any("gamma" in e.parameters for e in entries):
-            opts["gamma"] = float(resolver.value("gamma", key0, first, default=0.01))
-        if "epsilon" in gparams or any("epsilon" in e.parameters for e in entries):
-            opts["epsilon"] = float(resolver.value("epsilon", key0, first, default=0.15))
+        for p_name, default in (("gamma", 0.01), ("epsilon", 0.15)):
+            if p_name in gparams or any(p_name in e.parameters for e in entries):
+                opts[p_name] = _single_value(resolver, p_name, keys, [e.name for e in entries], default)
+        if spars == "della":
+            _check_della(resolver, keys, [e.name for e in entries], opts.get("epsilon", 0.15))
         if "int8_mask" in gparams:
             notes.append("int8_mask only changes mergekit's mask dtype; ignored")
         method = build_method({"name": "generalized_task_arithmetic", **opts})
@@ -408,7 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-elements", type=int, default=DEFAULT_BLOCK_ELEMENTS,
                     help="elements per input in one row block of a large tensor")
     ap.add_argument("--prefetch", type=int, default=1, help="work units read ahead of the merge")
-    ap.add_argument("--no-overwrite", action="store_true", help="fail if OUT_DIR exists")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing OUT_DIR that fusion_bench wrote (it holds a .fusion_bench_output marker); "
+                    "without it an existing OUT_DIR is refused before merging, and a folder fusion_bench did not write "
+                    "or one holding an input model is never replaced")
+    ap.add_argument("--no-overwrite", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     args = ap.parse_args(argv)
     plan = load_mergekit_config(args.config)
     for n in plan.notes:
@@ -419,9 +624,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if p.mismatches else 0
     if not args.out_dir:
         raise ConfigError("Give the output folder: fusion_bench mergekit CONFIG OUT_DIR (or --dry-run).")
+    if args.overwrite and args.no_overwrite:
+        raise ConfigError("Give --overwrite or --no-overwrite, not both.")
+    # merge_to_folder checks OUT_DIR (exists? ours? an input?) before any merging and locks it
     info = merge_to_folder(plan.method, plan.pool, args.out_dir, block_elements=args.block_elements,
                            max_shard_size=args.max_shard_size, prefetch=args.prefetch,
-                           overwrite=not args.no_overwrite)
+                           overwrite=args.overwrite, overwrite_hint="--overwrite")
     print(f"merged ({plan.merge_method}) into {info['output']}: {len(info['shards'])} shard(s), "
           f"{info['bytes_written'] / 2**20:.1f} MiB written in {info['merge_wall_time_s']:.2f} s")
     return 0

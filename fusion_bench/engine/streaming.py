@@ -51,8 +51,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError
-from fusion_bench.io.atomic import atomic_dir
 from fusion_bench.io.checkpoint import SAFE_INDEX, TensorMeta, TensorSource
+from fusion_bench.io.outputs import acquire_lock, check_output, output_dir, release_lock, safetensors_metadata
 from fusion_bench.io.stream import ShardedWriter, StreamReader, dtype_size, iter_row_blocks
 
 if TYPE_CHECKING:
@@ -652,8 +652,13 @@ class _Runner:
             if job.blocks and rows[1] == job.blocks[-1][1]:
                 self.ctx.pop(job.key, None)
         else:
-            out = m.merge_one(job.key, b, ts, self.names)
-        self.writer.write(job.key, out.to(job.dtype), row_start=row_start)
+            out = m.merge_one(job.key, b, ts, self.names)  # checked finite in its own dtype
+        final = out.to(job.dtype)
+        if job.protocol or final.dtype != out.dtype:  # a merged block is checked before it is written
+            from fusion_bench.checks import check_merged_tensor
+
+            check_merged_tensor(m, job.key, final)
+        self.writer.write(job.key, final, row_start=row_start)
 
 
 def _copy_side_files(pool: ModelPool, plan: MergePlan, folder: Path) -> list[str]:
@@ -727,6 +732,12 @@ def _keep_freed_memory() -> None:
         pass
 
 
+def pool_input_paths(pool: Any) -> dict[str, Path]:
+    """The pool's checkpoints on local disk (name -> path): an output never replaces them."""
+    fn = getattr(pool, "input_paths", None)
+    return dict(fn()) if callable(fn) else {}
+
+
 def _progress(total: int, enabled: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -736,9 +747,9 @@ def _progress(total: int, enabled: bool):
 
 def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
                     block_elements: int = DEFAULT_BLOCK_ELEMENTS, max_shard_size: int | str = "5GB",
-                    prefetch: int = 1, overwrite: bool = True, progress: bool | None = None,
+                    prefetch: int = 1, overwrite: bool = False, progress: bool | None = None,
                     copy_side_files: bool = True, threads: int | None = 1,
-                    workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
+                    workers: int = DEFAULT_WORKERS, overwrite_hint: str = "overwrite=True") -> dict[str, Any]:
     """Merge ``pool`` with ``method`` tensor by tensor and write the result to ``out_dir``.
 
     Args:
@@ -749,7 +760,9 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
         block_elements: elements per input in one row block of a large tensor.
         max_shard_size: maximum shard size ('5GB', '500MB', bytes).
         prefetch: work units read ahead (each holds one unit of every input).
-        overwrite: replace an existing ``out_dir`` (only after the merge succeeded).
+        overwrite: replace an existing ``out_dir`` (only after the merge succeeded), and only if fusion_bench
+            wrote it (it holds a ``.fusion_bench_output`` marker) and it holds no input of the merge. Without
+            it an existing ``out_dir`` is refused before any work starts (see :mod:`fusion_bench.io.outputs`).
         progress: show a progress bar (default: when stderr is a terminal).
         copy_side_files: copy config.json, generation_config.json and tokenizer files.
         threads: torch intra-op threads of the merging thread during the merge (None: unchanged).
@@ -758,21 +771,26 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
         workers: merging threads. Units of different tensors (and row blocks of element-wise merges)
             run in parallel; the units of a tensor merged with the block protocol stay in order on
             one worker.
+        overwrite_hint: how the caller's user passes ``overwrite`` (named in the error message).
     Returns:
         information on the merge: plan figures, wall time, shards written.
     """
     t0 = time.perf_counter()
     _keep_freed_memory()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"Output folder {out_dir} already exists; pass overwrite=True or choose another path.")
+    guard = {"overwrite": overwrite, "inputs": pool_input_paths(pool), "what": "merged model folder",
+             "hint": overwrite_hint}
+    check_output(out_dir, kind="dir", **guard)  # before any work: no hour of merging lost to this error
     if block_elements < 1:
         raise ConfigError(f"block_elements={block_elements} must be positive.")
     shard_bytes = parse_size(max_shard_size)
     names = pool.model_names
     base = pool.base_name()
     readers = {n: open_reader(pool, n) for n in dict.fromkeys([base, *names])}
+    locked = False
     try:
+        acquire_lock(out_dir, guard["what"])  # held for the whole merge: a second run to out_dir fails now
+        locked = True
         plan = plan_merge(method, pool, block_elements=block_elements, prefetch=prefetch, readers=readers)
         if plan.mismatches:
             more = f" (and {len(plan.mismatches) - 1} more; run a dry run to list them)" if len(plan.mismatches) > 1 else ""
@@ -787,8 +805,9 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
         if callable(getattr(method, "stream_plan", None)):
             in_base = None
         show = sys.stderr.isatty() if progress is None else progress
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            writer = ShardedWriter(tmp, [(j.key, j.shape, j.dtype) for j in plan.jobs], max_shard_bytes=shard_bytes)
+        with output_dir(out_dir, **guard) as tmp:
+            writer = ShardedWriter(tmp, [(j.key, j.shape, j.dtype) for j in plan.jobs], max_shard_bytes=shard_bytes,
+                                   metadata=safetensors_metadata("merged model"), dest=out_dir)
             try:
                 runner = _Runner(method, plan, writer, names)
                 pre = _Prefetcher(_units(plan, readers, in_base, names, _widener(method)), prefetch)
@@ -819,6 +838,8 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
     finally:
         for r in readers.values():
             r.close()
+        if locked:
+            release_lock(out_dir)
     info = plan.as_dict()
     info.update({"engine": "streaming", "output": str(out_dir), "shards": shards, "side_files": side,
                  "merge_wall_time_s": round(time.perf_counter() - t0, 4), "block_elements": block_elements})

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_bench.config_schema import option
+from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.methods._task_data import TaskDataAdapter, TaskExamples, check_tasks, make_adapter, progress
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
@@ -27,11 +27,11 @@ class AdaMergingConfig(MethodConfig):
     granularity: str = option("layer_wise", choices=("task_wise", "layer_wise"),
                               help="task_wise: one lambda per task vector; layer_wise: one lambda per task vector "
                               "and parameter tensor.")
-    init_lambda: float = option(0.3, help="Initial value of every lambda (the paper's 0.3).")
-    steps: int = option(200, help="Adam steps (each on one batch of every task).")
-    lr: float = option(1e-3, help="Adam learning rate of the lambdas.")
-    batch_size: int = option(16, help="Unlabeled test inputs of each task per step.")
-    max_test_samples: int | None = option(None, help="Use at most this many evenly spaced test inputs per task "
+    init_lambda: float = option(0.3, ge=-100.0, le=100.0, help="Initial value of every lambda (the paper's 0.3).")
+    steps: int = option(200, ge=1, le=10**7, help="Adam steps (each on one batch of every task).")
+    lr: float = option(1e-3, gt=0.0, le=10.0, help="Adam learning rate of the lambdas.")
+    batch_size: int = option(16, ge=1, le=2**20, help="Unlabeled test inputs of each task per step.")
+    max_test_samples: int | None = option(None, ge=1, le=10**9, help="Use at most this many evenly spaced test inputs per task "
                                           "(null: the whole split).")
     clamp_lambdas: bool = option(False, help="Clamp lambdas to [0, 1] after each step.")
     split: str = option("test", help="The split whose inputs (never labels) the lambdas adapt to.")
@@ -41,7 +41,7 @@ class AdaMergingConfig(MethodConfig):
     image_column: str | None = option(None, help="Image column of CLIP datasets (null: detected).")
     label_column: str | None = option(None, help="Label column name, only to locate the images (never read).")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
-    seed: int = option(0, help="Seed of the batch sampling.")
+    seed: int = option(0, **SEED_RANGE, help="Seed of the batch sampling.")
     progress: bool = option(True, help="Show a progress bar on a terminal.")
 
     def __post_init__(self) -> None:
@@ -116,6 +116,11 @@ class AdaMerging(FusionMethod):
 
     #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
     adapter: TaskDataAdapter | None = None
+
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        from fusion_bench.methods._task_data import check_task_data
+
+        return check_task_data(self, modelpool, self.config.split)
 
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()

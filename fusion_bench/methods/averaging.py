@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fusion_bench.checks import check_weights
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, did_you_mean
 from fusion_bench.kernels import averaging as K
@@ -26,7 +27,7 @@ class SimpleAverage(TensorwiseMerge):
 
 @dataclass
 class WeightedAverageConfig(TensorwiseConfig):
-    weights: list[float] = option([], help="One weight per model to fuse, in the pool's order (empty: uniform).")
+    weights: list[float] = option([], ge=-1e3, le=1e3, help="One weight per model to fuse, in the pool's order (empty: uniform).")
     normalize: bool = option(True, help="Divide the weights by their sum.")
 
 
@@ -44,8 +45,7 @@ class WeightedAverage(TensorwiseMerge):
         if w and len(w) != len(names):
             raise ConfigError(f"method.weights has {len(w)} values but the pool has {len(names)} models {names}; "
                               "give one weight per model.")
-        if w and self.config.normalize and abs(sum(w)) < 1e-12:
-            raise ConfigError("method.weights sum to zero and cannot be normalised; set method.normalize=false.")
+        check_weights(w, "method.weights", normalize=self.config.normalize)
 
     def merge_tensor(self, key, base, tensors, names):
         w = self.config.weights or [1.0] * len(tensors)
@@ -54,7 +54,7 @@ class WeightedAverage(TensorwiseMerge):
 
 @dataclass
 class LinearInterpolationConfig(TensorwiseConfig):
-    t: float = option(0.5, help="Interpolation weight: 0 gives the first model, 1 the second.")
+    t: float = option(0.5, ge=-10.0, le=10.0, help="Interpolation weight: 0 gives the first model, 1 the second.")
     models: list[str] = option([], help="The two models [a, b] to interpolate (names; '_pretrained_' allowed). "
                                "Empty: the two models of the pool.")
 
@@ -103,7 +103,7 @@ class LinearInterpolation(TensorwiseMerge):
 
 @dataclass
 class TaskArithmeticConfig(TensorwiseConfig):
-    scaling_factor: float = option(0.3, help="lambda: the task vectors' sum is scaled by it and added to the base.")
+    scaling_factor: float = option(0.3, ge=-1e3, le=1e3, help="lambda: the task vectors' sum is scaled by it and added to the base.")
 
 
 @register_method

@@ -15,10 +15,10 @@ from fusion_bench.methods.sparsify import GeneralizedTaskArithmetic, GTAConfig
 class BreadcrumbsConfig(GTAConfig):
     sparsification: str = option("breadcrumbs", choices=("breadcrumbs",),
                                  help="Fixed: drop the gamma largest and the smallest magnitudes of each tensor.")
-    density: float = option(0.9, help="Fraction of each task vector's entries kept per tensor (paper: 1 - beta - gamma "
+    density: float = option(0.9, ge=0.0, le=1.0, help="Fraction of each task vector's entries kept per tensor (paper: 1 - beta - gamma "
                             "with beta the bottom fraction).")
-    gamma: float = option(0.01, help="Fraction of the largest magnitudes (outliers) removed per tensor.")
-    scaling_factor: float = option(0.3, help="lambda: theta = theta_0 + lambda * sum_i w_i mask_i tau_i.")
+    gamma: float = option(0.01, ge=0.0, lt=1.0, help="Fraction of the largest magnitudes (outliers) removed per tensor.")
+    scaling_factor: float = option(0.3, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * sum_i w_i mask_i tau_i.")
     consensus: str = option("none", choices=K.CONSENSUS,
                             help="'none' (paper; mergekit breadcrumbs) or 'sum' (mergekit breadcrumbs_ties).")
 

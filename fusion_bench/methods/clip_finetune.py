@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_bench.config_schema import option
+from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import CheckpointError, ConfigError, did_you_mean
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
 from fusion_bench.utils import shuffled_batches
@@ -36,29 +36,29 @@ class CLIPFinetuneConfig(MethodConfig):
     mode: str = option("full", choices=("full", "lora"),
                        help="full: train every vision-encoder weight; lora: train low-rank adapters (peft) on "
                        "lora_target_modules and merge them into the weights at the end.")
-    steps: int = option(200, help="Optimizer steps per task.")
-    batch_size: int = option(64, help="Images per step.")
-    lr: float = option(3e-4, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")
-    weight_decay: float = option(0.1, help="AdamW weight decay on matrices.")
-    warmup_steps: int = option(20, help="Linear warm-up steps.")
-    label_smoothing: float = option(0.0, help="Cross-entropy label smoothing.")
-    augment_shift: int = option(0, help="Data augmentation: translate each training image by a random offset of up "
+    steps: int = option(200, ge=1, le=10**7, help="Optimizer steps per task.")
+    batch_size: int = option(64, ge=1, le=2**20, help="Images per step.")
+    lr: float = option(3e-4, gt=0.0, le=10.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")
+    weight_decay: float = option(0.1, ge=0.0, le=10.0, help="AdamW weight decay on matrices.")
+    warmup_steps: int = option(20, ge=0, le=10**7, help="Linear warm-up steps.")
+    label_smoothing: float = option(0.0, ge=0.0, lt=1.0, help="Cross-entropy label smoothing.")
+    augment_shift: int = option(0, ge=0, le=1024, help="Data augmentation: translate each training image by a random offset of up "
                                 "to this many pixels (edge pixels repeated); 0: none.")
-    lora_r: int = option(8, help="LoRA rank (mode=lora).")
-    lora_alpha: float = option(16.0, help="LoRA alpha; the update is scaled by alpha / r (mode=lora).")
-    lora_dropout: float = option(0.0, help="Dropout on the LoRA input (mode=lora).")
+    lora_r: int = option(8, ge=1, le=65536, help="LoRA rank (mode=lora).")
+    lora_alpha: float = option(16.0, gt=0.0, le=1e6, help="LoRA alpha; the update is scaled by alpha / r (mode=lora).")
+    lora_dropout: float = option(0.0, ge=0.0, lt=1.0, help="Dropout on the LoRA input (mode=lora).")
     lora_target_modules: list[str] = option(["q_proj", "v_proj"], help="Linear layers that get adapters (mode=lora).")
     templates: dict[str, list[str]] = option(
         {}, help="Caption templates per task, e.g. {mnist: ['a photo of the number {}.']}. Tasks not listed use "
         "the model pool's templates (clip_zoo pools know them), else ['a photo of a {}.'].")
     train_split: str = option("train", help="The dataset split trained on.")
-    max_train_samples: int | None = option(None, help="Use at most this many training images per task (evenly spaced).")
+    max_train_samples: int | None = option(None, ge=1, le=10**9, help="Use at most this many training images per task (evenly spaced).")
     image_column: str | None = option(None, help="Image column (null: detected).")
     label_column: str | None = option(None, help="Label column (null: detected; its ClassLabel names are the classes).")
     save_dir: str | None = option(None, help="If set, save each fine-tuned encoder as a CLIPVisionModel folder "
                                   "<save_dir>/<task> (atomically, with the processor).")
     device: str = option("auto", help="Training device: auto, cpu, cuda:0, ...")
-    seed: int = option(0, help="Seed of the batch order and LoRA initialisation (task name is mixed in).")
+    seed: int = option(0, **SEED_RANGE, help="Seed of the batch order and LoRA initialisation (task name is mixed in).")
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "lora_r"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fusion_bench.config_schema import option
+from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError
 from fusion_bench.kernels import dare as K
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
@@ -14,12 +14,12 @@ from fusion_bench.utils import seeded_generator
 
 @dataclass
 class DareTaskArithmeticConfig(TensorwiseConfig):
-    scaling_factor: float = option(0.3, help="lambda: theta = theta_0 + lambda * sum_i DARE(tau_i).")
+    scaling_factor: float = option(0.3, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * sum_i DARE(tau_i).")
     sparsity_ratio: float = option(
-        0.5, help="p, the probability of dropping each task-vector entry (FusionBench's name); in [0, 1), or "
+        0.5, ge=0.0, le=1.0, help="p, the probability of dropping each task-vector entry (FusionBench's name); in [0, 1), or "
         "[0, 1] with rescale=false.")
     rescale: bool = option(True, help="Multiply kept entries by 1/(1-p) (DARE); false: drop only.")
-    seed: int = option(0, help="Random seed; each tensor of each model draws from a generator seeded with "
+    seed: int = option(0, **SEED_RANGE, help="Random seed; each tensor of each model draws from a generator seeded with "
                        "(seed, tensor name, model name), so results do not depend on the visiting order.")
 
     def __post_init__(self) -> None:

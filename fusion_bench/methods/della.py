@@ -14,14 +14,14 @@ from fusion_bench.methods.sparsify import GeneralizedTaskArithmetic, GTAConfig
 @dataclass
 class DellaConfig(GTAConfig):
     sparsification: str = option("della", choices=("della",), help="Fixed: DELLA MagPrune.")
-    density: float = option(0.7, help="Mean keep probability of each entry.")
-    epsilon: float = option(0.15, help="Keep probabilities run from density - epsilon (smallest magnitude in a row) "
+    density: float = option(0.7, ge=0.0, le=1.0, help="Mean keep probability of each entry.")
+    epsilon: float = option(0.15, ge=0.0, lt=1.0, help="Keep probabilities run from density - epsilon (smallest magnitude in a row) "
                             "to density + epsilon (largest).")
     rescale: bool = option(True, help="Divide kept entries by their keep probability (paper).")
     consensus: str = option("sum", choices=K.CONSENSUS,
                             help="'sum' (paper's sign election; mergekit della) or 'none' (mergekit della_linear).")
     normalize: bool = option(True, help="Divide by the sum of the agreeing weights (mean of agreeing entries).")
-    scaling_factor: float = option(1.0, help="lambda: theta = theta_0 + lambda * merged delta.")
+    scaling_factor: float = option(1.0, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * merged delta.")
 
 
 @register_method

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fusion_bench.checks import check_weights
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
@@ -64,7 +65,7 @@ class SimpleEnsemble(_OutputEnsemble):
 
 @dataclass
 class WeightedEnsembleConfig(MethodConfig):
-    weights: list[float] = option([], help="One weight per member, in the pool's order (empty: uniform).")
+    weights: list[float] = option([], ge=-1e3, le=1e3, help="One weight per member, in the pool's order (empty: uniform).")
     normalize: bool = option(True, help="Divide the weights by their sum.")
 
 
@@ -90,10 +91,9 @@ class WeightedEnsemble(_OutputEnsemble):
         if len(w) != len(names):
             raise ConfigError(f"method.weights has {len(w)} values but the pool has {len(names)} models {names}; "
                               "give one weight per model.")
+        check_weights(w, "method.weights", normalize=self.config.normalize)
         if self.config.normalize:
             s = sum(w)
-            if abs(s) < 1e-12:
-                raise ConfigError("method.weights sum to zero and cannot be normalised; set method.normalize=false.")
             w = [x / s for x in w]
         return w
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_bench.config_schema import option
+from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.fisher import fisher_accumulate, fisher_finish
 from fusion_bench.methods._task_data import (
@@ -31,15 +31,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class FisherMergingConfig(MethodConfig):
-    num_fisher_examples: int = option(256, help="Examples of each model's task used to estimate its Fisher "
+    num_fisher_examples: int = option(256, ge=1, le=10**9, help="Examples of each model's task used to estimate its Fisher "
                                       "(evenly spaced over the split).")
-    batch_size: int = option(32, help="Examples per forward pass (per-example gradients are computed in batches).")
+    batch_size: int = option(32, ge=1, le=2**20, help="Examples per forward pass (per-example gradients are computed in batches).")
     label_source: str = option("predicted", choices=("predicted", "dataset"),
                                help="Whose log-likelihood is differentiated: 'predicted' (the model's own arg-max "
                                "label, FusionBench) or 'dataset' (the dataset label: the empirical Fisher).")
     normalize_fisher_weight: bool = option(True, help="Divide each model's Fisher by its global L2 norm over all "
                                            "parameters, so that every model weighs the same in total.")
-    minimal_fisher_weight: float = option(1e-6, help="eps added to every Fisher entry before weighting (keeps "
+    minimal_fisher_weight: float = option(1e-6, ge=0.0, le=1.0, help="eps added to every Fisher entry before weighting (keeps "
                                           "the division defined; all-zero entries give the simple average).")
     split: str = option("train", help="The dataset split the Fisher is estimated on (modelpool.datasets).")
     adapter: str = option("auto", choices=("auto", "clip", "generic"),
@@ -48,7 +48,7 @@ class FisherMergingConfig(MethodConfig):
     image_column: str | None = option(None, help="Image column of CLIP datasets (null: detected).")
     label_column: str | None = option(None, help="Label column (null: detected).")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
-    seed: int = option(0, help="Seed (the computation is deterministic; kept for the report).")
+    seed: int = option(0, **SEED_RANGE, help="Seed (the computation is deterministic; kept for the report).")
     progress: bool = option(True, help="Show a progress bar on a terminal.")
 
     def __post_init__(self) -> None:
@@ -137,6 +137,11 @@ class FisherMerging(FusionMethod):
 
     #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
     adapter: TaskDataAdapter | None = None
+
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        from fusion_bench.methods._task_data import check_task_data
+
+        return check_task_data(self, modelpool, self.config.split)
 
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fusion_bench.checks import check_weights
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError
 from fusion_bench.kernels.karcher import karcher_mean
@@ -13,9 +14,9 @@ from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, registe
 
 @dataclass
 class KarcherConfig(TensorwiseConfig):
-    weights: list[float] = option([], help="w_i >= 0, one per model (empty: equal weights).")
-    max_iter: int = option(10, help="Maximum Riemannian gradient steps per tensor.")
-    tol: float = option(1e-5, help="Stop when the Riemannian gradient norm is below it.")
+    weights: list[float] = option([], ge=0.0, le=1e3, help="w_i >= 0, one per model (empty: equal weights).")
+    max_iter: int = option(10, ge=1, le=10**6, help="Maximum Riemannian gradient steps per tensor.")
+    tol: float = option(1e-5, gt=0.0, le=1.0, help="Stop when the Riemannian gradient norm is below it.")
 
     def __post_init__(self) -> None:
         if self.max_iter < 1:
@@ -48,8 +49,7 @@ class KarcherMean(TensorwiseMerge):
         w = self.config.weights
         if w and len(w) != len(names):
             raise ConfigError(f"method.weights has {len(w)} values but the pool has {len(names)} models {names}.")
-        if w and sum(w) <= 0:
-            raise ConfigError("method.weights must have a positive sum.")
+        check_weights(w, "method.weights", normalize=True, fix="leave method.weights empty for equal weights")
 
     def merge_tensor(self, key, base, tensors, names):
         c = self.config

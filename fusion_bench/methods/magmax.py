@@ -12,7 +12,7 @@ from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, registe
 
 @dataclass
 class MagMaxConfig(TensorwiseConfig):
-    scaling_factor: float = option(1.0, help="lambda: theta = theta_0 + lambda * tau_max.")
+    scaling_factor: float = option(1.0, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * tau_max.")
 
 
 @register_method

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from fusion_bench.config_schema import option
+from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.regmean import regmean_accumulate, regmean_solve
 from fusion_bench.methods._task_data import (
@@ -29,10 +29,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class RegMeanConfig(MethodConfig):
-    num_regmean_examples: int = option(256, help="Examples of each model's task whose layer inputs give the Gram "
+    num_regmean_examples: int = option(256, ge=1, le=10**9, help="Examples of each model's task whose layer inputs give the Gram "
                                        "matrices (evenly spaced over the split).")
-    batch_size: int = option(32, help="Examples per forward pass.")
-    reduce_non_diagonal_ratio: float = option(0.9, help="alpha: off-diagonal Gram entries are scaled by it "
+    batch_size: int = option(32, ge=1, le=2**20, help="Examples per forward pass.")
+    reduce_non_diagonal_ratio: float = option(0.9, ge=0.0, le=1.0, help="alpha: off-diagonal Gram entries are scaled by it "
                                               "(1: exact regression, 0: diagonal only).")
     include_bias: bool = option(False, help="Merge each bias with its weight in one regression on inputs [x, 1] "
                                 "(false: biases are simple-averaged, as in the paper).")
@@ -45,7 +45,7 @@ class RegMeanConfig(MethodConfig):
     image_column: str | None = option(None, help="Image column of CLIP datasets (null: detected).")
     label_column: str | None = option(None, help="Label column (null: detected).")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
-    seed: int = option(0, help="Seed (the computation is deterministic; kept for the report).")
+    seed: int = option(0, **SEED_RANGE, help="Seed (the computation is deterministic; kept for the report).")
     progress: bool = option(True, help="Show a progress bar on a terminal.")
 
     def __post_init__(self) -> None:
@@ -120,6 +120,11 @@ class RegMean(FusionMethod):
 
     #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
     adapter: TaskDataAdapter | None = None
+
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        from fusion_bench.methods._task_data import check_task_data
+
+        return check_task_data(self, modelpool, self.config.split)
 
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()

@@ -14,11 +14,11 @@ from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, registe
 
 @dataclass
 class SlerpConfig(TensorwiseConfig):
-    t: float = option(0.5, help="Interpolation parameter: 0 gives the first model, 1 the second.")
+    t: float = option(0.5, ge=-10.0, le=10.0, help="Interpolation parameter: 0 gives the first model, 1 the second.")
     models: list[str] = option([], help="The two models [a, b] to interpolate (names; '_pretrained_' allowed). "
                                "Empty: the two models of the pool.")
     colinear_eps: float = option(
-        K.COLINEAR_EPS, help="Linear interpolation instead when |cos(angle)| > 1 - colinear_eps (nearly "
+        K.COLINEAR_EPS, ge=0.0, lt=1.0, help="Linear interpolation instead when |cos(angle)| > 1 - colinear_eps (nearly "
         "parallel or opposite tensors) or a tensor has zero norm.")
 
     def __post_init__(self) -> None:

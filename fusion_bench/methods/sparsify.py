@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from fusion_bench.config_schema import option
+from fusion_bench.checks import check_weights
+from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError
 from fusion_bench.kernels import sparsify as K
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
@@ -44,14 +45,14 @@ class GTAConfig(TensorwiseConfig):
     consensus: str = option("none", choices=K.CONSENSUS,
                             help="Sign consensus: none, sum (TIES: sign of the weighted sum) or count (sign of "
                             "the sum of signs).")
-    density: float = option(1.0, help="Fraction of each task vector kept (expected fraction for random methods).")
-    weights: list[float] = option([], help="w_i, one per model in the pool's order (empty: 1 for every model).")
+    density: float = option(1.0, ge=0.0, le=1.0, help="Fraction of each task vector kept (expected fraction for random methods).")
+    weights: list[float] = option([], ge=-1e3, le=1e3, help="w_i, one per model in the pool's order (empty: 1 for every model).")
     normalize: bool = option(False, help="Divide the merged delta by the sum of the participating weights.")
     rescale: bool = option(False, help="Random methods: divide kept entries by their keep probability.")
-    gamma: float = option(0.01, help="breadcrumbs: fraction of the largest magnitudes removed.")
-    epsilon: float = option(0.15, help="della: keep probabilities range over density +- epsilon by magnitude rank.")
-    scaling_factor: float = option(1.0, help="lambda: theta = theta_0 + lambda * merged delta.")
-    seed: int = option(0, help="Seed of the random sparsifications; generators are seeded per (seed, tensor, model).")
+    gamma: float = option(0.01, ge=0.0, lt=1.0, help="breadcrumbs: fraction of the largest magnitudes removed.")
+    epsilon: float = option(0.15, ge=0.0, lt=1.0, help="della: keep probabilities range over density +- epsilon by magnitude rank.")
+    scaling_factor: float = option(1.0, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * merged delta.")
+    seed: int = option(0, **SEED_RANGE, help="Seed of the random sparsifications; generators are seeded per (seed, tensor, model).")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.density <= 1.0:
@@ -100,6 +101,8 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
         if w and len(w) != len(names):
             raise ConfigError(f"method.weights has {len(w)} values but the pool has {len(names)} models {names}; "
                               "give one weight per model.")
+        # without consensus the merged delta is divided by sum_i w_i: refuse a (near) zero sum
+        check_weights(w, "method.weights", normalize=self.config.normalize and self.config.consensus == "none")
 
     # -- parameters ------------------------------------------------------------------------------
     def params(self, key: str, names: list[str]) -> tuple[list[float], list[float]]:

@@ -24,9 +24,9 @@ def check_fraction(value: float, key: str, *, upper_open: bool = False) -> None:
 
 @dataclass
 class TiesMergingConfig(TensorwiseConfig):
-    scaling_factor: float = option(0.3, help="lambda: theta = theta_0 + lambda * merged task vector.")
+    scaling_factor: float = option(0.3, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * merged task vector.")
     density: float = option(
-        0.2, help="Fraction of each task vector's entries kept by the magnitude trim (top-k%, k = density; "
+        0.2, ge=0.0, le=1.0, help="Fraction of each task vector's entries kept by the magnitude trim (top-k%, k = density; "
         "FusionBench's threshold=20 is density=0.2). Entries tied with the k-th largest magnitude are all kept.")
     trim_scope: str = option(
         "global", choices=("global", "tensor"),

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fusion_bench.config_schema import build_config, option, to_plain
+from fusion_bench.checks import check_result
+from fusion_bench.config_schema import SEED_RANGE, build_config, option, to_plain
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.io.atomic import atomic_file
+from fusion_bench.io.outputs import check_output, output_file, output_lock
 from fusion_bench.methods.base import FusionResult, TensorwiseMerge, build_method
-from fusion_bench.modelpool.base import build_modelpool
+from fusion_bench.modelpool.base import build_modelpool, save_path_for
 from fusion_bench.taskpool.base import average_metrics, build_taskpool
 from fusion_bench.utils import count_parameters, float_numel, measure
+
+#: how a run's user replaces an existing output (named in the error message)
+OVERWRITE_HINT = "overwrite=true"
 
 
 @dataclass
@@ -29,10 +35,13 @@ class ProgramConfig:
     method: dict[str, Any] = option({}, help="The method group: method=<name> plus method.<option>=value.")
     modelpool: dict[str, Any] = option({}, help="The model pool group.")
     taskpool: dict[str, Any] = option({}, help="The task pool group.")
-    seed: int = option(0, help="Global seed (torch, numpy, random) set before the method runs; written to the report.")
+    seed: int = option(0, **SEED_RANGE, help="Global seed (torch, numpy, random) set before the method runs; written to the report.")
     device: str = option("auto", help="Device for evaluation: auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
     dry_run: bool = option(False, help="Validate config and models, print the plan, and stop before merging.")
     merged_model_path: str | None = option(None, help="Save the merged model here (HF folder or .safetensors), atomically.")
+    overwrite: bool = option(False, help="Replace an existing merged_model_path / report_path. Only outputs that "
+                             "fusion_bench wrote (marked) are ever replaced, never an input or a folder holding one; "
+                             "without it an existing destination is refused before any merging.")
     report_path: str | None = option(None, help="Write the JSON report here (default: <output_dir>/report.json).")
     evaluate: bool = option(True, help="Evaluate the result with the task pool.")
     print_table: bool = option(True, help="Print the per-task table after evaluation.")
@@ -133,21 +142,72 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
         elif isinstance(method, TensorwiseMerge):
             keys = modelpool.validate()
             plan["tensors"] = len(keys)
-        log("dry run: configuration and models are valid; nothing merged.")
+        from fusion_bench.programs.dry_run import check_run
+
+        merges = isinstance(method, TensorwiseMerge) or (method.uses_data and method.family == "merging")
+        plan.update(check_run(cfg, method, modelpool, taskpool, merges=merges, log=log))
+        log("dry run: configuration, models" + (", data" if method.uses_data else "")
+            + " and outputs are valid; nothing merged.")
+        for note in plan["not_checked"]:
+            log(f"dry run: not checked: {note}")
         log(json.dumps(plan, indent=2, default=str))
         return {"dry_run": True, "plan": plan}
 
+    targets = output_targets(cfg, modelpool, streaming)
+    check_outputs(targets, cfg, modelpool)  # before any work: no hour of merging lost to this error
+    with ExitStack() as stack:  # one run at a time per destination, for the whole run
+        for dest, what, _kind in targets:
+            stack.enter_context(output_lock(dest, what))
+        return _run_checked(cfg, config, method, modelpool, taskpool, streaming, log)
+
+
+def output_targets(cfg: ProgramConfig, modelpool, streaming: bool) -> list[tuple[Path, str, str]]:
+    """The run's outputs ``(path, what, 'dir' | 'file')``: the merged model (where
+    :meth:`ModelPool.save_model` will put it) and the report."""
+    out: list[tuple[Path, str, str]] = []
+    if cfg.merged_model_path:
+        p = Path(os.path.expanduser(str(cfg.merged_model_path)))
+        if streaming:
+            out.append((p, "merged model folder", "dir"))
+        else:
+            base = modelpool.base_name()
+            kind = modelpool.kind(base)
+            hf = kind == "hf" or (kind == "module" and hasattr(modelpool.entry(base), "save_pretrained"))
+            out.append((p, "merged model", "dir") if hf else (save_path_for(None, p), "merged model", "file"))
+    rep = _report_path(cfg)
+    if rep:
+        out.append((Path(os.path.expanduser(rep)), "report", "file"))
+    return out
+
+
+def check_outputs(targets: list[tuple[Path, str, str]], cfg: ProgramConfig, modelpool) -> None:
+    """Raise OutputExistsError for an output that may not be written (see :mod:`fusion_bench.io.outputs`)."""
+    from fusion_bench.engine.streaming import pool_input_paths
+
+    inputs = pool_input_paths(modelpool)
+    for dest, what, kind in targets:
+        check_output(dest, overwrite=cfg.overwrite, inputs=inputs, what=what, kind=kind, hint=OVERWRITE_HINT)
+
+
+def _report_path(cfg: ProgramConfig) -> str | None:
+    return cfg.report_path or (str(Path(cfg.output_dir) / "report.json") if cfg.output_dir else None)
+
+
+def _run_checked(cfg: ProgramConfig, config, method, modelpool, taskpool, streaming: bool, log) -> dict[str, Any]:
+    """The run once its outputs are checked and locked: fuse, save, evaluate, report."""
     _seed_everything(cfg.seed)
     t_start = time.perf_counter()
     with measure() as m:
         if streaming:
             from fusion_bench.engine.streaming import run_streaming
 
-            result = run_streaming(method, modelpool, cfg.merged_model_path, load=cfg.evaluate)
+            result = run_streaming(method, modelpool, cfg.merged_model_path, load=cfg.evaluate,
+                                   overwrite=cfg.overwrite, overwrite_hint=OVERWRITE_HINT)
         else:
             result = method.run(modelpool)
     if not isinstance(result, FusionResult):
         raise TypeError(f"Method '{method.name}'.run returned {type(result).__name__}, expected FusionResult.")
+    check_result(result, method)  # a non-finite merged tensor stops the run before anything is saved
     extra_params = result.metadata.get("extra_parameters")
     if extra_params is None:
         extra_params = _extra_parameters(result, float_numel(modelpool.load_model(modelpool.base_name())))
@@ -175,7 +235,8 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
     if streaming:
         report["merged_model_path"] = str(cfg.merged_model_path)
     elif cfg.merged_model_path and result.kind == "merged":
-        path = modelpool.save_model(result.model, cfg.merged_model_path)
+        path = modelpool.save_model(result.model, cfg.merged_model_path, overwrite=cfg.overwrite,
+                                    overwrite_hint=OVERWRITE_HINT)
         report["merged_model_path"] = str(path)
         log(f"merged model saved to {path}")
     if cfg.evaluate:
@@ -187,9 +248,12 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
             report.update(extra())
     report["total_wall_time_s"] = round(time.perf_counter() - t_start, 4)
 
-    out = cfg.report_path or (str(Path(cfg.output_dir) / "report.json") if cfg.output_dir else None)
+    out = _report_path(cfg)
     if out:
-        with atomic_file(out, "w") as f:
+        from fusion_bench.engine.streaming import pool_input_paths
+
+        with output_file(os.path.expanduser(out), "w", overwrite=cfg.overwrite, inputs=pool_input_paths(modelpool),
+                         what="report", hint=OVERWRITE_HINT) as f:
             json.dump(report, f, indent=2, default=str)
         report["report_path"] = out
         log(f"report written to {out}")

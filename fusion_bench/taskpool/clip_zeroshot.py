@@ -92,7 +92,7 @@ class CLIPZeroShotTaskPoolConfig(TaskPoolConfig):
         "(null: taskpool.templates), image_column, label_column}; a bare string is the dataset.")
     templates: list[str] | None = option(
         None, help="Default caption templates for tasks without their own; null: a built-in generic set.")
-    batch_size: int = option(256, help="Images per forward pass.")
+    batch_size: int = option(256, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
     precision: str = option(
         "float32", choices=("float32", "bf16"),
@@ -103,7 +103,7 @@ class CLIPZeroShotTaskPoolConfig(TaskPoolConfig):
         "~/.cache/fusion_bench.")
     use_cache: bool = option(True, help="Read and write the on-disk and in-memory caches.")
     max_samples: int | None = option(
-        None, help="Evaluate at most this many evenly spaced samples per task (null: all); for fast runs.")
+        None, ge=1, le=10**9, help="Evaluate at most this many evenly spaced samples per task (null: all); for fast runs.")
     image_column: str | None = option(None, help="Image column; null: the first Image feature, else 'image'/'img'.")
     label_column: str | None = option(None, help="Label column; null: the first ClassLabel feature, else 'label'.")
 

@@ -31,12 +31,12 @@ class CLIPZooTaskPoolConfig(TaskPoolConfig):
                         "choosing hyperparameters, e.g. the leaderboard's --tune).")
     corruption: str | None = option(None, help="Evaluate on the test split under this corruption (robustness), "
                                     "e.g. gaussian_noise; null: the clean test split. Needs split=test.")
-    batch_size: int = option(512, help="Images per forward pass.")
+    batch_size: int = option(512, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
     cache_dir: str | None = option(None, help="Cache of heads and preprocessed images (null: $FUSION_BENCH_CACHE or "
                                    "~/.cache/fusion_bench).")
     use_cache: bool = option(True, help="Read and write the head and image caches.")
-    max_samples: int | None = option(None, help="At most this many evenly spaced images per task of the evaluated "
+    max_samples: int | None = option(None, ge=1, le=10**9, help="At most this many evenly spaced images per task of the evaluated "
                                      "split (null: all).")
 
 

@@ -61,12 +61,12 @@ class ImageClassificationTaskPoolConfig(TaskPoolConfig):
     processor: Any = option(
         None, help="Image processor: a folder or Hub id (AutoImageProcessor), or (Python API) an image "
         "processor object or a callable PIL image -> tensor. Required.")
-    batch_size: int = option(128, help="Images per forward pass.")
+    batch_size: int = option(128, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
     cache_dir: str | None = option(None, help="Cache folder for preprocessed images; null: $FUSION_BENCH_CACHE or "
                                    "~/.cache/fusion_bench.")
     use_cache: bool = option(True, help="Read and write the preprocessed-image caches.")
-    max_samples: int | None = option(None, help="At most this many evenly spaced samples per task (null: all).")
+    max_samples: int | None = option(None, ge=1, le=10**9, help="At most this many evenly spaced samples per task (null: all).")
     image_column: str | None = option(None, help="Image column; null: the first Image feature, else 'image'/'img'.")
     label_column: str | None = option(None, help="Label column; null: the first ClassLabel feature, else 'label'.")
 
