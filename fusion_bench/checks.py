@@ -15,17 +15,17 @@ import torch
 
 from fusion_bench.errors import CheckpointError, ConfigError
 
-#: |sum w| below this share of sum |w| (or below NEAR_ZERO_ABS) counts as a (near) zero sum
+#: |sum w| at most this share of sum |w| counts as a (near) zero sum (weights that cancel out)
 NEAR_ZERO_REL = 1e-6
-NEAR_ZERO_ABS = 1e-8
 
 
 def check_weights(weights: Sequence[float], where: str = "method.weights", *, normalize: bool = False,
                   fix: str = "set method.normalize=false") -> None:
     """Refuse non-finite weights and, when they are normalised, a (near) zero sum.
 
-    A sum s is near zero when |s| < max(1e-8, 1e-6 * sum_i |w_i|): normalising would scale the merge by
-    1/s (1e10 for weights summing to 1e-10) or divide by zero.
+    A sum s is near zero when |s| <= 1e-6 * sum_i |w_i| (the weights cancel out): normalising would scale
+    the merge by about 1/s (1e10 for weights of size 1 summing to 1e-10) or divide by zero. Small weights
+    that do not cancel ([1e-10, 1e-10]) are fine.
 
     Args:
         weights: the weights.
@@ -39,7 +39,7 @@ def check_weights(weights: Sequence[float], where: str = "method.weights", *, no
             raise ConfigError(f"{where}[{i}]={x} is not a finite number; give finite weights.")
     if normalize and w:
         s = math.fsum(w)
-        if abs(s) < max(NEAR_ZERO_ABS, NEAR_ZERO_REL * math.fsum(abs(x) for x in w)):
+        if abs(s) <= NEAR_ZERO_REL * math.fsum(abs(x) for x in w):
             scale = f"scale the merge by {1 / s:.3g}" if s else "divide by zero"
             raise ConfigError(f"{where}={w} sum to {s:.3g}, (near) zero: normalising would {scale}; give weights "
                               f"with a clearly non-zero sum or {fix}.")
