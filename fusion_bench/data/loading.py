@@ -143,6 +143,11 @@ def load_dataset_ref(spec: Any, split: str | None = None):
         split = spec.get("split", split)
         extra = {k: spec[k] for k in ("name", "revision", "data_files", "data_dir", "trust_remote_code")
                  if spec.get(k) is not None}
+        if "trust_remote_code" in extra and not isinstance(extra["trust_remote_code"], bool):
+            raise ConfigError(f"trust_remote_code in dataset reference {dict(spec)} must be true or false, got "
+                              f"{extra['trust_remote_code']!r}.")
+        if extra.get("trust_remote_code") is False:
+            del extra["trust_remote_code"]  # off is the default; only the user turns it on
         spec = spec["path"]
     if not isinstance(spec, (str, os.PathLike)):
         raise ConfigError(f"Dataset reference {spec!r} must be a path, a Hub id or a mapping with 'path'.")

@@ -90,6 +90,7 @@ class StreamReader:
     def __init__(self, path: str | os.PathLike, name: str | None = None):
         path = Path(path)
         self.name = name or path.name
+        self._fds: dict[Path, int] = {}
         if path.is_dir():
             idx = path / SAFE_INDEX
             if idx.exists():
