@@ -14,6 +14,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from fusion_bench.checks import check_merged_tensor
 from fusion_bench.engine.validate import align_keys, aligned_sources, untied_keys, validate_sources  # noqa: F401
 from fusion_bench.io.checkpoint import ModuleSource, TensorSource
 
@@ -69,7 +70,10 @@ def merge_in_memory(method: TensorwiseMerge, pool: ModelPool) -> tuple[nn.Module
             if merged.shape != target.shape:
                 raise RuntimeError(f"method {method.name} returned shape {tuple(merged.shape)} for '{k}', "
                                    f"expected {tuple(target.shape)}")
-            target.copy_(merged.to(target.dtype))
+            if merged.dtype != target.dtype:  # merge_one checked it in its dtype; the module's may overflow
+                merged = merged.to(target.dtype)
+                check_merged_tensor(method, k, merged)
+            target.copy_(merged)
             prog.advance(task)
     return model, {"merged_tensors": len(keys), "base_model": base_name, "models": names,
                    "lazy_tensor_reading": lazy}
