@@ -334,6 +334,9 @@ def test_state_dict_file_pools(tmp_path, suffix):
         else:
             torch.save(sd, path)
         models[name] = str(path)
+    from fusion_bench.models.registry import register_model_class
+
+    register_model_class("test_hf_modelpools_mlp", MLP)  # configs name only registered classes (or transformers)
     arch = {"class": f"{__name__}.MLP", "kwargs": {}}
     out = tmp_path / "merged.safetensors"
     rep = run_program({"method": {"name": "task_arithmetic", "scaling_factor": TA_LAMBDA},
