@@ -12,6 +12,7 @@ import torch
 
 from fusion_bench.engine.streaming import merge_to_folder, plan_merge
 from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError
+from fusion_bench.io.outputs import write_marker
 from fusion_bench.io.stream import ShardedWriter, StreamReader
 from fusion_bench.methods import build_method, get_method_class, list_methods
 from fusion_bench.methods.base import TensorwiseMerge
@@ -158,13 +159,14 @@ class _Boom(TensorwiseMerge):
 def test_interrupted_merge_leaves_nothing(zoo, tmp_path, existing):
     pool = build_modelpool({"type": "causal_lm", "models": zoo})
     out = tmp_path / "dest"
-    if existing:
+    if existing:  # an earlier output of fusion_bench (marked), replaced only with overwrite=True
         out.mkdir()
         (out / "keep.txt").write_text("old")
+        write_marker(out, "merged model folder")
     with pytest.raises(RuntimeError, match="interrupted"):
-        merge_to_folder(_Boom(5), pool, out, block_elements=BLOCK, max_shard_size="20KB")
+        merge_to_folder(_Boom(5), pool, out, block_elements=BLOCK, max_shard_size="20KB", overwrite=existing)
     if existing:
-        assert sorted(os.listdir(out)) == ["keep.txt"]
+        assert sorted(os.listdir(out)) == [".fusion_bench_output", "keep.txt"]
     else:
         assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == (["dest"] if existing else [])

@@ -238,7 +238,7 @@ def test_caches_hit_on_second_call_and_agree_with_uncached(tiny, tmp_path):
     assert image_cache.STATS["decoded"] - i0["decoded"] == 2
     assert len(list((cache / "heads").glob("*.pt"))) == 2
     assert len(list((cache / "images").glob("*.pt"))) == 2
-    assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in cache.rglob("*") if ".fusion_bench-tmp-" in p.name]
 
     # same process, new pool: memory hits, the text encoder is not run
     pool2 = make_pool(tiny, cache_dir=str(cache))

@@ -53,7 +53,7 @@ def test_killed_build_resumes(tiny_zoo):
     assert report["entries"]["data/letters"]["status"] == "cached"  # not rebuilt
     assert report["entries"]["pretrained"]["status"] in ("built", "cached")
     assert zoo.is_built()
-    assert not list(zoo.root.rglob(".*.tmp-*"))  # no half-written entry left behind
+    assert not list(zoo.root.rglob(".*.fusion_bench-tmp-*"))  # no half-written entry left behind
     again = zoo.build(progress=False, log=lambda s: None)
     assert {v["status"] for v in again["entries"].values()} == {"cached"}
     manifest = json.loads((zoo.root / "manifest.json").read_text())

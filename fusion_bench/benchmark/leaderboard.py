@@ -214,7 +214,9 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
                     f"{v:g}: {_pct(a).strip()}" for v, a in tuned["validation_average"].items())
                     + f" -> {tuned[TUNED_OPTION]:g} ({tuned['tuning_time_s']:.1f}s)")
             method = cls({TUNED_OPTION: tuned[TUNED_OPTION]}) if tuned else cls()
-            rep = run_program({"print_table": False, "report_path": str(reports_dir / f"{name}.json"), "seed": 0},
+            # overwrite: a rerun refreshes its own reports (only fusion_bench reports are ever replaced)
+            rep = run_program({"print_table": False, "report_path": str(reports_dir / f"{name}.json"), "seed": 0,
+                               "overwrite": True},
                               modelpool=pool, method=method, taskpool=taskpool, log=lambda s: None)
         except FusionBenchError as e:
             skipped[name] = f"failed on the zoo: {e}"

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fusion_bench.errors import CheckpointError
+from fusion_bench.io.atomic import os_error_message
 from fusion_bench.io.checkpoint import (
     _FIX,
     _ST_DTYPES,
@@ -211,11 +212,15 @@ class ShardedWriter:
             than this gets a shard of its own).
         metadata: the ``__metadata__`` of every shard (``{"format": "pt"}`` by default, which
             transformers expects).
+        dest: the final output path named in error messages (default ``folder``); an OSError while
+            writing (disk full, read-only filesystem) becomes a one-line CheckpointError naming it.
     """
 
     def __init__(self, folder: str | os.PathLike, plan: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                 max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None):
+                 max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None,
+                 dest: str | os.PathLike | None = None):
         self.folder = Path(folder)
+        self.dest = Path(dest) if dest is not None else self.folder
         self.metadata = {"format": "pt", **(metadata or {})}
         groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
@@ -264,7 +269,7 @@ class ShardedWriter:
                 self.total_size += off
         except OSError as e:
             self.close()
-            raise CheckpointError(f"Cannot create output shards in {self.folder}: {e}") from e
+            raise CheckpointError(os_error_message(e, self.dest, "merged model")) from e
         self._fd_of = dict(zip(self.files, self._fds))
         self._lock = threading.Lock()
 
@@ -291,8 +296,11 @@ class ShardedWriter:
             fd = self._fd_of[loc.file]
             off = loc.offset + row_start * loc.row_bytes
             done = 0
-            while done < nbytes:
-                done += os.pwrite(fd, view[done:], off + done)
+            try:
+                while done < nbytes:
+                    done += os.pwrite(fd, view[done:], off + done)
+            except OSError as e:
+                raise CheckpointError(os_error_message(e, self.dest, "merged model")) from e
         with self._lock:  # several merging threads write concurrently (pwrite itself is positional)
             self._written[key] += nrows
 
@@ -305,13 +313,17 @@ class ShardedWriter:
         missing = self.missing()
         if missing:
             raise CheckpointError(f"Output tensors {missing[:5]} were planned but not written.")
-        for fd in self._fds:
-            os.fsync(fd)
-        self.close()
         weight_map = {k: loc.file.name for k, loc in self._loc.items()}
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+            self.close()
+            if len(self.files) > 1:
+                index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+                (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+        except OSError as e:
+            self.close()
+            raise CheckpointError(os_error_message(e, self.dest, "merged model")) from e
         return weight_map
 
     def close(self) -> None:

@@ -18,8 +18,14 @@ import torch
 from torch import nn
 
 from fusion_bench.config_schema import build_config, option, to_plain
-from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError, did_you_mean
-from fusion_bench.io.atomic import atomic_dir, atomic_path
+from fusion_bench.errors import (
+    CheckpointError,
+    ConfigError,
+    FusionBenchError,
+    ModelMismatchError,
+    did_you_mean,
+)
+from fusion_bench.io.atomic import os_error_message
 from fusion_bench.io.checkpoint import (
     ModuleSource,
     StateDictSource,
@@ -27,6 +33,7 @@ from fusion_bench.io.checkpoint import (
     open_checkpoint,
     read_json_object,
 )
+from fusion_bench.io.outputs import os_error_from, output_dir, output_path, safetensors_metadata
 from fusion_bench.models.registry import check_plain_data, is_allowed_ref, resolve_class_ref
 from fusion_bench.utils import parse_dtype
 
@@ -341,6 +348,20 @@ class ModelPool:
             return None
         return resolve_hf_path(str(self._entries[name]), name)
 
+    def input_paths(self) -> dict[str, Path]:
+        """The pool's checkpoints (and tokenizer/processor) that are on local disk, name -> path; hub ids
+        not downloaded yet are left out. Outputs never replace these or a folder holding them."""
+        out: dict[str, Path] = {}
+        refs = [(n, e) for n, e in self._entries.items() if not isinstance(e, (nn.Module, Mapping))]
+        refs += [("tokenizer", self.config.tokenizer), ("processor", self.config.processor)]
+        for n, e in refs:
+            if e is None:
+                continue
+            p = Path(os.path.expanduser(str(e)))
+            if os.path.lexists(p):
+                out[n] = p
+        return out
+
     def content_hashes(self) -> dict[str, str]:
         return {n: self.source(n).content_hash() for n in self.names}
 
@@ -433,22 +454,26 @@ class ModelPool:
                 f"Models have different architectures (config.json model_type): {types}. Merge models of one architecture.")
 
     # -- saving ----------------------------------------------------------------------------------
-    def save_model(self, model: nn.Module, path: str | os.PathLike, name_for_extras: str | None = None) -> Path:
+    def save_model(self, model: nn.Module, path: str | os.PathLike, name_for_extras: str | None = None, *,
+                   overwrite: bool = False, overwrite_hint: str = "overwrite=True") -> Path:
         """Save a merged model atomically: ``save_pretrained`` for HF models (plus tokenizer/processor),
-        a safetensors state dict otherwise. Returns the written path."""
-        path = Path(path)
+        a safetensors state dict otherwise. Returns the written path.
+
+        An existing destination is refused unless ``overwrite``, and even then replaced only when
+        fusion_bench wrote it and it holds none of this pool's checkpoints (see
+        :mod:`fusion_bench.io.outputs`). Disk errors become one-line CheckpointErrors."""
+        path = save_path_for(model, path)
+        guard = {"overwrite": overwrite, "inputs": self.input_paths(), "what": "merged model", "hint": overwrite_hint}
         if hasattr(model, "save_pretrained"):
-            with atomic_dir(path) as tmp:
-                model.save_pretrained(tmp)
+            with output_dir(path, **guard) as tmp:
+                _write_or_explain(lambda: model.save_pretrained(tmp), path)
                 self._save_extras(tmp, name_for_extras)
             return path
         from safetensors.torch import save_file
 
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(sd, str(tmp))
+        with output_path(path, **guard) as tmp:
+            _write_or_explain(lambda: save_file(sd, str(tmp), metadata=safetensors_metadata("merged model")), path)
         return path
 
     def _save_extras(self, folder: Path, name: str | None) -> None:
@@ -475,6 +500,30 @@ class ModelPool:
                 if f.is_file() and f.suffix in (".json", ".txt", ".model", ".tiktoken") and not (folder / f.name).exists() \
                         and not f.name.endswith(".index.json"):
                     shutil.copy2(f, folder / f.name)
+
+
+def save_path_for(model: Any, path: str | os.PathLike) -> Path:
+    """Where :meth:`ModelPool.save_model` writes ``model``: the folder ``path`` for Hugging Face models,
+    else ``path`` with a ``.safetensors`` suffix (``model=None``: a model without ``save_pretrained``)."""
+    path = Path(os.path.expanduser(str(path)))
+    if model is not None and hasattr(model, "save_pretrained"):
+        return path
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+    return path
+
+
+def _write_or_explain(write, dest: Path) -> None:
+    """Run a library writer; its I/O errors (disk full, read-only, ...) become one-line CheckpointErrors."""
+    try:
+        write()
+    except FusionBenchError:
+        raise
+    except Exception as e:
+        ose = os_error_from(e)
+        if ose is None:
+            raise
+        raise CheckpointError(os_error_message(ose, dest, "merged model")) from e
 
 
 def _quiet_from_pretrained(cls, path, **kw):
