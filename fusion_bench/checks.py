@@ -53,18 +53,18 @@ def _hyper_text(method: Any) -> str:
     nums = [f"{k}={v!r}" for k, v in hp.items()
             if (isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed")
             or (isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v))]
-    return f" ({', '.join(nums)})" if nums else ""
+    return f"; hyperparameters: {', '.join(nums)}" if nums else ""
 
 
 def nonfinite_error(method: Any, key: str, dtype: torch.dtype) -> CheckpointError:
     """The error for a merged tensor with NaN/inf values (nothing is written)."""
     name = getattr(method, "name", type(method).__name__)
-    fmax = torch.finfo(dtype).max if dtype.is_floating_point else None
-    rng = f" ({dtype} overflows beyond +-{fmax:.3g})" if fmax is not None else ""
+    dt = str(dtype).replace("torch.", "")
+    fmax = f" (finite up to +-{torch.finfo(dtype).max:.3g})" if dtype.is_floating_point else ""
     return CheckpointError(
-        f"Method '{name}' produced non-finite values (NaN/inf) in merged tensor '{key}' ({str(dtype).replace('torch.', '')}); "
-        f"nothing was written. Likely cause: a hyperparameter too large for these weights or the dtype{rng}"
-        f"{_hyper_text(method)}, or weights that cancel out; lower it (e.g. scaling_factor) and rerun.")
+        f"Method '{name}' produced non-finite values (NaN/inf) in merged tensor '{key}' ({dt}); nothing was "
+        f"written. Likely cause: a hyperparameter too large for these weights or for {dt}{fmax}"
+        f"{_hyper_text(method)}; lower it (e.g. scaling_factor), or check for weights that cancel out, and rerun.")
 
 
 def check_merged_tensor(method: Any, key: str, tensor: torch.Tensor) -> None:
