@@ -476,3 +476,14 @@ def test_cache_writers_keep_replacing(tmp_path):
         assert signal.getsignal(signal.SIGTERM).__name__ == "_on_signal"
     assert getattr(signal.getsignal(signal.SIGTERM), "__name__", "") != "_on_signal"
     assert (tmp_path / "o" / MARKER).exists()
+
+
+def test_dry_run_checks_outputs(toy):
+    out = toy["root"] / "merged.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match=f"The merged model {out} already exists"):
+        run(toy["pool"], merged_model_path=str(out), dry_run=True)
+    rep = run(toy["pool"], merged_model_path=str(toy["root"] / "new.safetensors"), dry_run=True)
+    assert any("output(s) may be written" in c for c in rep["plan"]["checked"])
+    assert out.read_bytes() == b"precious" and leftovers(toy["root"]) == []
+    assert not (toy["root"] / "new.safetensors").exists()

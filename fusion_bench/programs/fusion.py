@@ -146,6 +146,10 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
 
         merges = isinstance(method, TensorwiseMerge) or (method.uses_data and method.family == "merging")
         plan.update(check_run(cfg, method, modelpool, taskpool, merges=merges, log=log))
+        targets = output_targets(cfg, modelpool, streaming)
+        check_outputs(targets, cfg, modelpool)  # the outputs: may be written (not created, not locked)
+        if targets:
+            plan["checked"].append("output(s) may be written: " + ", ".join(str(t[0]) for t in targets))
         log("dry run: configuration, models" + (", data" if method.uses_data else "")
             + " and outputs are valid; nothing merged.")
         for note in plan["not_checked"]:
