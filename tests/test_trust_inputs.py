@@ -247,7 +247,7 @@ CASES = {
     "begin_after_end": (_h({"a": _e("F32", [0], [16, 0])}), bytes(16), None, "begin after they end", "a", True),
     "duplicate_keys": (b'{"a": {"dtype":"F32","shape":[4],"data_offsets":[0,16]}, '
                        b'"a": {"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', bytes(16), None,
-                       "duplicate key 'a'", None, False),  # the library keeps the last: a silent choice
+                       "names 'a' twice", None, False),  # the library keeps the last: a silent choice
     "extra_field": (_h({"a": {**_e("F32", [4], [0, 16]), "x": 1}}), bytes(16), None,
                     "exactly dtype, shape, data_offsets", "a", False),
     "non_utf8": (b'{"a\xff": {"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', bytes(16), None, "not UTF-8",
@@ -368,6 +368,14 @@ def test_unreadable_bin(tmp_path, kind):
     msg = one_line(str(ei.value))
     assert "Model 'binmodel'" in msg and str(f) in msg and "re-save" in msg.lower(), msg
     assert not marker.exists()
+    if kind == "pickle_code":
+        assert "unpickling them could run code" in msg and "weights_only` set to `False`" not in msg
+
+
+def test_legacy_bin_format_still_loads(tmp_path):
+    f = tmp_path / "legacy.bin"
+    torch.save({"w": torch.arange(3.0)}, f, _use_new_zipfile_serialization=False)
+    assert torch.equal(TorchFileSource(f, "old").get("w"), torch.arange(3.0))
 
 
 def _hf_folder(root: Path, name: str, config: bytes) -> Path:

@@ -48,11 +48,15 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     out: dict = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key '{k}'")
+            raise _DuplicateKey(k)
         out[k] = v
     return out
 
@@ -117,6 +121,8 @@ def parse_safetensors_header(path: str | os.PathLike, model: str) -> tuple[dict[
         raise bad(f"the header is not UTF-8 ({e.reason} at byte {e.start})") from e
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise bad(f"the header names '{e.args[0]}' twice (readers would disagree on which entry counts)") from e
     except (ValueError, RecursionError) as e:
         raise bad(f"the header is not valid JSON ({one_line(e)})") from e
     if not isinstance(header, dict):
@@ -229,6 +235,15 @@ class TensorMeta:
     @property
     def nbytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _load_weights_only(f: Path):
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers only, never code); memory-mapped
+    where the file's format allows (the legacy non-zip format does not)."""
+    import zipfile
+
+    mmap = zipfile.is_zipfile(f)
+    return torch.load(f, map_location="cpu", mmap=mmap, weights_only=True)
 
 
 def _check_shards_exist(files: list[Path], idx: Path, model: str) -> None:
@@ -417,10 +432,14 @@ class TorchFileSource(TensorSource):
         self._sd: dict[str, torch.Tensor] = {}
         for f in self.files:
             try:
-                obj = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+                obj = _load_weights_only(f)
             except Exception as e:  # never unpickles code: weights_only=True refuses anything but tensors
+                import pickle
+
+                why = ("it holds pickled objects other than tensors, refused because unpickling them could run code"
+                       if isinstance(e, pickle.UnpicklingError) else one_line(e))
                 raise CheckpointError(
-                    f"Model '{self.name}': cannot load {f} as a state dict ({one_line(e)}). Only tensors are "
+                    f"Model '{self.name}': cannot load {f} as a state dict ({why}). Only tensors are "
                     "loaded (weights_only=True): re-save that file with torch.save(model.state_dict()), or "
                     "re-download it."
                 ) from e
