@@ -220,6 +220,13 @@ def validate_composed(cfg: Any) -> None:
     mp_cls = ModelPoolConfig if mp_type == "default" else getattr(get_modelpool_class(mp_type), "config_class", None)
     if mp_cls is not None:
         build_config(mp_cls, mp, prefix="modelpool", ignore=("type",))
+    # configs are data: class names go through the allow-list before any pool is built
+    from fusion_bench.modelpool.base import MODEL_CLASSES, check_architecture
+    from fusion_bench.models.registry import is_allowed_ref
+
+    check_architecture(mp.get("architecture"))
+    if mp.get("model_class") is not None:
+        is_allowed_ref(mp["model_class"], "modelpool.model_class", MODEL_CLASSES)
     tp = dict(plain.get("taskpool") or {})
     tp_cls = TASKPOOLS.get(tp.get("type", "parameter_count")).config_class
     build_config(tp_cls, tp, prefix="taskpool", ignore=("type",))

@@ -14,7 +14,7 @@ from typing import Any
 
 from fusion_bench.config_schema import build_config, option, to_plain
 from fusion_bench.errors import ConfigError, did_you_mean
-from fusion_bench.modelpool.base import PRETRAINED, ModelPool, ModelPoolConfig
+from fusion_bench.modelpool.base import PRETRAINED, ModelPool, ModelPoolConfig, check_architecture
 from fusion_bench.modelpool.registry import register_modelpool
 
 
@@ -52,6 +52,7 @@ class CLIPZooModelPool(ModelPool):
                 raise ConfigError(f"modelpool.{key} is filled in from the zoo by modelpool.type=clip_zoo; remove it "
                                   "(or use the default model pool with your own checkpoints).")
         self.zoo_config = zc
+        check_architecture(zc.architecture)  # configs are data: before the zoo is built
         self.zoo = ensure_zoo(zc.scale, zc.root, build=zc.build)
         tasks = self.zoo.tasks
         if zc.select is not None:
