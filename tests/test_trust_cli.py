@@ -146,3 +146,11 @@ def test_subcommand_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert got == 2, err
     one_error(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_model_path_at_the_inputs_folder_is_refused(toy, capsys):  # noqa: F811
+    for extra in ([], ["overwrite=true"]):
+        cli_fails(toy, capsys, ["modelpool=toy", "taskpool=count", f"merged_model_path={toy['models']}", *extra],
+                  ["existing folder", "merged.safetensors"])
+        cli_fails(toy, capsys, ["modelpool=toy", "taskpool=count", f"merged_model_path={toy['models'] / 'a.safetensors'}",
+                                *extra], ["a.safetensors"])

@@ -508,6 +508,12 @@ def save_path_for(model: Any, path: str | os.PathLike) -> Path:
     path = Path(os.path.expanduser(str(path)))
     if model is not None and hasattr(model, "save_pretrained"):
         return path
+    if path.is_dir():
+        from fusion_bench.io.outputs import OutputExistsError
+
+        raise OutputExistsError(f"merged_model_path={path} is an existing folder, but this pool's merged model is one "
+                                f".safetensors file (the pool has no Hugging Face models); give a file path such as "
+                                f"{path / 'merged.safetensors'} or a new name.")
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
     return path
