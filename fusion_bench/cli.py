@@ -261,6 +261,7 @@ def _hydra_main() -> None:
         from fusion_bench.programs.fusion import run_program
 
         plain: dict = {}
+        _terminate_as_exception()
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)
             run_program(plain)
@@ -273,6 +274,29 @@ def _hydra_main() -> None:
             fail(e)
 
     task()
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, SLURM, Docker) raised as an exception in the main thread, so that every writer's
+    cleanup runs as it unwinds and the run folder is removed like after any other failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate_as_exception() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        def on_term(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+            raise Terminated(signum)
+
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def debug_enabled() -> bool:
@@ -308,6 +332,8 @@ def error_line(e: BaseException) -> tuple[str, int]:
 
     if isinstance(e, KeyboardInterrupt):
         return "error: interrupted; nothing was written under the final output names.", 130
+    if isinstance(e, Terminated):
+        return "error: terminated (SIGTERM); nothing was written under the final output names.", 128 + e.signum
     if isinstance(e, SystemExit):
         return f"error: stopped (exit code {e.code}).", e.code if isinstance(e.code, int) else 2
     if isinstance(e, FusionBenchError):

@@ -154,3 +154,45 @@ def test_merged_model_path_at_the_inputs_folder_is_refused(toy, capsys):  # noqa
                   ["existing folder", "merged.safetensors"])
         cli_fails(toy, capsys, ["modelpool=toy", "taskpool=count", f"merged_model_path={toy['models'] / 'a.safetensors'}",
                                 *extra], ["a.safetensors"])
+
+
+_SLOW_CLI = """
+import sys, time
+import safetensors.torch
+real = safetensors.torch.save_file
+def slow(sd, path, metadata=None):
+    real(sd, path, metadata=metadata)
+    print("writing", flush=True)
+    time.sleep(60)
+safetensors.torch.save_file = slow
+from fusion_bench.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_during_a_cli_run_leaves_nothing(toy, sig):  # noqa: F811
+    """A real `fusion_bench` process stopped while it writes the merged model: one error line, the
+    usual exit status, no temporary, no lock, no run folder, inputs unchanged."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = toy["root"]
+    dest = root / "merged.safetensors"
+    before = digest(toy["models"])
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "--config-dir", toy["cfg"], "modelpool=toy",
+                          "taskpool=count", f"merged_model_path={dest}"], cwd=root, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert p.stdout.readline().strip() == "writing", p.stderr.read()
+    assert [n for n in os.listdir(root) if "fusion_bench" in n]  # the temporary and the lock exist meanwhile
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + getattr(signal, sig), (p.returncode, err)
+    assert one_error(err).startswith("error: ")
+    assert not dest.exists() and not [n for n in os.listdir(root) if "fusion_bench" in n]
+    nothing_left(root)
+    assert digest(toy["models"]) == before

@@ -455,9 +455,7 @@ def test_sigkill_then_later_run_cleans_up(toy):
     left = leftovers(root)
     assert any(f".fusion_bench-tmp-{p.pid}-" in n for n in left) and lock_path(dest).name in left
     assert not dest.exists()
-    t0 = time.perf_counter()
     run(toy["pool"], merged_model_path=str(dest))
-    assert time.perf_counter() - t0 < 30
     assert is_fusion_bench_output(dest) and leftovers(root) == []
 
 
