@@ -79,6 +79,7 @@ def pytest_configure(config):
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="fb-fashion-standin-"))
+    config._fashion_standin = folder
     _fashion_standin(folder)
     os.environ["FUSION_BENCH_FASHION_MNIST_DIR"] = str(folder)
     _STANDIN_NOTE = (f"Fashion-MNIST not installed: tests use a synthetic stand-in in {folder} "
@@ -87,3 +88,16 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return _STANDIN_NOTE or None
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_fashion_standin", None)
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _STANDIN_NOTE:  # also under -q, which hides the header
+        terminalreporter.write_line(_STANDIN_NOTE)
