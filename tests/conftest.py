@@ -28,6 +28,45 @@ def perturbed(sd: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> di
             if v.is_floating_point() else v.clone() for k, v in sd.items()}
 
 
+
+def make_toy(root, names="abc", prefix="layer.", extra_base=None) -> dict:
+    """A tiny state-dict pool on disk: ``base`` (a 6x4 linear layer, plus ``extra_base``) and one perturbed
+    copy per name as .safetensors files under ``root/models``, a config folder ``root/cfg`` holding
+    ``modelpool/toy.yaml`` and ``taskpool/count.yaml`` (parameter count), and the pool as a mapping."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"{prefix}weight": torch.randn(6, 4, generator=g), f"{prefix}bias": torch.randn(6, generator=g),
+            **(extra_base or {})}
+    models = root / "models"
+    models.mkdir()
+    save_file(base, models / "base.safetensors")
+    for i, n in enumerate(names):
+        save_file(perturbed(base, i + 1), models / f"{n}.safetensors")
+    pool = {"models": {"_pretrained_": str(models / "base.safetensors"),
+                       **{n: str(models / f"{n}.safetensors") for n in names}}}
+    cfg = root / "cfg"
+    (cfg / "modelpool").mkdir(parents=True)
+    (cfg / "taskpool").mkdir()
+    (cfg / "modelpool" / "toy.yaml").write_text(
+        "# fusion_bench --config-dir cfg modelpool=toy taskpool=count\nmodels:\n"
+        + "".join(f"  {n}: {path}\n" for n, path in pool["models"].items()))
+    (cfg / "taskpool" / "count.yaml").write_text("type: parameter_count\n")
+    return {"root": root, "cfg": str(cfg), "base": base, "models": models, "pool": pool}
+
+
+def run_cli(args, capsys):
+    """Run ``fusion_bench ARGS`` in-process; return (exit code, stdout, stderr)."""
+    from fusion_bench.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
 # -- Fashion-MNIST stand-in -------------------------------------------------------------------
 # The benchmark reads Fashion-MNIST from the Debian package `dataset-fashion-mnist` (installed by
 # .ci/run and the README's commands). The tests must not depend on a data source that may be

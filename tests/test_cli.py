@@ -10,41 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusion_bench.cli import main
-from tests.conftest import perturbed
+from tests.conftest import make_toy, perturbed, run_cli  # noqa: F401  (run_cli: re-exported)
 
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
     """A config folder with a state-dict model pool (base + 3 models) and a parameter-count task pool."""
-    g = torch.Generator().manual_seed(0)
-    base = {"layer.weight": torch.randn(6, 4, generator=g), "layer.bias": torch.randn(6, generator=g),
-            "pos_ids": torch.arange(5)}
-    models = tmp_path / "models"
-    models.mkdir()
-    save_file(base, models / "base.safetensors")
-    for i, n in enumerate("abc"):
-        save_file(perturbed(base, i + 1), models / f"{n}.safetensors")
-    cfg = tmp_path / "cfg"
-    (cfg / "modelpool").mkdir(parents=True)
-    (cfg / "taskpool").mkdir()
-    (cfg / "modelpool" / "toy.yaml").write_text(
-        "# fusion_bench --config-dir cfg modelpool=toy taskpool=count\nmodels:\n"
-        f"  _pretrained_: {models / 'base.safetensors'}\n"
-        + "".join(f"  {n}: {models / (n + '.safetensors')}\n" for n in "abc"))
-    (cfg / "taskpool" / "count.yaml").write_text("type: parameter_count\n")
     monkeypatch.chdir(tmp_path)
-    return {"root": tmp_path, "cfg": str(cfg), "base": base, "models": models}
-
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return make_toy(tmp_path, "abc", extra_base={"pos_ids": torch.arange(5)})
 
 
 def test_task_arithmetic_end_to_end(toy, capsys):

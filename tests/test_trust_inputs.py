@@ -13,24 +13,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fusion_bench.cli import main
 from fusion_bench.errors import CheckpointError, ConfigError, RegistryError
 from fusion_bench.io.checkpoint import SafetensorsSource, TorchFileSource, open_checkpoint
 from fusion_bench.io.stream import StreamReader
 from fusion_bench.modelpool import ModelPool
 from fusion_bench.modelpool.base import resolve_model_class
 from fusion_bench.models.registry import list_model_classes, register_model_class, unregister_model_class
-from tests.conftest import perturbed
+from tests.conftest import make_toy, run_cli
 
 
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """A config folder with a state-dict pool of nn.Linear(4, 6) weights and a parameter-count task pool."""
+    monkeypatch.chdir(tmp_path)
+    return make_toy(tmp_path, "ab", prefix="")
 
 
 def one_line(msg: str) -> str:
@@ -38,25 +34,7 @@ def one_line(msg: str) -> str:
     return msg
 
 
-@pytest.fixture
-def toy(tmp_path, monkeypatch):
-    """A config folder with a state-dict pool of nn.Linear(4, 6) weights and a parameter-count task pool."""
-    g = torch.Generator().manual_seed(0)
-    base = {"weight": torch.randn(6, 4, generator=g), "bias": torch.randn(6, generator=g)}
-    models = tmp_path / "models"
-    models.mkdir()
-    save_file(base, models / "base.safetensors")
-    for i, n in enumerate("ab"):
-        save_file(perturbed(base, i + 1), models / f"{n}.safetensors")
-    cfg = tmp_path / "cfg"
-    (cfg / "modelpool").mkdir(parents=True)
-    (cfg / "taskpool").mkdir()
-    (cfg / "modelpool" / "toy.yaml").write_text(
-        "models:\n" f"  _pretrained_: {models / 'base.safetensors'}\n"
-        + "".join(f"  {n}: {models / (n + '.safetensors')}\n" for n in "ab"))
-    (cfg / "taskpool" / "count.yaml").write_text("type: parameter_count\n")
-    monkeypatch.chdir(tmp_path)
-    return {"root": tmp_path, "cfg": str(cfg), "base": base, "models": models}
+
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fusion_bench.cli import main as cli_main
 from fusion_bench.errors import CheckpointError
@@ -35,7 +35,7 @@ from fusion_bench.io.outputs import (
     release_lock,
 )
 from fusion_bench.programs.fusion import run_program
-from tests.conftest import perturbed
+from tests.conftest import make_toy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,17 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
     """A state-dict pool (base + 2 models) as .safetensors files, and a run config writing beside it."""
-    g = torch.Generator().manual_seed(0)
-    base = {"layer.weight": torch.randn(6, 4, generator=g), "layer.bias": torch.randn(6, generator=g)}
-    models = tmp_path / "models"
-    models.mkdir()
-    save_file(base, models / "base.safetensors")
-    for i, n in enumerate("ab"):
-        save_file(perturbed(base, i + 1), models / f"{n}.safetensors")
-    pool = {"models": {"_pretrained_": str(models / "base.safetensors"),
-                       **{n: str(models / f"{n}.safetensors") for n in "ab"}}}
     monkeypatch.chdir(tmp_path)
-    return {"root": tmp_path, "models": models, "pool": pool}
+    return make_toy(tmp_path, "ab")
 
 
 def run(pool, **kw):
@@ -357,7 +348,7 @@ def test_disk_full(toy, hfzoo, tmp_path, monkeypatch):
     msg = f"Cannot write the merged model {out}: No space left on device (errno ENOSPC); free disk space (or quota) " \
           "on that filesystem, or choose a path on another disk."
     assert str(ei.value) == msg
-    assert os.listdir(tmp_path) == ["models"]  # the toy pool's folder only
+    assert sorted(os.listdir(tmp_path)) == ["cfg", "models"]  # the toy pool's folders only
     assert tree_hash(Path(hfzoo["ft0"]).parent) == before
 
     # safetensors' writer reports the OS error inside its own exception type

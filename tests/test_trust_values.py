@@ -12,13 +12,12 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from fusion_bench.cli import main
 from fusion_bench.config_schema import build_config, check_range, describe, in_range, option, range_text
 from fusion_bench.errors import CheckpointError, ConfigError
 from fusion_bench.methods import get_method_class, list_methods
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig
 from fusion_bench.modelpool.base import ModelPool
-from tests.conftest import perturbed
+from tests.conftest import make_toy, run_cli
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,40 +90,21 @@ def test_option_ranges_and_finiteness():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    base = {"layer.weight": torch.randn(6, 4, generator=g), "layer.bias": torch.randn(6, generator=g)}
-    models = tmp_path / "models"
-    models.mkdir()
-    save_file(base, models / "base.safetensors")
-    for i, n in enumerate("abc"):
-        save_file(perturbed(base, i + 1), models / f"{n}.safetensors")
+    monkeypatch.chdir(tmp_path)
+    info = make_toy(tmp_path, "abc")
+    models, base = info["models"], info["base"]
     # a pool whose task vectors overflow float32 when added (3e38 + 3e38)
     huge = {k: torch.full_like(v, 3e38) for k, v in base.items()}
     save_file({k: torch.zeros_like(v) for k, v in base.items()}, models / "zero.safetensors")
     save_file(huge, models / "huge1.safetensors")
     save_file(huge, models / "huge2.safetensors")
-    cfg = tmp_path / "cfg"
-    (cfg / "modelpool").mkdir(parents=True)
-    (cfg / "taskpool").mkdir()
-    (cfg / "modelpool" / "toy.yaml").write_text(
-        "models:\n" f"  _pretrained_: {models / 'base.safetensors'}\n"
-        + "".join(f"  {n}: {models / (n + '.safetensors')}\n" for n in "abc"))
-    (cfg / "modelpool" / "huge.yaml").write_text(
+    (tmp_path / "cfg" / "modelpool" / "huge.yaml").write_text(
         "models:\n" f"  _pretrained_: {models / 'zero.safetensors'}\n"
         f"  h1: {models / 'huge1.safetensors'}\n  h2: {models / 'huge2.safetensors'}\n")
-    (cfg / "taskpool" / "count.yaml").write_text("type: parameter_count\n")
-    monkeypatch.chdir(tmp_path)
-    return {"root": tmp_path, "cfg": str(cfg)}
+    return info
 
 
-def _run(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_run = run_cli
 
 
 def _one_error_line(code, err) -> str:
