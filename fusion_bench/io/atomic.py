@@ -260,6 +260,15 @@ def _translate(e: BaseException, dest: Path, what: str, tmp: Path) -> BaseExcept
     return e
 
 
+def _abandon(e: BaseException, tmp: Path, dest: Path, what: str) -> None:
+    """Remove the temporary of a failed write and re-raise (write errors as one-line CheckpointErrors)."""
+    _remove(tmp)
+    err = _translate(e, dest, what, tmp)
+    if err is e:
+        raise e
+    raise err from e
+
+
 @contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = True, *, before_commit: Callable[[], None] | None = None,
                what: str = "output folder") -> Iterator[Path]:
@@ -288,11 +297,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True, *, before_commit
                 before_commit()
             _commit(tmp, dest, overwrite, what)
         except BaseException as e:
-            _remove(tmp)
-            err = _translate(e, dest, what, tmp)
-            if err is e:
-                raise
-            raise err from e
+            _abandon(e, tmp, dest, what)
     finally:
         unregister_cleanup(token)
 
@@ -346,11 +351,7 @@ def atomic_path(dest: str | os.PathLike, *, before_commit: Callable[[], None] | 
                                       "choose another path.")
             os.replace(tmp, dest)
         except BaseException as e:
-            _remove(tmp)
-            err = _translate(e, dest, what, tmp)
-            if err is e:
-                raise
-            raise err from e
+            _abandon(e, tmp, dest, what)
     finally:
         unregister_cleanup(token)
 

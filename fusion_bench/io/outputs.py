@@ -320,6 +320,22 @@ def clean_stale_locks(folder: str | os.PathLike) -> list[Path]:
 # guarded writers
 # ----------------------------------------------------------------------------------------------
 @contextmanager
+def _guarded(dest: str | os.PathLike, kind: str, overwrite: bool, inputs: Inputs, what: str, hint: str,
+             writer: Any) -> Iterator[Any]:
+    """Check ``dest`` (before, under its lock, and again at the rename), then run the atomic ``writer``."""
+    dest = Path(os.path.expanduser(str(dest)))
+
+    def check() -> None:
+        check_output(dest, overwrite=overwrite, inputs=inputs, what=what, kind=kind, hint=hint)
+
+    check()
+    with output_lock(dest, what):
+        check()
+        with writer(dest, check) as handle:
+            yield handle
+
+
+@contextmanager
 def output_dir(dest: str | os.PathLike, *, overwrite: bool = False, inputs: Inputs = None,
                what: str = "output folder", hint: str = "overwrite=True") -> Iterator[Path]:
     """Yield a temporary folder that becomes ``dest`` (with a :data:`MARKER` file) on success.
@@ -327,17 +343,12 @@ def output_dir(dest: str | os.PathLike, *, overwrite: bool = False, inputs: Inpu
     Refuses an existing ``dest`` as :func:`check_output` says (before and again at the rename), holds
     ``dest``'s lock meanwhile; leaves nothing behind on failure or SIGTERM/SIGINT.
     """
-    dest = Path(os.path.expanduser(str(dest)))
+    def writer(d: Path, check: Any):
+        return atomic_dir(d, overwrite=True, before_commit=check, what=what)
 
-    def check() -> None:
-        check_output(dest, overwrite=overwrite, inputs=inputs, what=what, kind="dir", hint=hint)
-
-    check()
-    with output_lock(dest, what):
-        check()
-        with atomic_dir(dest, overwrite=True, before_commit=check, what=what) as tmp:
-            yield tmp
-            write_marker(tmp, what)
+    with _guarded(dest, "dir", overwrite, inputs, what, hint, writer) as tmp:
+        yield tmp
+        write_marker(tmp, what)
 
 
 @contextmanager
@@ -345,32 +356,22 @@ def output_path(dest: str | os.PathLike, *, overwrite: bool = False, inputs: Inp
                 what: str = "output file", hint: str = "overwrite=True") -> Iterator[Path]:
     """Yield a temporary path that becomes the file ``dest`` on success (the writer adds our mark:
     :func:`safetensors_metadata` for safetensors, :data:`REPORT_MARK` for JSON reports)."""
-    dest = Path(os.path.expanduser(str(dest)))
+    def writer(d: Path, check: Any):
+        return atomic_path(d, before_commit=check, what=what)
 
-    def check() -> None:
-        check_output(dest, overwrite=overwrite, inputs=inputs, what=what, kind="file", hint=hint)
-
-    check()
-    with output_lock(dest, what):
-        check()
-        with atomic_path(dest, before_commit=check, what=what) as tmp:
-            yield tmp
+    with _guarded(dest, "file", overwrite, inputs, what, hint, writer) as tmp:
+        yield tmp
 
 
 @contextmanager
 def output_file(dest: str | os.PathLike, mode: str = "w", *, overwrite: bool = False, inputs: Inputs = None,
                 what: str = "output file", hint: str = "overwrite=True") -> Iterator[Any]:
     """:func:`output_path`, opened for writing."""
-    dest = Path(os.path.expanduser(str(dest)))
+    def writer(d: Path, check: Any):
+        return atomic_file(d, mode, before_commit=check, what=what)
 
-    def check() -> None:
-        check_output(dest, overwrite=overwrite, inputs=inputs, what=what, kind="file", hint=hint)
-
-    check()
-    with output_lock(dest, what):
-        check()
-        with atomic_file(dest, mode, before_commit=check, what=what) as f:
-            yield f
+    with _guarded(dest, "file", overwrite, inputs, what, hint, writer) as f:
+        yield f
 
 
 def os_error_from(e: BaseException) -> OSError | None:
