@@ -58,6 +58,7 @@ def check_run(cfg: Any, method: Any, modelpool: Any, taskpool: Any, *, merges: b
     """Run the dry run's checks (see the module docstring); return ``{"checked": [...], "not_checked": [...]}``."""
     checked: list[str] = []
     not_checked: list[str] = []
+    out: dict[str, Any] = {"checked": checked, "not_checked": not_checked}
     names = list(dict.fromkeys([modelpool.base_name(), *modelpool.names]))
     for name in names:
         modelpool.source(name)
@@ -65,6 +66,7 @@ def check_run(cfg: Any, method: Any, modelpool: Any, taskpool: Any, *, merges: b
     checked.append(f"{len(names)} model(s) found and their checkpoint headers read")
     if merges:
         keys = modelpool.validate()
+        out.setdefault("tensors", len(keys))
         checked.append(f"{len(keys)} tensor(s) present in every model with one shape")
     n = scan_finite(modelpool, names, progress=lambda nm: log(f"dry run: reading every tensor of '{nm}'"))
     checked.append(f"{n} floating-point tensor(s) read: all finite")
@@ -74,7 +76,7 @@ def check_run(cfg: Any, method: Any, modelpool: Any, taskpool: Any, *, merges: b
         checked.append("the method's datasets open")
     if getattr(taskpool, "tasks", None):
         not_checked.append("task pool data is opened only when the evaluation starts")
-    return {"checked": checked, "not_checked": not_checked}
+    return out
 
 
 __all__ = ["check_run", "scan_finite"]

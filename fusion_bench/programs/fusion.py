@@ -139,13 +139,11 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
             if splan.mismatches:
                 raise ModelMismatchError(f"dry run: {len(splan.mismatches)} mismatch(es), first: "
                                          f"{splan.mismatches[0]}.")
-        elif isinstance(method, TensorwiseMerge):
-            keys = modelpool.validate()
-            plan["tensors"] = len(keys)
         from fusion_bench.programs.dry_run import check_run
 
         merges = isinstance(method, TensorwiseMerge) or (method.uses_data and method.family == "merging")
-        plan.update(check_run(cfg, method, modelpool, taskpool, merges=merges, log=log))
+        found = check_run(cfg, method, modelpool, taskpool, merges=merges, log=log)
+        plan.update({k: v for k, v in found.items() if k not in plan})
         targets = output_targets(cfg, modelpool, streaming)
         check_outputs(targets, cfg, modelpool)  # the outputs: may be written (not created, not locked)
         if targets:
