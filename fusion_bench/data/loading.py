@@ -8,6 +8,8 @@ A reference is one of:
   files / images, read with the matching ``datasets`` packaged builder;
 - a Hugging Face Hub id such as ``"tanganke/sun397"`` (``datasets.load_dataset(id, split=...)``);
 - a mapping ``{path: ..., name: ..., split: ..., revision: ..., data_files: ...}``;
+- such a mapping with ``holdout: {fraction: 0.1, seed: 0, part: validation}``: a seeded part of the
+  split (FusionBench's validation hold-out, see :func:`holdout_indices`; ``part: train`` is the rest);
 - a ``datasets.Dataset`` / ``DatasetDict`` object (Python API), passed through.
 
 A split may carry a slice, ``"test[:100]"`` or ``"test[100:200]"`` (rows, not percentages, for
@@ -26,7 +28,8 @@ from typing import Any
 from fusion_bench.errors import CheckpointError, ConfigError, did_you_mean
 
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
-_MAPPING_KEYS = ("path", "name", "split", "revision", "data_files", "data_dir", "trust_remote_code")
+_MAPPING_KEYS = ("path", "name", "split", "revision", "data_files", "data_dir", "trust_remote_code", "holdout")
+_HOLDOUT_KEYS = ("fraction", "seed", "part")
 _SLICE = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
 
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values")
@@ -148,6 +151,13 @@ def load_dataset_ref(spec: Any, split: str | None = None):
                               f"{extra['trust_remote_code']!r}.")
         if extra.get("trust_remote_code") is False:
             del extra["trust_remote_code"]  # off is the default; only the user turns it on
+        holdout = _check_holdout(spec.get("holdout"), spec)
+        if holdout is not None:
+            if split is None:
+                raise ConfigError(f"Dataset reference {dict(spec)} has a holdout but no split; set split (e.g. train).")
+            base = {k: v for k, v in spec.items() if k != "holdout"}
+            ds = load_dataset_ref({**base, "split": split})
+            return ds.select(holdout_indices(len(ds), **holdout))
         spec = spec["path"]
     if not isinstance(spec, (str, os.PathLike)):
         raise ConfigError(f"Dataset reference {spec!r} must be a path, a Hub id or a mapping with 'path'.")
@@ -160,6 +170,46 @@ def load_dataset_ref(spec: Any, split: str | None = None):
         raise ConfigError(f"Dataset {where}: the local path {p} does not exist. Check the path (it is read "
                           "relative to the working directory).")
     return _load_hub(ref, split, extra)
+
+
+def _check_holdout(h: Any, spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    if h is None:
+        return None
+    where = f"holdout of dataset reference {dict(spec)}"
+    if not isinstance(h, Mapping):
+        raise ConfigError(f"The {where} must be a mapping {{fraction: 0.1, seed: 0, part: validation}}.")
+    unknown = [k for k in h if k not in _HOLDOUT_KEYS]
+    if unknown:
+        raise ConfigError(f"Unknown key '{unknown[0]}' in the {where}.{did_you_mean(unknown[0], _HOLDOUT_KEYS)}")
+    fraction, seed, part = h.get("fraction", 0.1), h.get("seed", 0), h.get("part", "validation")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"holdout.fraction in the {where} must be a number in (0, 1), got {fraction!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"holdout.seed in the {where} must be an integer, got {seed!r}.")
+    if part not in ("train", "validation"):
+        raise ConfigError(f"holdout.part in the {where} must be 'train' or 'validation', got {part!r}.")
+    return {"fraction": float(fraction), "seed": seed, "part": part}
+
+
+def holdout_indices(n: int, fraction: float = 0.1, seed: int = 0, part: str = "validation") -> list[int]:
+    """Row indices of one part of a seeded train/validation split of ``n`` rows.
+
+    FusionBench's ``train_validation_split``: ``k = int(n * fraction)`` validation rows, and
+    ``torch.utils.data.random_split(rows, [n - k, k], generator=torch.Generator().manual_seed(seed))``,
+    i.e. a ``torch.randperm(n)`` under that generator whose first ``n - k`` entries are the training
+    rows and whose last ``k`` are the validation rows (in permutation order).
+
+    Args:
+        n: rows in the split.
+        fraction: share of rows held out as validation, in (0, 1).
+        seed: seed of the torch generator.
+        part: 'validation' (the held-out rows) or 'train' (the rest).
+    """
+    import torch
+
+    k = int(n * fraction)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[n - k:] if part == "validation" else perm[:n - k]
 
 
 def _load_hub(ref: str, split: str | None, extra: Mapping[str, Any]):

@@ -75,6 +75,8 @@ class CLIPTaskSpec:
                                          "taskpool.templates.")
     image_column: str | None = option(None, help="Image column; null uses taskpool.image_column.")
     label_column: str | None = option(None, help="Label column; null uses taskpool.label_column.")
+    prompts: str | None = option(None, help="Take the class names and templates of this task of the CLIP hub-experiment "
+                                 "table (fusion_bench.hub.clip_tasks, e.g. 'gtsrb'); explicit classnames/templates win.")
 
 
 @dataclass
@@ -139,6 +141,13 @@ class CLIPZeroShotTaskPool(TaskPool):
             if isinstance(raw, str) or not hasattr(raw, "items"):
                 raw = {"dataset": raw}
             self._specs[task] = build_config(CLIPTaskSpec, raw, prefix=f"taskpool.tasks.{task}")
+            if self._specs[task].prompts is not None:
+                from fusion_bench.hub.clip_tasks import get_task
+
+                try:
+                    get_task(self._specs[task].prompts)
+                except ConfigError as e:
+                    raise ConfigError(f"taskpool.tasks.{task}.prompts: {e}") from None
             for t in self._specs[task].templates or []:
                 if "{}" not in t:
                     raise ConfigError(f"taskpool.tasks.{task}.templates: template {t!r} has no '{{}}' for the "
@@ -272,6 +281,10 @@ class CLIPZeroShotTaskPool(TaskPool):
 
     def classnames(self, task: str) -> list[str]:
         spec = self._specs[task]
+        if spec.classnames is None and spec.prompts is not None:
+            from fusion_bench.hub.clip_tasks import classnames
+
+            return classnames(spec.prompts)
         if spec.classnames is not None:
             if not spec.classnames:
                 raise ConfigError(f"taskpool.tasks.{task}.classnames is empty.")
@@ -285,7 +298,12 @@ class CLIPZeroShotTaskPool(TaskPool):
         return [n.replace("_", " ") for n in names]
 
     def templates(self, task: str) -> list[str]:
-        return list(self._specs[task].templates or self.config.templates or DEFAULT_TEMPLATES)
+        spec = self._specs[task]
+        if spec.templates is None and spec.prompts is not None:
+            from fusion_bench.hub.clip_tasks import templates
+
+            return templates(spec.prompts)
+        return list(spec.templates or self.config.templates or DEFAULT_TEMPLATES)
 
     def images(self, task: str) -> PreprocessedImages:
         """Preprocessed images (N, 3, H, W) and labels (N,) of ``task`` (cached)."""
