@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fusion_bench.compat.fusionbench import translate_command_line as fusionbench_command_line
 from fusion_bench.errors import ConfigError, FusionBenchError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "config"
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
     try:
         register_method_configs()
+        argv = fusionbench_command_line(argv)  # FusionBench's names and defaults -> ours (docs/fusionbench.md)
         wants_help = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in argv)
         if not wants_help:
             preflight(argv)

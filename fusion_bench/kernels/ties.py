@@ -16,7 +16,9 @@ Variant implemented (:func:`ties_merge`), for task vectors tau_i = theta_i - the
    ``'count'``: gamma = sgn(sum_i sgn(trimmed tau_i)). When the vote is exactly 0 the elected
    sign is 0 and (as in the paper's Algorithm 1, where A^p = {t : sgn(tau_t^p) = gamma^p}) no
    non-zero entry agrees, so the merged entry is 0. (FusionBench replaces a zero sign by the
-   majority sign of the whole vector; mergekit by +1. Both break the symmetry tau -> -tau.)
+   majority sign of the whole vector; mergekit by +1. Both break the symmetry tau -> -tau.
+   ``zero_sign`` gives FusionBench's rule: the sign used where the vote is 0, computed by the
+   caller with :func:`vote_sign_total` over the whole model.)
 3. **Disjoint merge** over the agreeing entries A = {i : sgn(trimmed tau_i) = gamma, gamma != 0}:
    ``'mean'`` (paper): sum_{i in A} tau_i / |A| (0 when A is empty); ``'sum'``: the sum
    (FusionBench's ``merge_func=sum``); ``'max'``: gamma * max_{i in A} |tau_i|.
@@ -51,6 +53,17 @@ def keep_count(numel: int, density: float) -> int:
     tolerance absorbs binary rounding of decimal densities (0.29 * 100 = 28.999999999999996).
     """
     return min(numel, max(0, math.floor(density * numel * (1 + 1e-12) + 0.5)))
+
+
+def keep_count_fusionbench(numel: int, density: float) -> int:
+    """FusionBench's keep count: its ``topk_values_mask`` keeps |x| >= the (n - int(n * K))-th smallest
+    magnitude, i.e. the k-th largest with k = int(n * K) + 1 (plain float product, truncated; K = the
+    threshold in percent / 100). Raises ValueError where FusionBench's ``kthvalue`` fails (k > n)."""
+    k = int(numel * density) + 1
+    if k > numel:
+        raise ValueError(f"FusionBench's trim keeps int(n*K)+1 = {k} of n = {numel} entries: more than there are "
+                         "(its kthvalue(0) fails); use a threshold below 100")
+    return k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +476,7 @@ def _shrink_level(threshold: float, dtype: torch.dtype) -> float:
 
 def _sign_merge_range(flats: Sequence[torch.Tensor], flat_base: torch.Tensor, out: torch.Tensor, lo: int, hi: int,
                       levels: list[float] | None, scaling_factor: float, sign_election: str, merge: str,
-                      subtract: bool) -> None:
+                      subtract: bool, zero_sign: float = 0.0) -> None:
     """Entries [lo, hi) of the sign merge, in chunks of at most CHUNK entries per model.
 
     Every torch op works on one chunk of one model (< 32768 entries: below torch's parallel grain
@@ -498,6 +511,8 @@ def _sign_merge_range(flats: Sequence[torch.Tensor], flat_base: torch.Tensor, ou
             else:
                 vote.add_(torch.sign(row, out=wc))
         sign = vote.sign_()
+        if zero_sign != 0.0:
+            sign.masked_fill_(sign == 0, zero_sign)
         nm.zero_()
         ct.zero_()
         for i in range(n):
@@ -517,7 +532,7 @@ def _sign_merge_range(flats: Sequence[torch.Tensor], flat_base: torch.Tensor, ou
 
 def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thresholds: Sequence[float] | None,
                         scaling_factor: float, sign_election: SignElection, merge: DisjointMerge,
-                        transform=None) -> torch.Tensor:
+                        transform=None, zero_sign: float = 0.0) -> torch.Tensor:
     """theta_0 + lambda * disjoint_merge(elect(trimmed taus)), computed in flat chunks.
 
     Same arithmetic as :func:`elect_sign` + :func:`disjoint_merge`, arranged for speed: chunks stay
@@ -527,7 +542,8 @@ def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thr
     the GIL), each running serial ops: no per-op thread-pool barriers, which cost milliseconds on a
     busy machine. ``transform(i, tau_i)`` (optional) replaces the whole task vector of model i
     before the trim (DARE uses it); it is applied to whole tensors, so random draws do not depend
-    on the chunking.
+    on the chunking. ``zero_sign`` (FusionBench): the elected sign where the vote is exactly 0
+    (default 0: such entries merge to 0).
     """
     if sign_election not in ("mass", "count"):
         raise ValueError(f"unknown sign election {sign_election!r}; use 'mass' or 'count'")
@@ -543,7 +559,7 @@ def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thr
     levels = None
     if thresholds is not None:
         levels = [_shrink_level(float(t), base.dtype) if math.isfinite(t) else math.inf for t in thresholds]
-    args = (levels, scaling_factor, sign_election, merge, transform is None)
+    args = (levels, scaling_factor, sign_election, merge, transform is None, zero_sign)
     parallel_ranges(numel, lambda a, z: _sign_merge_range(flats, flat_base, out, a, z, *args))
     return out.reshape(base.shape)
 
@@ -564,7 +580,8 @@ def parallel_ranges(numel: int, fn) -> list:
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, density: float = 0.2,
                scaling_factor: float = 0.3, thresholds: Sequence[float] | None = None,
-               sign_election: SignElection = "mass", merge: DisjointMerge = "mean") -> torch.Tensor:
+               sign_election: SignElection = "mass", merge: DisjointMerge = "mean",
+               zero_sign: float = 0.0) -> torch.Tensor:
     """TIES-merging of one tensor: trim, elect sign, disjoint merge, add to the base.
 
     Paper: Yadav et al., NeurIPS 2023 (see the module docstring for the exact variant: trim keeps
@@ -581,10 +598,34 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, density: 
             trim); entries with |tau_i| >= thresholds[i] are kept. Overrides ``density``.
         sign_election: 'mass' (paper) or 'count'.
         merge: 'mean' (paper), 'sum' or 'max'.
+        zero_sign: the sign elected where the vote is exactly 0 (0: the paper; FusionBench: see
+            :func:`fusionbench_zero_sign`).
     """
     if thresholds is None:
         k = keep_count(base.numel(), density)
         thresholds = [kth_largest_abs(t - base, k) for t in tensors]
     elif len(thresholds) != len(tensors):
         raise ValueError(f"ties_merge got {len(thresholds)} thresholds for {len(tensors)} tensors")
-    return _chunked_sign_merge(base, tensors, thresholds, scaling_factor, sign_election, merge)
+    return _chunked_sign_merge(base, tensors, thresholds, scaling_factor, sign_election, merge, zero_sign=zero_sign)
+
+
+def vote_sign_total(taus: Sequence[torch.Tensor], thresholds: Sequence[float], sign_election: SignElection = "mass") -> int:
+    """sum_j sgn(vote_j) over the entries of one tensor: the vote of the trimmed task vectors ``taus``
+    (entries with |tau_i| >= thresholds[i] kept). Summed over all tensors it gives FusionBench's majority
+    sign (``resolve_zero_signs``: sgn of the sum of the elected signs of the whole flattened model)."""
+    vote = None
+    for t, thr in zip(taus, thresholds):
+        kept = torch.where(t.abs() >= thr, t, torch.zeros((), dtype=t.dtype))
+        v = kept if sign_election == "mass" else kept.sign()
+        vote = v if vote is None else vote + v
+    return int(vote.sign().sum()) if vote is not None else 0
+
+
+def fusionbench_zero_sign(total: int, merge: DisjointMerge) -> float:
+    """The elected sign FusionBench uses where the vote is 0, from :func:`vote_sign_total` summed over
+    the model: the majority sign; when that is 0 too, its ``where(sign > 0, v > 0, v < 0)`` selects the
+    negative entries (-1) for 'sum'/'mean', while 'max' multiplies by the sign (0)."""
+    m = float(np.sign(total))
+    if m == 0.0 and merge != "max":
+        return -1.0
+    return m

@@ -5,16 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError
 from fusion_bench.kernels import dare as K
+from fusion_bench.kernels import ties as KT
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
+from fusion_bench.methods.ties import TiesMerging, TiesMergingConfig
 from fusion_bench.utils import seeded_generator
 
 
 @dataclass
-class DareTaskArithmeticConfig(TensorwiseConfig):
-    scaling_factor: float = option(0.3, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * sum_i DARE(tau_i).")
+class DareSimpleAverageConfig(TensorwiseConfig):
     sparsity_ratio: float = option(
         0.5, ge=0.0, le=1.0, help="p, the probability of dropping each task-vector entry (FusionBench's name); in [0, 1), or "
         "[0, 1] with rescale=false.")
@@ -29,6 +32,11 @@ class DareTaskArithmeticConfig(TensorwiseConfig):
         if self.rescale and p >= 1.0:
             raise ConfigError("method.sparsity_ratio=1 drops every entry and 1/(1-p) is infinite: use a value "
                               "below 1, or set method.rescale=false.")
+
+
+@dataclass
+class DareTaskArithmeticConfig(DareSimpleAverageConfig):
+    scaling_factor: float = option(0.3, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * sum_i DARE(tau_i).")
 
 
 @dataclass
@@ -113,3 +121,98 @@ class DareTies(_Dare):
         return K.dare_ties(base, tensors, c.sparsity_ratio, generators,
                            scaling_factor=c.scaling_factor, rescale=c.rescale,
                            sign_election=c.sign_election, merge=c.merge_func)
+
+
+@register_method
+class DareSimpleAverage(DareTaskArithmetic):
+    """DARE then the simple average of the models (FusionBench's ``dare/simple_average``).
+
+    Paper: Yu et al. (ICML 2024). Variant (FusionBench's ``DareSimpleAverage``): DARE task arithmetic
+    with lambda = 1/N for the N fine-tuned models: theta = theta_0 + (1/N) sum_i DARE(tau_i).
+
+    Args:
+        config: :class:`DareSimpleAverageConfig` (sparsity_ratio, rescale, seed, exclude).
+    """
+
+    name = "dare_simple_average"
+    config_class: ClassVar = DareSimpleAverageConfig
+    summary = "DARE on each task vector, then their mean added to the base (FusionBench dare/simple_average)."
+    variant = ("Yu et al. 2024 (DARE), FusionBench's DareSimpleAverage: theta = theta_0 + (1/N) sum_i DARE(tau_i) "
+               "over the N fine-tuned models (u < p dropped, 1/(1-p) rescale, seeded per tensor and model).")
+
+    def merge_with(self, base, tensors, generators):
+        c = self.config
+        return K.dare_task_arithmetic(base, tensors, c.sparsity_ratio, generators,
+                                      scaling_factor=1.0 / len(tensors), rescale=c.rescale)
+
+
+@dataclass
+class DareTiesMergingConfig(TiesMergingConfig):
+    sparsity_ratio: float = option(0.5, ge=0.0, le=1.0, help="p, the probability of dropping each task-vector entry "
+                                   "before the TIES trim; in [0, 1), or [0, 1] with rescale=false.")
+    rescale: bool = option(True, help="Multiply kept entries by 1/(1-p) (DARE); false: drop only.")
+    seed: int = option(0, **SEED_RANGE, help="Random seed of the DARE masks (per seed, tensor name and model name).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        DareSimpleAverageConfig.__post_init__(self)
+
+
+@register_method
+class DareTiesMerging(TiesMerging):
+    """DARE, then TIES with its magnitude trim (FusionBench's ``dare/ties_merging``).
+
+    Paper: Yu et al. (ICML 2024) + Yadav et al. (NeurIPS 2023). Variant (FusionBench's
+    ``DareTiesMerging``): tau~_i = DARE(tau_i) (as ``dare_task_arithmetic``), then TIES on the tau~_i
+    exactly as ``ties_merging`` with the same options (trim to the top ``density`` magnitudes over
+    the whole model or per tensor, sign election, disjoint merge); theta = theta_0 + lambda * merged.
+    Unlike ``dare_ties`` (mergekit) the TIES trim is kept.
+
+    Args:
+        config: :class:`DareTiesMergingConfig` (the ``ties_merging`` options + sparsity_ratio, rescale, seed).
+    """
+
+    name = "dare_ties_merging"
+    config_class: ClassVar = DareTiesMergingConfig
+    summary = "DARE on each task vector, then TIES trim, sign election and disjoint merge (FusionBench dare/ties_merging)."
+    variant = ("Yu et al. 2024 (DARE) + Yadav et al. 2023 (TIES), FusionBench's DareTiesMerging: tau~_i = DARE(tau_i) "
+               "(u < p dropped, 1/(1-p) rescale, seeded per tensor and model); then ties_merging on the tau~_i: trim to "
+               "|tau~_i| >= the k-th largest magnitude (keep_rule, trim_scope), sign by mass or count (zero_vote), "
+               "disjoint merge_func; theta = theta_0 + lambda * merged.")
+    merge_block = None  # whole tensors: the DARE masks are drawn once per tensor and model
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.block_stats = None
+
+    def generators(self, key: str, names: list[str]):
+        p = self.config.sparsity_ratio
+        return [seeded_generator(self.config.seed, key, n) if p > 0 else None for n in names]
+
+    def _dare(self, key, tau, name):
+        c = self.config
+        return K.dare(tau, c.sparsity_ratio, self.generators(key, [name])[0], c.rescale)
+
+    def _select_add(self, sel, i, key, tensor, base, name) -> bool:
+        dtype = self._threshold_dtype
+        tau = self._dare(key, tensor.to(dtype) - base.to(dtype), name).reshape(-1)
+        if sel.stride == 1 and not bool(torch.isfinite(tau).all()):
+            return False
+        sel.add(i, tau[:: sel.stride])
+        return True
+
+    def _taus(self, key, base, tensors, names, dtype):
+        return [self._dare(key, t.to(dtype) - base, n) for t, n in zip(tensors, names)]
+
+    def merge_tensor(self, key, base, tensors, names):
+        c = self.config
+        if c.trim_scope == "global":
+            thresholds = self._global_thresholds(names)
+            if base.dtype != self._threshold_dtype:
+                base, tensors = base.to(self._threshold_dtype), [t.to(self._threshold_dtype) for t in tensors]
+        taus = self._taus(key, base, tensors, names, base.dtype)
+        if c.trim_scope == "tensor":
+            k = self._keep(base.numel())
+            thresholds = [KT.kth_largest_abs(t, k) for t in taus]
+        return KT._chunked_sign_merge(base, tensors, thresholds, c.scaling_factor, c.sign_election, c.merge_func,
+                                      transform=lambda i, tau: taus[i], zero_sign=self._zero_sign)

@@ -40,9 +40,20 @@ class TiesMergingConfig(TensorwiseConfig):
         "mean", choices=("mean", "sum", "max"),
         help="Disjoint merge over entries agreeing with the elected sign: 'mean' (paper), 'sum' "
         "(FusionBench merge_func=sum) or 'max' (largest agreeing magnitude).")
+    keep_rule: str = option(
+        "round", choices=("round", "fusionbench"),
+        help="How many entries the trim keeps of n: 'round': k = round(density * n); 'fusionbench': "
+        "k = int(density * n) + 1 (FusionBench's topk_values_mask: |x| >= its (n - int(n*K))-th smallest).")
+    zero_vote: str = option(
+        "zero", choices=("zero", "majority"),
+        help="Where the sign vote is exactly 0: 'zero' merges to 0 (paper); 'majority' elects the majority sign "
+        "of the whole model (FusionBench's resolve_zero_signs; trim_scope=global only, one extra pass).")
 
     def __post_init__(self) -> None:
         check_fraction(self.density, "density")
+        if self.zero_vote == "majority" and self.trim_scope != "global":
+            raise ConfigError("method.zero_vote=majority needs method.trim_scope=global (the majority sign is taken "
+                              "over the whole model, as FusionBench does).")
 
 
 @register_method
@@ -72,6 +83,7 @@ class TiesMerging(TensorwiseMerge):
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
         self._thresholds: dict[str, float] | None = None
+        self._zero_sign = 0.0
         self._threshold_dtype = torch.float32
         if self.config.trim_scope == "tensor":
             # streaming engine, large tensors in row blocks: per-model thresholds of the whole tensor first
@@ -86,6 +98,7 @@ class TiesMerging(TensorwiseMerge):
         Ties in magnitude: the threshold is a value; every entry >= it is kept (see the kernel).
         """
         self._thresholds = None
+        self._zero_sign = 0.0
         if self.config.trim_scope != "global":
             return
         if base is None:
@@ -95,25 +108,49 @@ class TiesMerging(TensorwiseMerge):
             else torch.float32
         self._threshold_dtype = dtype
         total = sum(m.numel for m in metas.values())
-        k = K.keep_count(total, self.config.density)
+        k = self._keep(total)
         if k >= total or k <= 0:  # keep everything / nothing: no pass needed
             value = 0.0 if k >= total else float("inf")
             self._thresholds = {n: value for n in names}
-            return
-        sel = K.KthLargestSelector([k] * len(names), dtype, totals=[total] * len(names))
-        while not sel.done:
-            sel.start_pass()
+        else:
+            sel = K.KthLargestSelector([k] * len(names), dtype, totals=[total] * len(names))
+            while not sel.done:
+                sel.start_pass()
+                for key in keys:
+                    b = base.get(key)
+                    if sel.stride == 1:
+                        b = b.to(dtype)  # widened once, shared by the models (the sampling pass widens its slice)
+                    for i, (n, src) in enumerate(zip(names, sources)):
+                        if not self._select_add(sel, i, key, src.get(key), b, n):
+                            raise ModelMismatchError(
+                                f"Model '{n}' (or the base) has non-finite values (NaN/inf) in tensor '{key}'; "
+                                "fix or drop that checkpoint.")
+                sel.finish_pass()
+            self._thresholds = dict(zip(names, sel.values()))
+        if self.config.zero_vote == "majority":  # FusionBench: one more pass for the majority sign
+            thr = [self._thresholds[n] for n in names]
+            votes = 0
             for key in keys:
-                b = base.get(key)
-                if sel.stride == 1:
-                    b = b.to(dtype)  # widened once, shared by the models (the sampling pass widens its slice)
-                for i, (n, src) in enumerate(zip(names, sources)):
-                    if not sel.add_delta(i, src.get(key), b):  # |theta_i - theta_0|, never in place
-                        raise ModelMismatchError(
-                            f"Model '{n}' (or the base) has non-finite values (NaN/inf) in tensor '{key}'; "
-                            "fix or drop that checkpoint.")
-            sel.finish_pass()
-        self._thresholds = dict(zip(names, sel.values()))
+                b = base.get(key).to(dtype)
+                votes += K.vote_sign_total(self._taus(key, b, [src.get(key) for src in sources], names, dtype),
+                                           thr, self.config.sign_election)
+            self._zero_sign = K.fusionbench_zero_sign(votes, self.config.merge_func)
+
+    def _keep(self, n: int) -> int:
+        if self.config.keep_rule == "fusionbench":
+            try:
+                return K.keep_count_fusionbench(n, self.config.density)
+            except ValueError as e:
+                raise ConfigError(f"method.density={self.config.density} with keep_rule=fusionbench: {e}.") from None
+        return K.keep_count(n, self.config.density)
+
+    def _select_add(self, sel, i, key, tensor, base, name) -> bool:
+        """Feed |tau_i| of one tensor to the threshold selection (DARE variants transform tau first)."""
+        return sel.add_delta(i, tensor, base)  # |theta_i - theta_0|, never in place
+
+    def _taus(self, key, base, tensors, names, dtype) -> list[torch.Tensor]:
+        """The task vectors the trim and the vote see (DARE variants: after the random drop)."""
+        return [t.to(dtype) - base for t in tensors]
 
     def _global_thresholds(self, names: list[str]) -> list[float]:
         if self._thresholds is None:
@@ -124,6 +161,10 @@ class TiesMerging(TensorwiseMerge):
     def merge_tensor(self, key, base, tensors, names):
         c = self.config
         if c.trim_scope == "tensor":
+            if c.keep_rule != "round":
+                k = self._keep(base.numel())
+                return K.ties_merge(base, tensors, scaling_factor=c.scaling_factor, sign_election=c.sign_election,
+                                    merge=c.merge_func, thresholds=[K.kth_largest_abs(t - base, k) for t in tensors])
             return K.ties_merge(base, tensors, density=c.density, scaling_factor=c.scaling_factor,
                                 sign_election=c.sign_election, merge=c.merge_func)
         return self._merge_with(base, tensors, self._global_thresholds(names))
@@ -134,13 +175,13 @@ class TiesMerging(TensorwiseMerge):
             # mixed float32/float64 pool: compare in the type the thresholds were selected in
             base, tensors = base.to(self._threshold_dtype), [t.to(self._threshold_dtype) for t in tensors]
         return K.ties_merge(base, tensors, thresholds=thresholds, scaling_factor=c.scaling_factor,
-                            sign_election=c.sign_election, merge=c.merge_func)
+                            sign_election=c.sign_election, merge=c.merge_func, zero_sign=self._zero_sign)
 
     # streaming engine row-block protocol: with its thresholds known, TIES is element-wise
     def _tensor_threshold(self, key, base, tensor, name) -> float:
         cd = self.compute_dtype(base.dtype)
         tau = tensor.to(cd) - base.to(cd)
-        return K.kth_largest_abs(tau, K.keep_count(tau.numel(), self.config.density))
+        return K.kth_largest_abs(tau, self._keep(tau.numel()))
 
     def merge_block(self, key, base, tensors, names, ctx, rows):
         thresholds = list(ctx.stats) if ctx.stats is not None else self._global_thresholds(names)
@@ -150,4 +191,6 @@ class TiesMerging(TensorwiseMerge):
         result = super().run(modelpool)
         if self._thresholds is not None:
             result.metadata["trim_thresholds"] = dict(self._thresholds)
+        if self.config.zero_vote == "majority":
+            result.metadata["zero_vote_sign"] = self._zero_sign
         return result

@@ -46,6 +46,9 @@ class ProgramConfig:
     evaluate: bool = option(True, help="Evaluate the result with the task pool.")
     print_table: bool = option(True, help="Print the per-task table after evaluation.")
     output_dir: str | None = option(None, help="Run folder (set by the CLI to Hydra's output folder).")
+    fusionbench: dict[str, Any] | None = option(
+        None, help="Set by the CLI when the command line used FusionBench's names (docs/fusionbench.md): the original "
+        "arguments, the translated ones and those without effect here; kept in the report.")
     engine: str = option("auto", choices=("auto", "memory", "streaming"),
                          help="How tensor-wise merges run: 'streaming' reads and writes tensor by tensor "
                          "(out-of-core, needs merged_model_path); 'memory' holds the merged model; 'auto' streams "

@@ -1,0 +1,444 @@
+"""FusionBench command lines: FusionBench's config names, option names and defaults, mapped to ours.
+
+    fusion_bench method=dare/ties_merging method.threshold=20 \\
+        modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 \\
+        taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8
+
+FusionBench (Tang et al. 2024, arXiv 2406.03280; github tanganke/fusion_bench, PyPI ``fusion-bench``
+0.2.x, its ``config/`` tree) uses other config names (``CLIPVisionModelPool/...``,
+``dare/ties_merging``, ``adamerging/clip`` + ``method.name=...``), other option names
+(``threshold`` in percent, ``max_steps``, ``init_values``, ``merged_model_save_path``, ...) and other
+defaults (TIES ``merge_func=sum``, MagMax lambda 0.5, RegMean 0.95, AdaMerging 1000 steps). The one
+table :data:`TABLE` says, for each FusionBench name, what it becomes here, FusionBench's defaults
+(written in our option names) and what is refused and why. :func:`translate` rewrites a command line
+before the CLI validates it; docs/fusionbench.md renders the same table.
+
+**When FusionBench's defaults apply.** A command line is read as FusionBench's when it names
+anything only FusionBench has (a group value of the table such as ``dare/ties_merging`` or
+``CLIPVisionModelPool/...``, a FusionBench-only option such as ``method.threshold`` or a top-level
+key such as ``report_save_path``). Then a method name both tools share (``ties_merging``,
+``task_arithmetic``, ``simple_average``) gets FusionBench's variant and defaults. A command line with
+only our names is ours, unchanged. The report records both (``config.fusionbench``).
+
+Nothing in the table is imported or called: it is data (names and values).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusion_bench.errors import ConfigError, did_you_mean
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+# ----------------------------------------------------------------------------------------------
+# option converters: FusionBench value (a string from the command line) -> our value (a string)
+# ----------------------------------------------------------------------------------------------
+def _threshold(v: str) -> str:
+    """FusionBench's TIES ``threshold``: a percent when > 1, else a fraction (``topk_values_mask``:
+    ``if K > 1: K /= 100``); the share kept is then int(n * K) + 1 entries (see keep_rule)."""
+    try:
+        t = float(v)
+    except ValueError:
+        raise ConfigError(f"method.threshold={v}: FusionBench's threshold is a number (percent kept, e.g. 20).") from None
+    if not math.isfinite(t) or t < 0:
+        raise ConfigError(f"method.threshold={v} must be a finite number >= 0 (percent of entries kept, e.g. 20).")
+    k = t / 100 if t > 1 else t
+    if k >= 1:
+        raise ConfigError(f"method.threshold={v} keeps int(n*{k:g})+1 > n entries, where FusionBench's "
+                          "topk_values_mask fails (kthvalue(0)); use a threshold below 100 (or below 1 as a fraction).")
+    return repr(k)
+
+
+def _only(*allowed: str, why: str = "") -> Callable[[str], None]:
+    """An option accepted only with FusionBench's default value(s) (it would change nothing here)."""
+    def check(v: str, key: str = "") -> None:
+        if v.strip().lower() not in allowed:
+            raise ConfigError(f"{key}={v} is not supported by fusion_bench (only {' / '.join(allowed)})"
+                              + (f": {why}" if why else "."))
+    check.allowed = allowed  # type: ignore[attr-defined]
+    check.why = why  # type: ignore[attr-defined]
+    return check
+
+
+IGNORED = "ignored"  # an operational option (workers, devices, cache folders): no effect on the result
+
+
+@dataclass(frozen=True)
+class Method:
+    """One FusionBench method config and what it is here."""
+
+    ours: str
+    #: FusionBench's defaults, in our option names (applied unless the command line sets the option)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    #: FusionBench option -> our option name (str), (our name, converter), a check (only its default
+    #: value is accepted) or IGNORED
+    options: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+_TIES = {"trim_scope": "global", "keep_rule": "fusionbench", "zero_vote": "majority", "sign_election": "mass"}
+_TIES_OPTIONS = {
+    "scaling_factor": "scaling_factor",
+    "threshold": ("density", _threshold),
+    "merge_func": "merge_func",
+    "remove_keys": _only("[]", why="FusionBench drops those tensors from the merged state dict and its strict load "
+                         "then fails; use method.exclude=[...] (glob patterns) to keep them at the base's values."),
+}
+_DARE_OPTIONS = {
+    "sparsity_ratio": "sparsity_ratio",
+    "rescale": "rescale",
+    "only_on_linear_weights": _only("false", why="DARE on nn.Linear weights only needs module types, which "
+                                    "tensor-wise merging does not see; use method.exclude=[...] for the other tensors."),
+}
+_DATA_LOADER = {"dataloader_kwargs.batch_size": "batch_size", "dataloader_kwargs.num_workers": IGNORED,
+                "dataloader_kwargs": IGNORED, "num_workers": IGNORED, "batch_size": "batch_size", "cache_dir": IGNORED}
+_NO_REGEX = _only("[]", why="fusion_bench's method.exclude takes glob patterns of layer names; translate the "
+                  "regular expressions to globs and use method.exclude=[...].")
+_ADAMERGING_OPTIONS = {
+    "name": None,  # the variant, see ADAMERGING_NAMES
+    "init_values": "init_lambda", "max_steps": "steps", "lr": "lr", "batch_size": "batch_size",
+    "clamp_weights": "clamp_lambdas",
+    "optimizer": _only("adam", why="fusion_bench's AdaMerging uses Adam."),
+    "weights": _only("null", "none", why="to evaluate given merging weights use method=task_arithmetic (task-wise "
+                     "weights: one scaling factor) or adamerging with method.steps and method.init_lambda."),
+    "tie_weights": IGNORED, "strict": IGNORED, "devices": IGNORED, "num_workers": IGNORED, "cache_dir": IGNORED,
+    "save_merging_weights": IGNORED, "fast_dev_run": IGNORED, "skip_training": _only("false"),
+}
+
+#: the one table: FusionBench config group names -> ours (see the module docstring)
+TABLE: dict[str, Any] = {
+    "method": {
+        "dummy": Method("dummy"),
+        "simple_average": Method("simple_average", note="mean of the fine-tuned models (not _pretrained_)"),
+        "task_arithmetic": Method("task_arithmetic", {"scaling_factor": 0.3}, {"scaling_factor": "scaling_factor"}),
+        "ties_merging": Method(
+            "ties_merging", {"scaling_factor": 0.3, "density": 0.2, "merge_func": "sum", **_TIES}, _TIES_OPTIONS,
+            note="FusionBench's TIES: threshold % kept over the whole model (int(n*K)+1 entries), a zero sign vote "
+                 "takes the model's majority sign, merge_func=sum"),
+        "dare/simple_average": Method("dare_simple_average", {"sparsity_ratio": 0.5, "rescale": True}, _DARE_OPTIONS),
+        "dare/task_arithmetic": Method("dare_task_arithmetic", {"scaling_factor": 0.3, "sparsity_ratio": 0.5,
+                                                                "rescale": True},
+                                       {**_DARE_OPTIONS, "scaling_factor": "scaling_factor"}),
+        "dare/ties_merging": Method(
+            "dare_ties_merging", {"sparsity_ratio": 0.5, "rescale": True, "scaling_factor": 0.5, "density": 0.2,
+                                  "merge_func": "sum", **_TIES},
+            {**_DARE_OPTIONS, **_TIES_OPTIONS},
+            note="DARE, then FusionBench's TIES (with its magnitude trim), unlike mergekit's dare_ties"),
+        "adamerging/clip": Method(
+            "adamerging", {"lr": 1e-3, "init_lambda": 0.3, "steps": 1000, "batch_size": 16, "clamp_lambdas": False,
+                           "split": "test"}, _ADAMERGING_OPTIONS,
+            note="method.name=clip_layer_wise_adamerging (default) or clip_task_wise_adamerging"),
+        "fisher_merging/clip_fisher_merging": Method(
+            "fisher_merging", {"num_fisher_examples": 256, "normalize_fisher_weight": True,
+                               "minimal_fisher_weight": 1e-6, "batch_size": 32},
+            {"num_fisher_examples": "num_fisher_examples", "normalize_fisher_weight": "normalize_fisher_weight",
+             "minimal_fisher_weight": "minimal_fisher_weight", "exclude_param_names_regex": _NO_REGEX,
+             **_DATA_LOADER}),
+        "fisher_merging/gpt2_fisher_merging": Method(
+            "fisher_merging", {"num_fisher_examples": 256, "normalize_fisher_weight": True,
+                               "minimal_fisher_weight": 1e-6, "batch_size": 32},
+            {"num_fisher_examples": "num_fisher_examples", "normalize_fisher_weight": "normalize_fisher_weight",
+             "minimal_fisher_weight": "minimal_fisher_weight", "exclude_param_names_regex": _NO_REGEX,
+             **_DATA_LOADER}),
+        "regmean/clip_regmean": Method(
+            "regmean", {"num_regmean_examples": 256, "reduce_non_diagonal_ratio": 0.95, "batch_size": 32},
+            {"num_regmean_examples": "num_regmean_examples", "reduce_non_diagonal_ratio": "reduce_non_diagonal_ratio",
+             "exclude_param_names_regex": _NO_REGEX, "weight_transpose": _only("true"), **_DATA_LOADER}),
+        "regmean/gpt2_regmean": Method(
+            "regmean", {"num_regmean_examples": 256, "reduce_non_diagonal_ratio": 0.6, "batch_size": 32},
+            {"num_regmean_examples": "num_regmean_examples", "reduce_non_diagonal_ratio": "reduce_non_diagonal_ratio",
+             "exclude_param_names_regex": _NO_REGEX, "weight_transpose": _only("false"), **_DATA_LOADER}),
+        "magmax/magmax": Method("magmax", {"scaling_factor": 0.5},
+                                {"scaling_factor": "scaling_factor", "inplace": IGNORED}),
+        "slerp/slerp": Method("slerp", {"t": 0.5}, {"t": "t", "DOT_THRESHOLD": _only("0.9995"),
+                                                    "epsilon": _only("1e-8", "1e-08")}),
+        "linear/linear_interpolation": Method("linear_interpolation", {"t": 0.5}, {"t": "t"}),
+        "linear/weighted_average": Method("weighted_average", {"normalize": True, "weights": [0.5, 0.5]},
+                                          {"normalize": "normalize", "weights": "weights"}),
+        "weighted_average": Method("weighted_average", {"normalize": True}, {"normalize": "normalize",
+                                                                              "weights": "weights"}),
+        "ensemble/simple_ensemble": Method("simple_ensemble", options={"device_map": _only("null", "none")}),
+        "simple_ensemble": Method("simple_ensemble", options={"device_map": _only("null", "none")}),
+        "ensemble/weighted_ensemble": Method("weighted_ensemble", {"normalize": True},
+                                             {"normalize": "normalize", "weights": "weights"}),
+        "weighted_ensemble": Method("weighted_ensemble", {"normalize": True},
+                                    {"normalize": "normalize", "weights": "weights"}),
+        "ensemble/max_model_predictor": Method("max_model_predictor"),
+        "max_model_predictor": Method("max_model_predictor"),
+    },
+    # FusionBench's adamerging/clip variants (method.name=...) -> our granularity
+    "adamerging_names": {"clip_layer_wise_adamerging": "layer_wise", "clip_task_wise_adamerging": "task_wise"},
+    "modelpool": {
+        **{f"CLIPVisionModelPool/clip-vit-{m}_{s}{x}": f"clip-vit-{m}_{s}"
+           for m in ("base-patch32", "base-patch16", "large-patch14") for s in ("TA8", "TALL14", "TALL20", "individual")
+           for x in ("", "_model_only")},
+        **{f"Seq2SeqLMPool/{n}": n for n in ("flan-t5-base_glue", "flan-t5-base_glue_lora16", "flan-t5-large_glue_lora16")},
+        "gpt-2_glue": "gpt2_glue",
+    },
+    "taskpool": {
+        # CLIP task pools are per backbone here: FusionBench's clip_model (or base_model) picks one
+        **{f"CLIPVisionModelTaskPool/clip-vit-classification_{s}": f"clip-vit-{{model}}_{s}"
+           for s in ("TA8", "TALL14", "TALL20")},
+        "CLIPVisionModelTaskPool/clip-vit-classification_TA8_B16": "clip-vit-base-patch16_TA8",
+        "CLIPVisionModelTaskPool/clip-vit-classification_TA8_L14": "clip-vit-large-patch14_TA8",
+        "clip-vit-classification_TA8": "clip-vit-{model}_TA8",
+        "flan-t5_glue_text_generation": "flan-t5_glue_text_generation",
+        "gpt-2_glue": "gpt2_glue",
+        "dummy": "dummy",
+    },
+    # FusionBench top-level keys -> ours (None: accepted, no effect here; a check: only that value)
+    "top": {
+        "merged_model_save_path": "merged_model_path",
+        "report_save_path": "report_path",
+        "path.log_dir": "hydra.run.dir",
+        "fast_dev_run": _only("false", why="for a quick check use taskpool.max_samples=N (and method.steps=N for "
+                              "AdaMerging): FusionBench's single-batch runs have no equal here."),
+        "merged_model_save_kwargs": _only("null", "none"),
+        "print_config": None, "print_function_call": None,
+        "seed": "seed",
+    },
+    "top_prefix_ignored": ("fabric.",),  # Lightning Fabric settings: devices come from device=... here
+    # FusionBench names we do not support, and what to use instead
+    "unsupported": {
+        "linear/expo": "ExPO on one fine-tuned model is method=task_arithmetic with scaling_factor=1+alpha",
+        "linear/simple_average_for_causallm": "method=simple_average with a causal-LM modelpool",
+        "linear/task_arithmetic_for_causallm": "method=task_arithmetic with a causal-LM modelpool",
+        "linear/ties_merging_for_causallm": "method=ties_merging with a causal-LM modelpool",
+        "adamerging/layer_wise_gpt2": "method=adamerging (layer_wise) with adapter=generic",
+        "adamerging/layer_wise_flan_t5": "method=adamerging (layer_wise) with adapter=generic",
+        "model_stock/model_stock": "method=model_stock (our variant; FusionBench's ignore_keys / model_save_path "
+                                   "have no equal, see docs/fusionbench.md)",
+        "CLIPVisionModelPool/clip-vit-base-patch32_mtl": "a modelpool YAML of your own in --config-dir",
+    },
+}
+
+#: FusionBench options that name the variant of a shared method (their presence marks a FusionBench command line)
+FUSIONBENCH_ONLY_OPTIONS = ("threshold", "remove_keys", "init_values", "max_steps", "clamp_weights",
+                            "only_on_linear_weights", "exclude_param_names_regex", "dataloader_kwargs",
+                            "weight_transpose", "save_merging_weights", "DOT_THRESHOLD", "inplace")
+CLIP_MODELS = {"openai/clip-vit-base-patch32": "base-patch32", "openai/clip-vit-base-patch16": "base-patch16",
+               "openai/clip-vit-large-patch14": "large-patch14"}
+
+
+def _close(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    return f" Did you mean {' or '.join(close)}?" if close else ""
+
+
+def _exists(group: str, name: str) -> bool:
+    return (CONFIG_DIR / group / f"{name}.yaml").is_file() or (group == "method" and _is_method(name))
+
+
+def _is_method(name: str) -> bool:
+    from fusion_bench.methods import list_methods
+
+    return name in list_methods()
+
+
+def _split(arg: str) -> tuple[str, str, str] | None:
+    """'+key=value' -> ('+', 'key', 'value'); None for flags and arguments without '='."""
+    if arg.startswith("-") or "=" not in arg:
+        return None
+    k, v = arg.split("=", 1)
+    prefix = ""
+    while k[:1] in "+~":
+        prefix, k = prefix + k[0], k[1:]
+    return prefix, k, v
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _convert(values: str, fn: Callable[[str], str]) -> str:
+    """Apply a value converter to a plain value or to each value of a simple comma sweep."""
+    if values.startswith(("[", "{", "range(", "choice(", "interval(")):
+        return fn(values)
+    return ",".join(fn(v) for v in values.split(","))
+
+
+def is_fusionbench(argv: list[str]) -> bool:
+    """True when the command line names something only FusionBench has (see the module docstring)."""
+    for a in argv:
+        s = _split(a)
+        if s is None:
+            continue
+        _, k, v = s
+        if k in ("method", "modelpool", "taskpool"):
+            if (v in TABLE[k] or v in TABLE["unsupported"] or "/" in v) and not _exists(k, v):
+                return True
+        elif k in TABLE["top"] and k != "seed" or k.startswith(TABLE["top_prefix_ignored"]):
+            return True
+        elif k.startswith("method.") and k.split(".")[1] in FUSIONBENCH_ONLY_OPTIONS:
+            return True
+        elif k == "method.name" and v in TABLE["adamerging_names"]:
+            return True
+    return False
+
+
+def translate(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
+    """Rewrite a FusionBench command line into ours; (argv, None) when it has only our names.
+
+    Returns the new argument list (flags kept in place) and a record of the translation (the
+    original arguments, the translated ones, the defaults applied, the options ignored) that the
+    report keeps under ``config.fusionbench``. Raises :class:`ConfigError` (one line) for a
+    FusionBench name or value that is not supported, saying what to use instead.
+    """
+    if not is_fusionbench(argv):
+        return argv, None
+    groups: dict[str, str] = {}
+    for a in argv:
+        s = _split(a)
+        if s is not None and s[1] in ("method", "modelpool", "taskpool"):
+            groups[s[1]] = s[2]
+    fb_method = groups.get("method")
+    if fb_method is None:
+        raise ConfigError("A FusionBench command line needs method=<name> (FusionBench's default is method=dummy); "
+                          "add e.g. method=dummy or method=task_arithmetic.")
+    spec = _method_spec(fb_method)
+    set_options: set[str] = set()
+    out: list[str] = []
+    ignored: list[str] = []
+    model = "base-patch32"
+    for a in argv:  # the CLIP backbone a FusionBench task pool evaluates with
+        s = _split(a)
+        if s and s[1] in ("taskpool.clip_model", "taskpool.base_model"):
+            if s[2] not in CLIP_MODELS:
+                raise ConfigError(f"{s[1]}={s[2]}: the CLIP task pools here use {', '.join(CLIP_MODELS)}.")
+            model = CLIP_MODELS[s[2]]
+    for a in argv:
+        s = _split(a)
+        if s is None:
+            out.append(a)
+            continue
+        prefix, k, v = s
+        if k in ("method", "modelpool", "taskpool"):
+            out.append(f"{prefix}{k}={_group_value(k, v, spec, model)}")
+        elif k in ("taskpool.clip_model", "taskpool.base_model"):
+            ignored.append(a)  # it chose the task pool above
+        elif k.startswith("method."):
+            opt = k[len("method."):]
+            if opt == "name":
+                if fb_method != "adamerging/clip":
+                    raise ConfigError(f"method.name={v}: FusionBench's method.name selects the variant of "
+                                      "method=adamerging/clip only; choose a method with method=<name>.")
+                gran = TABLE["adamerging_names"].get(v)
+                if gran is None:
+                    raise ConfigError(f"method.name={v} is not supported by fusion_bench (FusionBench's adamerging/clip "
+                                      f"variants here: {', '.join(TABLE['adamerging_names'])}).")
+                out.append(f"method.granularity={gran}")
+                set_options.add("granularity")
+                continue
+            ours = _option(spec, opt, v, fb_method)
+            if ours is None:
+                ignored.append(a)
+                continue
+            name, value = ours
+            set_options.add(name.split(".")[0])
+            out.append(f"{prefix}method.{name}={value}")
+        elif k in TABLE["top"]:
+            target = TABLE["top"][k]
+            if target is None:
+                ignored.append(a)
+            elif callable(target):
+                target(v, k)
+                ignored.append(a)
+            else:
+                out.append(f"{prefix}{target}={v}" if not (k == "seed" and v.lower() in ("null", "none")) else "seed=0")
+        elif k.startswith(TABLE["top_prefix_ignored"]):
+            ignored.append(a)
+        else:
+            out.append(a)
+    defaults = {k: v for k, v in spec.defaults.items() if k not in set_options} if spec else {}
+    for k, v in defaults.items():
+        out.append(f"method.{k}={_hydra_value(v)}")
+    record = {"original": list(argv), "translated": [a for a in out if "=" in a and not a.startswith("-")],
+              "defaults_applied": {k: v for k, v in defaults.items()}, "ignored": ignored}
+    out.append("fusionbench={" + ",".join(f"{k}:[{','.join(_quote(str(x)) for x in record[k])}]"
+                                          for k in ("original", "translated", "ignored")) + "}")
+    return out, record
+
+
+def _hydra_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _method_spec(name: str) -> Method | None:
+    if name in TABLE["unsupported"]:
+        raise ConfigError(f"FusionBench's method={name} is not supported by fusion_bench; use "
+                          f"{TABLE['unsupported'][name]}.")
+    spec = TABLE["method"].get(name)
+    if spec is None and "/" in name:
+        raise ConfigError(f"FusionBench's method={name} is not supported by fusion_bench.{_close(name, TABLE['method'])} "
+                          "See docs/fusionbench.md for the names accepted and `fusion_bench methods` for ours.")
+    return spec
+
+
+def _group_value(group: str, v: str, spec: Method | None, model: str) -> str:
+    if group == "method":
+        return spec.ours if spec is not None else v
+    if v in TABLE["unsupported"]:
+        raise ConfigError(f"FusionBench's {group}={v} is not supported by fusion_bench; use {TABLE['unsupported'][v]}.")
+    ours = TABLE[group].get(v)
+    if ours is None:
+        if "/" not in v:
+            return v  # a name of ours or of --config-dir; the CLI checks it
+        raise ConfigError(f"FusionBench's {group}={v} is not shipped with fusion_bench.{_close(v, TABLE[group])} "
+                          f"Put a YAML of your own in DIR/{group}/ and run with --config-dir DIR (see docs/fusionbench.md).")
+    ours = ours.format(model=model)
+    if not _exists(group, ours):
+        raise ConfigError(f"FusionBench's {group}={v} maps to fusion_bench's {group}={ours}, which this version does not "
+                          "ship; see docs/fusionbench.md for the pools shipped.")
+    return ours
+
+
+def _option(spec: Method | None, opt: str, v: str, fb_method: str) -> tuple[str, str] | None:
+    if spec is None:  # one of our method names, used inside a FusionBench command line: our options
+        return opt, v
+    head = opt.split(".")[0]
+    target = spec.options.get(opt, spec.options.get(head))
+    if target is None and opt not in spec.options and head not in spec.options:
+        from fusion_bench.methods import get_method_class
+        from fusion_bench.config_schema import to_plain
+
+        ours = to_plain(get_method_class(spec.ours).config_class())
+        if head in ours:  # our own option name on the mapped method
+            return opt, v
+        known = sorted(set(spec.options) | set(ours))
+        raise ConfigError(f"method.{opt}: FusionBench's {fb_method} (fusion_bench's {spec.ours}) has no option "
+                          f"'{opt}'.{did_you_mean(opt, known)}")
+    if target == IGNORED:
+        return None
+    if isinstance(target, str):
+        return target, v
+    if isinstance(target, tuple):
+        return target[0], _convert(v, target[1])
+    target(v, f"method.{opt}")  # a check: only FusionBench's default value is accepted
+    return None
+
+
+def announce(record: dict[str, Any]) -> None:
+    """One line on stderr saying that FusionBench's names were translated (the report keeps the details)."""
+    print("fusion_bench: FusionBench command line translated: " + " ".join(record["translated"])
+          + (f" (no effect here: {' '.join(record['ignored'])})" if record["ignored"] else ""), file=sys.stderr)
+
+
+def translate_command_line(argv: list[str]) -> list[str]:
+    """The CLI's entry point: translate, announce, return the arguments to run."""
+    new, record = translate(argv)
+    if record is not None:
+        announce(record)
+    return new
