@@ -411,8 +411,8 @@ def _option(spec: Method | None, opt: str, v: str, fb_method: str) -> tuple[str,
     head = opt.split(".")[0]
     target = spec.options.get(opt, spec.options.get(head))
     if target is None and opt not in spec.options and head not in spec.options:
-        from fusion_bench.methods import get_method_class
         from fusion_bench.config_schema import to_plain
+        from fusion_bench.methods import get_method_class
 
         ours = to_plain(get_method_class(spec.ours).config_class())
         if head in ours:  # our own option name on the mapped method
