@@ -38,7 +38,6 @@ held; the default is the eight TA8 tasks and ViT-B/32.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any

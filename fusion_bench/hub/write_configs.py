@@ -28,9 +28,9 @@ from fusion_bench.hub.clip_tasks import (
     BACKBONES,
     CORRUPTIONS,
     ROBUSTNESS_TASKS,
+    TA8,
     TASK_SETS,
     TASKS,
-    TA8,
     Backbone,
 )
 
