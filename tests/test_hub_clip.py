@@ -158,7 +158,7 @@ METHOD_RUNS = {
 
 def _args(method: str, tmp_path) -> list[str]:
     return ["modelpool=clip-vit-base-patch32_TA8", "taskpool=clip-vit-base-patch32_TA8", *METHOD_RUNS[method],
-            "taskpool.batch_size=16", "taskpool.max_samples=4", "device=cpu", "print_table=false", f"report_path={tmp_path / 'report.json'}"]
+            "taskpool.batch_size=16", "device=cpu", "print_table=false", f"report_path={tmp_path / 'report.json'}"]
 
 
 @pytest.mark.parametrize("method", list(METHOD_RUNS))
