@@ -241,6 +241,9 @@ def make_adapter(modelpool: ModelPool, adapter: str, image_column: str | None = 
                  label_column: str | None = None) -> TaskDataAdapter:
     """The adapter named by a method's ``adapter`` option (``auto``: CLIP for CLIP pools, else generic)."""
     if adapter == "auto":
+        factory = getattr(modelpool, "task_data_adapter", None)  # a pool that knows its own tasks' data
+        if callable(factory):
+            return factory()
         adapter = "clip" if is_clip_pool(modelpool) else "generic"
     if adapter == "clip":
         return CLIPTaskData(modelpool, image_column, label_column)
@@ -270,6 +273,9 @@ def is_clip_pool(modelpool: ModelPool) -> bool:
 def check_tasks(modelpool: ModelPool, method: str, custom_adapter: bool = False) -> list[str]:
     """The models to fuse, each named after its task; raise when the pool has none, or (built-in adapters)
     when ``modelpool.datasets`` lacks a model's task."""
+    refusal = getattr(modelpool, "data_method_refusal", None)
+    if refusal:
+        raise ConfigError(f"{method} does not run on this model pool: {refusal}.")
     names = modelpool.model_names
     if not names:
         raise ConfigError(f"{method}: the model pool has no model to fuse (only '_pretrained_').")
