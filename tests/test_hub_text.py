@@ -204,3 +204,9 @@ def test_dry_run(hub, capsys, tmp_path, pool, tp):
                              "dry_run=true")
     assert code == 0, err
     assert "dry run" in out
+
+
+def test_gpt2_regmean_refused_one_line(hub, capsys, tmp_path):
+    """GPT-2's layers are transformers Conv1D; our RegMean merges nn.Linear only (not done yet)."""
+    code, out, err, rep = _run(capsys, tmp_path, "method=regmean", "modelpool=gpt2_glue", "taskpool=gpt2_glue")
+    assert code != 0 and "nn.Linear" in err and rep is None
