@@ -143,8 +143,13 @@ def _write_glue(root: Path) -> dict[str, dict[str, int]]:
 def build_text_hub_cache(root: Path) -> dict[str, Any]:
     """Write the cache under ``root`` (see the module docstring) and return its ``info``."""
     import datasets
-
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2Model,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     root = Path(root)
     hub = root / "hub"
@@ -164,16 +169,16 @@ def build_text_hub_cache(root: Path) -> dict[str, Any]:
         base.save_pretrained(snap)
         tok.save_pretrained(snap)
         models[base_id] = snap
-        for pool, (b, template, lora) in FLAN_T5_POOLS.items():
+        for _pool, (b, template, lora) in FLAN_T5_POOLS.items():
             if b != base_id:
                 continue
             for ti, task in enumerate(GLUE_TASKS):
                 rid = template.format(task=task)
                 snap = _snapshot(hub, rid)
                 if lora:
-                    from peft import LoraConfig, get_peft_model
-
                     import copy
+
+                    from peft import LoraConfig, get_peft_model
 
                     torch.manual_seed(100 + ti)
                     pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"],

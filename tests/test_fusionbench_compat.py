@@ -257,10 +257,8 @@ COMMANDS = [
      "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8", "report", "clip"),
     ("docs/modelpool/flan-t5_generation.md", "modelpool=Seq2SeqLMPool/flan-t5-base_glue method=dummy taskpool=dummy",
      "report", "text"),
-    # GPT-2 pool (another part of issue 10): a report once its backbone merge keeps per-task heads; until then
-    # the one-line reason (its base lacks the `score` heads)
     ("docs/modelpool/gpt2_classification.md", "method=simple_average modelpool=gpt-2_glue taskpool=gpt-2_glue",
-     "report or refused", "text"),
+     "report", "text"),
 ]
 
 
@@ -292,9 +290,6 @@ def test_fusionbench_doc_commands(source, command, expected, cache, request, tmp
     code, out, err = run_cli([*shlex.split(command), "report_save_path=report.json"]
                              if expected.startswith("report") else shlex.split(command), capsys)
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    if expected == "report or refused" and code == 2:
-        assert len(errors) == 1, err
-        return
     if expected.startswith("refused"):
         assert code == 2 and len(errors) == 1 and expected.split(": ", 1)[1] in errors[0], err
         return

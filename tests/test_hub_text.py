@@ -99,9 +99,9 @@ class _Echo(torch.nn.Module):
 
 
 def test_text_to_text_scoring(hub):
-    from fusion_bench.taskpool.text_to_text import TextToTextTaskPool, parse_float, spearman_rho
-
     import yaml
+
+    from fusion_bench.taskpool.text_to_text import TextToTextTaskPool, parse_float, spearman_rho
 
     cfg = yaml.safe_load((CONFIG_DIR / "taskpool" / "flan-t5_glue_text_generation.yaml").read_text())
     pool = TextToTextTaskPool(cfg)
@@ -121,12 +121,11 @@ def test_text_to_text_scoring(hub):
 
 def test_gpt2_head_and_backbone_layout(hub):
     """The task pool's classifier equals the fine-tuned GPT2ForSequenceClassification on the same texts."""
+    import yaml
     from transformers import GPT2ForSequenceClassification
 
     from fusion_bench.modelpool import build_modelpool
     from fusion_bench.taskpool import build_taskpool
-
-    import yaml
 
     mp = build_modelpool(yaml.safe_load((CONFIG_DIR / "modelpool" / "gpt2_glue.yaml").read_text()))
     tp = build_taskpool(yaml.safe_load((CONFIG_DIR / "taskpool" / "gpt2_glue.yaml").read_text()))
@@ -145,12 +144,11 @@ def test_gpt2_head_and_backbone_layout(hub):
 
 
 def test_lora_adapters_merged_into_full_weights(hub):
+    import yaml
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
     from fusion_bench.modelpool import build_modelpool
-
-    import yaml
 
     mp = build_modelpool(yaml.safe_load((CONFIG_DIR / "modelpool" / "flan-t5-base_glue_lora16.yaml").read_text()))
     assert mp.is_adapter("cola") and not mp.is_adapter("_pretrained_")
