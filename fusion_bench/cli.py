@@ -388,6 +388,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
     try:
         register_method_configs()
+        for a in _split_args(argv)[0]:  # config names stay inside the config folders, whoever's names they are
+            key, _, value = a.partition("=")
+            for v in value.split(","):
+                _check_group_value(key, v)
         argv = fusionbench_command_line(argv)  # FusionBench's names and defaults -> ours (docs/fusionbench.md)
         wants_help = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in argv)
         if not wants_help:
