@@ -171,6 +171,36 @@ def test_regmean_two_linear_models_and_exclude():
     torch.testing.assert_close(resx.model.weight, (a.weight + b.weight) / 2)
 
 
+@pytest.mark.parametrize("include_bias", [False, True])
+def test_regmean_conv1d_layers(include_bias):
+    """GPT-2's transformers Conv1D (y = x W + b, W stored (in, out)) is merged like nn.Linear with W^T: the
+    paper's regression on each model's layer inputs, checked against the closed form written in numpy."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(4)
+    a, b = Conv1D(2, 3), Conv1D(2, 3)  # nf=2 outputs, nx=3 inputs
+    for m in (a, b):
+        nn.init.normal_(m.weight)
+        nn.init.normal_(m.bias)
+    xa = torch.tensor([[1.0, 0, 0], [0, 2, 0], [1, 1, 1], [0, 0, 3]])
+    xb = torch.tensor([[2.0, 1, 0], [0, 1, 1], [1, 0, 2], [3, 0, 0]])
+    data = {"a": {"train": (xa, torch.zeros(4, dtype=torch.long))}, "b": {"train": (xb, torch.zeros(4, dtype=torch.long))}}
+    res = build_method({"name": "regmean", "reduce_non_diagonal_ratio": 1.0, "include_bias": include_bias,
+                        "progress": False}).run(ModelPool({"a": a, "b": b}, datasets=data))
+    assert res.metadata["regmean_layers"] == 1
+    ws = [m.weight.detach().double().numpy().T for m in (a, b)]  # (out, in)
+    xs = [xa.double().numpy(), xb.double().numpy()]
+    if include_bias:  # the bias solved with the weight on inputs [x, 1]
+        ws = [np.concatenate([w, m.bias.detach().double().numpy()[:, None]], 1) for w, m in zip(ws, (a, b))]
+        xs = [np.concatenate([x, np.ones((len(x), 1))], 1) for x in xs]
+    ref = np_regmean(ws, xs, 1.0)
+    got_w = res.model.weight.detach().numpy()
+    assert got_w.shape == (3, 2)  # Conv1D storage kept
+    np.testing.assert_allclose(got_w.T, ref[:, :3], rtol=1e-5, atol=1e-6)
+    bias = ref[:, 3] if include_bias else (a.bias + b.bias).detach().numpy() / 2
+    np.testing.assert_allclose(res.model.bias.detach().numpy(), bias, rtol=1e-5, atol=1e-6)
+
+
 def test_regmean_identical_models(pool_parts):
     base, _, data = pool_parts
     res = build_method({"name": "regmean", "progress": False}).run(

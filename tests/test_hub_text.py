@@ -177,9 +177,10 @@ def test_flan_t5_shipped_configs_run(hub, capsys, tmp_path, pool, method):
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties_merging", "simple_average", "simple_ensemble",
-                                    "fisher_merging", "adamerging"])
+                                    "fisher_merging", "regmean", "adamerging"])
 def test_gpt2_shipped_configs_run(hub, capsys, tmp_path, method):
-    extra = {"adamerging": ["method.steps=2"], "fisher_merging": ["method.num_fisher_examples=4"]}.get(method, [])
+    extra = {"adamerging": ["method.steps=2"], "fisher_merging": ["method.num_fisher_examples=4"],
+             "regmean": ["method.num_regmean_examples=4"]}.get(method, [])
     code, out, err, rep = _run(capsys, tmp_path, f"method={method}", "modelpool=gpt2_glue", "taskpool=gpt2_glue", *extra)
     assert code == 0, err
     assert sorted(rep["evaluation"]["tasks"]) == sorted(GPT2_TASKS)
@@ -203,8 +204,3 @@ def test_dry_run(hub, capsys, tmp_path, pool, tp):
     assert code == 0, err
     assert "dry run" in out
 
-
-def test_gpt2_regmean_refused_one_line(hub, capsys, tmp_path):
-    """GPT-2's layers are transformers Conv1D; our RegMean merges nn.Linear only (not done yet)."""
-    code, out, err, rep = _run(capsys, tmp_path, "method=regmean", "modelpool=gpt2_glue", "taskpool=gpt2_glue")
-    assert code != 0 and "nn.Linear" in err and rep is None

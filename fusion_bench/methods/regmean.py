@@ -56,10 +56,23 @@ class RegMeanConfig(MethodConfig):
             raise ConfigError(f"method.reduce_non_diagonal_ratio={self.reduce_non_diagonal_ratio} must be in [0, 1].")
 
 
+def linear_kind(module: nn.Module) -> str | None:
+    """'linear' for ``nn.Linear`` (``y = x W^T + b``, W stored (out, in)), 'conv1d' for transformers' ``Conv1D``
+    (GPT-2: ``y = x W + b``, W stored (in, out)), None for any other module."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return "conv1d" if isinstance(module, Conv1D) else None
+
+
 def linear_grams(classifier: nn.Module, model: nn.Module, inputs: torch.Tensor, batch_size: int,
                  device: torch.device, with_bias: bool = False, skip: list[str] | None = None,
                  advance=lambda n=1: None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """``X^T X`` (float64) of the inputs of every ``nn.Linear`` of ``model`` while ``classifier`` runs on ``inputs``.
+    """``X^T X`` (float64) of the inputs of every linear layer of ``model`` (``nn.Linear`` or transformers'
+    ``Conv1D``) while ``classifier`` runs on ``inputs``.
 
     Inputs of any rank are flattened to rows ``(-1, in_features)`` (tokens count as rows). With
     ``with_bias`` a constant 1 is appended to every row. Also returns the number of rows per layer.
@@ -79,7 +92,7 @@ def linear_grams(classifier: nn.Module, model: nn.Module, inputs: torch.Tensor, 
         return fn
 
     for n, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not any(fnmatch.fnmatchcase(n, p) for p in (skip or [])):
+        if linear_kind(m) is not None and not any(fnmatch.fnmatchcase(n, p) for p in (skip or [])):
             hooks.append(m.register_forward_pre_hook(hook(n)))
     try:
         with torch.no_grad():
@@ -97,7 +110,8 @@ class RegMean(FusionMethod):
     """RegMean: each linear layer merged by the closed-form regression on the models' layer inputs.
 
     Jin et al., ICLR 2023, "Dataless knowledge fusion by merging weights of language models": for
-    every ``nn.Linear`` (``y = x W^T + b``) with Gram matrix ``G_i = X_i^T X_i`` of its inputs while
+    every ``nn.Linear`` (``y = x W^T + b``; transformers' ``Conv1D``, ``y = x W + b``, likewise with its weight
+    transposed) with Gram matrix ``G_i = X_i^T X_i`` of its inputs while
     model ``i`` runs on ``num_regmean_examples`` examples of its own task (tokens are rows; raw sums,
     not means), ``W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`` with ``G~_i = alpha G_i + (1 - alpha)
     diag(G_i)`` (``alpha = reduce_non_diagonal_ratio``). Biases, and every other tensor (embeddings,
@@ -114,7 +128,7 @@ class RegMean(FusionMethod):
     config_class: ClassVar = RegMeanConfig
     uses_data = True
     summary = "Linear layers merged by least squares on each model's layer inputs (Gram matrices); rest averaged."
-    variant = ("Jin et al. 2023: W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T per nn.Linear, G_i = X_i^T X_i on task i's "
+    variant = ("Jin et al. 2023: W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T per nn.Linear (and transformers Conv1D), G_i = X_i^T X_i on task i's "
                "train inputs, off-diagonals scaled by reduce_non_diagonal_ratio; other tensors (and biases unless "
                "include_bias) simple-averaged.")
 
@@ -134,9 +148,9 @@ class RegMean(FusionMethod):
         used: dict[str, int] = {}
         template: nn.Module | None = None
         def grams_of(name: str, work: nn.Module, clf: nn.Module, data, adv):
-            if not any(isinstance(m, nn.Linear) for m in work.modules()):
-                raise ModelMismatchError(f"regmean: model '{name}' has no nn.Linear layer to merge; use "
-                                         "simple_average for it.")
+            if not any(linear_kind(m) for m in work.modules()):
+                raise ModelMismatchError(f"regmean: model '{name}' has no linear layer (nn.Linear or Conv1D) to merge; "
+                                         "use simple_average for it.")
             return linear_grams(clf, work, data.inputs, cfg.batch_size, device, cfg.include_bias, cfg.exclude, adv)[0]
 
         for name, model, n, grams in per_model_statistics(
@@ -153,7 +167,7 @@ class RegMean(FusionMethod):
         missing, unexpected = out.load_state_dict(merged, strict=False)
         if unexpected:
             raise ModelMismatchError(f"Merged tensors {list(unexpected)[:3]} do not fit model '{names[0]}'.")
-        n_linear = sum(isinstance(m, nn.Linear) for m in out.modules())
+        n_linear = sum(linear_kind(m) is not None for m in out.modules())
         return FusionResult("merged", model=out, metadata=self._metadata(
             t0, extra_parameters=0, parameters=count_parameters(out), adapter=adapter.kind,
             regmean_layers=len(merged_layers), averaged_linear_layers=n_linear - len(merged_layers),
@@ -178,6 +192,7 @@ class RegMeanSums:
         self.plain: dict[str, torch.Tensor] = {}
         self.ref: dict[str, torch.Tensor] = {}
         self.linears: dict[str, bool] = {}  # layer -> has bias
+        self.transposed: set[str] = set()  # Conv1D layers: weight stored (in, out)
         self.first = ""
         self.n = 0
 
@@ -189,7 +204,8 @@ class RegMeanSums:
             self.ref = {k: v.clone() if not v.dtype.is_floating_point else torch.empty(v.shape, dtype=v.dtype,
                                                                                        device="meta")
                         for k, v in state.items()}
-            self.linears = {n: m.bias is not None for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            self.linears = {n: m.bias is not None for n, m in model.named_modules() if linear_kind(m)}
+            self.transposed = {n for n, m in model.named_modules() if linear_kind(m) == "conv1d"}
         for k, v in self.ref.items():
             if k not in state or state[k].shape != v.shape:
                 raise ModelMismatchError(f"Tensor '{k}' is missing or has another shape in model '{name}' than in "
@@ -205,6 +221,8 @@ class RegMeanSums:
                 continue
             pre = f"{layer}." if layer else ""  # '' is a bare nn.Linear model
             w = state[f"{pre}weight"]
+            if layer in self.transposed:
+                w = w.T  # (out, in), as nn.Linear stores it
             g = grams[layer]
             if self.include_bias:
                 if has_bias:
@@ -227,12 +245,14 @@ class RegMeanSums:
                 continue  # excluded, or not called by every model: averaged below
             pre = f"{layer}." if layer else ""
             wkey, bkey = f"{pre}weight", f"{pre}bias"
-            m = regmean_solve(self.g_sum[layer], self.rhs[layer])
+            m = regmean_solve(self.g_sum[layer], self.rhs[layer])  # (out, in [+ 1])
             if self.include_bias and has_bias:
                 out[wkey] = m[:, :-1].to(self.ref[wkey].dtype).contiguous()
                 out[bkey] = m[:, -1].to(self.ref[bkey].dtype).contiguous()
             else:
                 out[wkey] = m.to(self.ref[wkey].dtype)
+            if layer in self.transposed:
+                out[wkey] = out[wkey].T.contiguous()
             done.append(layer)
         for k, v in self.ref.items():
             if k not in out:
