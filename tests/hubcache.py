@@ -20,7 +20,11 @@ What is written under ``root``:
   ``openai/clip-vit-base-patch32``) a tiny random ``CLIPModel`` (hidden size 32, 32x32 images, patch 8)
   with a character-level CLIP tokenizer and image processor; and, with ``finetuned=True``, for each task
   the backbone's fine-tuned id (``tanganke/clip-vit-base-patch32_<task>``) as a ``CLIPVisionModel`` =
-  the pretrained vision tower plus seeded noise.
+  the pretrained vision tower plus seeded noise; with ``lora=True``, for each task with a published LoRA
+  adapter (``clip_tasks.LORA_ADAPTERS``: ViT-B/16 on TA8) the adapter id
+  (``tanganke/clip-vit-base-patch16_<task>_lora-16``) as a PEFT LoRA adapter (``clip_tasks.LORA_CONFIG``:
+  r 16, alpha 32, q_proj/v_proj) on the vision transformer (``CLIPVisionModel.vision_model``, as FusionBench
+  trained them), A and B seeded noise (so merging it changes the weights), no ``config.json``.
 - ``hub/datasets--<org>--<name>/snapshots/<rev>/`` parquet files per split (the repo as on the Hub) and
   ``datasets/<org>___<name>/<config>/0.0.0/<rev>/`` the prepared Arrow cache that
   ``datasets.load_dataset(id[, config], split=...)`` reads with ``HF_DATASETS_OFFLINE=1`` (datasets >= 3
@@ -107,6 +111,23 @@ def _write_finetuned(root: Path, model_id: str, clip, seed: int, scale: float = 
     vision.save_pretrained(_snapshot(root, "models", model_id))
 
 
+def _write_lora(root: Path, model_id: str, clip, seed: int, scale: float = 0.05) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from fusion_bench.hub.clip_tasks import LORA_CONFIG
+    from fusion_bench.methods.clip_finetune import vision_from_clip
+
+    vision = vision_from_clip(clip)
+    # the vision transformer (transformers < 5: CLIPVisionModel.vision_model; 5: the CLIPVisionModel itself)
+    peft_model = get_peft_model(getattr(vision, "vision_model", vision), LoraConfig(**LORA_CONFIG))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(str(_snapshot(root, "models", model_id)))
+
+
 def _features(task, n_classes: int):
     import datasets
 
@@ -184,7 +205,7 @@ def _write_dataset(root: Path, task, rows: int, seed: int) -> None:
 
 def build_clip_hub_cache(root: Path, models: tuple[str, ...] = ("openai/clip-vit-base-patch32",),
                          tasks: tuple[str, ...] | None = None, *, finetuned: bool = True, rows: int = 10,
-                         seed: int = 0) -> dict[str, Any]:
+                         seed: int = 0, lora: bool = False) -> dict[str, Any]:
     """Write the hub cache under ``root`` and return its description (pass it to :func:`use_hub_cache`).
 
     Args:
@@ -194,10 +215,11 @@ def build_clip_hub_cache(root: Path, models: tuple[str, ...] = ("openai/clip-vit
         finetuned: also write each backbone's fine-tuned ``tanganke/<backbone>_<task>`` vision encoders.
         rows: images per split (labels spread evenly over the classes).
         seed: seed of the weights and images.
+        lora: also write the backbone's published LoRA-16 adapters (``tanganke/<backbone>_<task>_lora-16``).
     Returns:
         ``{"root", "hub", "datasets", "models": [ids], "datasets_ids": [ids], "tasks": [names]}``.
     """
-    from fusion_bench.hub.clip_tasks import BACKBONES, TA8, get_task
+    from fusion_bench.hub.clip_tasks import BACKBONES, LORA_ADAPTERS, TA8, get_task, lora_id
 
     root = Path(root)
     tasks = tuple(tasks) if tasks is not None else TA8
@@ -213,6 +235,11 @@ def build_clip_hub_cache(root: Path, models: tuple[str, ...] = ("openai/clip-vit
                 if t in bb.tasks:
                     _write_finetuned(root, bb.model_id(t), clip, seed + 1000 * (i + 1) + j)
                     written.append(bb.model_id(t))
+        if lora and bb is not None and bb.name in LORA_ADAPTERS:
+            for j, t in enumerate(tasks):
+                if t in LORA_ADAPTERS[bb.name][1]:
+                    _write_lora(root, lora_id(bb.name, t), clip, seed + 5000 * (i + 1) + j)
+                    written.append(lora_id(bb.name, t))
     for j, t in enumerate(task_objs):
         _write_dataset(root, t, rows, seed + j)
     shutil.rmtree(root / ".build", ignore_errors=True)

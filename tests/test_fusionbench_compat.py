@@ -83,6 +83,14 @@ def test_options_and_top_level_keys():
     assert t["taskpool"] == "clip-vit-large-patch14_TA8" and "taskpool.clip_model" not in t
 
 
+def test_clip_lora_pool_name_maps():
+    argv, rec = translate(["method=task_arithmetic", "modelpool=CLIPVisionModelPool/clip-vit-base-patch16_TA8_lora",
+                           "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_B16"])
+    o = opts(argv)
+    assert (o["modelpool"], o["taskpool"]) == ("clip-vit-base-patch16_TA8_lora", "clip-vit-base-patch16_TA8")
+    assert rec is not None
+
+
 def test_our_names_are_unchanged():
     for argv in (["method=ties_merging", "method.density=0.3", "modelpool=clip-vit-base-patch32_TA8"],
                  ["method=task_arithmetic", "taskpool=dummy", "seed=3"], ["method=dummy", "report_path=r.json"]):
@@ -101,6 +109,8 @@ def test_our_names_are_unchanged():
     (["method=task_arithmetic", "fast_dev_run=true"], "max_samples"),
     (["method=task_arithmetic", "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_svhn_and_mnist"], "--config-dir"),
     (["method=ties_merging", "method.threshold=20", "method.topk=3"], "no option 'topk'"),
+    (["method=dummy", "modelpool=CLIPVisionModelPool/clip-vit-base-patch16_individual_lora"],
+     "modelpool=clip-vit-base-patch16_TA8_lora +modelpool.select=[sun397]"),
 ])
 def test_unsupported_names_give_one_line(argv, says, capsys):
     code, _, err = run_cli(argv, capsys)

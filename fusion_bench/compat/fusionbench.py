@@ -179,6 +179,8 @@ TABLE: dict[str, Any] = {
         **{f"CLIPVisionModelPool/clip-vit-{m}_{s}{x}": f"clip-vit-{m}_{s}"
            for m in ("base-patch32", "base-patch16", "large-patch14") for s in ("TA8", "TALL14", "TALL20", "individual")
            for x in ("", "_model_only")},
+        # LoRA-16 adapters merged into full weights on load (FusionBench: merge_and_unload: true)
+        "CLIPVisionModelPool/clip-vit-base-patch16_TA8_lora": "clip-vit-base-patch16_TA8_lora",
         **{f"Seq2SeqLMPool/{n}": n for n in ("flan-t5-base_glue", "flan-t5-base_glue_lora16", "flan-t5-large_glue_lora16")},
         "gpt-2_glue": "gpt2_glue",
     },
@@ -216,6 +218,10 @@ TABLE: dict[str, Any] = {
         "model_stock/model_stock": "method=model_stock (our variant; FusionBench's ignore_keys / model_save_path "
                                    "have no equal, see docs/fusionbench.md)",
         "CLIPVisionModelPool/clip-vit-base-patch32_mtl": "a modelpool YAML of your own in --config-dir",
+        "CLIPVisionModelPool/clip-vit-base-patch16_individual_lora": (
+            "method=task_arithmetic method.scaling_factor=1.0 modelpool=clip-vit-base-patch16_TA8_lora "
+            "+modelpool.select=[sun397] taskpool=clip-vit-base-patch16_TA8 (one LoRA-16 model: its adapter merged "
+            "into the pretrained encoder)"),
     },
 }
 

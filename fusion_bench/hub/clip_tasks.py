@@ -142,11 +142,24 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("clip-vit-large-patch14", "openai/clip-vit-large-patch14", "tanganke/clip-vit-large-patch14_{task}"),
 ]}
 
-#: LoRA-16 adapters FusionBench publishes (PEFT, q_proj/v_proj of the vision transformer), backbone -> id template.
-#: Not shipped as pools yet (the model pool cannot merge PEFT adapters into CLIP vision encoders).
+#: LoRA-16 adapters FusionBench publishes, backbone -> (Hub id template, tasks): PEFT LoRA r 16, alpha 32,
+#: dropout 0.1 on q_proj / v_proj of the vision transformer (``CLIPVisionModel.vision_model``), trained by its
+#: ``clip_finetune`` with ``use_lora=true``. Only ViT-B/16 on TA8 exists (FusionBench's
+#: ``CLIPVisionModelPool/clip-vit-base-patch16_TA8_lora``); shipped as ``modelpool=<backbone>_TA8_lora``.
 LORA_ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "clip-vit-base-patch16": ("tanganke/clip-vit-base-patch16_{task}_lora-16", TA8),
 }
+#: the adapters' PEFT settings (FusionBench's config/method/classification/clip_finetune.yaml lora_config)
+LORA_CONFIG: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"],
+                               "lora_dropout": 0.1, "bias": "none"}
+
+
+def lora_id(backbone: str, task: str) -> str:
+    """The Hub id of FusionBench's LoRA-16 adapter of ``task`` on ``backbone`` (ConfigError when none is published)."""
+    if backbone not in LORA_ADAPTERS or task not in LORA_ADAPTERS[backbone][1]:
+        raise ConfigError(f"FusionBench publishes no LoRA-16 adapter for task '{task}' on '{backbone}'; "
+                          f"published: {', '.join(f'{b} ({len(t)} tasks)' for b, (_, t) in LORA_ADAPTERS.items())}.")
+    return LORA_ADAPTERS[backbone][0].replace("{task}", task)
 
 
 @lru_cache(maxsize=1)

@@ -7,6 +7,9 @@ Names (``<backbone>`` is clip-vit-base-patch32, clip-vit-base-patch16 or clip-vi
 
 - ``modelpool=<backbone>_{TA8,TALL14,TALL20}``: pretrained CLIP + one fine-tuned vision encoder per task,
   with ``datasets`` {task: {train, validation (seeded 10 % of train), test}};
+- ``modelpool=clip-vit-base-patch16_TA8_lora``: the pretrained CLIP + FusionBench's LoRA-16 adapter per TA8 task
+  (``clip_tasks.LORA_ADAPTERS``), each merged into the vision encoder on load; evaluate with
+  ``taskpool=clip-vit-base-patch16_TA8``;
 - ``modelpool=<backbone>_individual``: the pretrained model only (set ``modelpool.models._pretrained_``
   to evaluate one checkpoint);
 - ``taskpool=<backbone>_{TA8,TALL14,TALL20}``: zero-shot accuracy on the test splits with the table's
@@ -27,11 +30,13 @@ from typing import Any
 from fusion_bench.hub.clip_tasks import (
     BACKBONES,
     CORRUPTIONS,
+    LORA_ADAPTERS,
     ROBUSTNESS_TASKS,
     TA8,
     TASK_SETS,
     TASKS,
     Backbone,
+    lora_id,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -99,8 +104,8 @@ def _datasets(tasks: tuple[str, ...], test_split: str | None = None) -> dict[str
 
 
 def modelpool(bb: Backbone, tasks: tuple[str, ...], name: str, comment: str, command: str,
-              test_split: str | None = None) -> str:
-    models = {"_pretrained_": bb.pretrained, **{t: bb.model_id(t) for t in tasks}}
+              test_split: str | None = None, lora: bool = False) -> str:
+    models = {"_pretrained_": bb.pretrained, **{t: lora_id(bb.name, t) if lora else bb.model_id(t) for t in tasks}}
     head = {"type": "clip_hub", "name": name, "model_class": "clip_vision", "processor": bb.pretrained}
     body: list[tuple[dict[str, Any], int | None]] = [(head, None), ({"models": models}, None)]
     if tasks:
@@ -108,6 +113,9 @@ def modelpool(bb: Backbone, tasks: tuple[str, ...], name: str, comment: str, com
     header = [f"# {command}  (needs the Hugging Face Hub)", f"# {comment}",
               "# datasets: train = the train split, validation = FusionBench's seeded 10 % hold-out of train "
               "(holdout.part: train gives the other 90 %), test = the evaluation split.", GENERATED]
+    if lora:
+        header.insert(2, "# models: PEFT LoRA adapters (r 16, q_proj/v_proj), each loaded on _pretrained_'s vision transformer "
+                      "and merged into full weights (merge_and_unload), as FusionBench's merge_and_unload: true pool.")
     return _yaml(header, body)
 
 
@@ -145,6 +153,14 @@ def configs() -> dict[str, str]:
             out[f"taskpool/{name}.yaml"] = taskpool(
                 bb, tasks, name, f"Zero-shot accuracy of {_short(bb)} vision encoders on the {len(tasks)} {set_name} tasks "
                 "(test splits).", cmd)
+        if bb.name in LORA_ADAPTERS:
+            set_name = next(k for k, v in TASK_SETS.items() if v == LORA_ADAPTERS[bb.name][1])
+            name = f"{bb.name}_{set_name}_lora"
+            tasks = LORA_ADAPTERS[bb.name][1]
+            out[f"modelpool/{name}.yaml"] = modelpool(
+                bb, tasks, name, f"FusionBench's {_short(bb)} LoRA-16 adapters fine-tuned on the {len(tasks)} {set_name} "
+                "tasks, and the pretrained CLIP.",
+                f"fusion_bench method=task_arithmetic modelpool={name} taskpool={bb.name}_{set_name}", lora=True)
         name = f"{bb.name}_individual"
         out[f"modelpool/{name}.yaml"] = modelpool(
             bb, (), name, f"One {_short(bb)} vision encoder: set modelpool.models._pretrained_ to the checkpoint "

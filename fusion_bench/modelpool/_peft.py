@@ -72,15 +72,30 @@ class PeftMergedMixin:
                 raise CheckpointError(f"Model '{name}': adapter {folder} names no base model; add '_pretrained_' to "
                                       "modelpool.models.")
             base = self._load_hf_ref(ref, name)
+        import warnings
+
         try:
-            peft_model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
-            model = peft_model.merge_and_unload()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                peft_model = PeftModel.from_pretrained(self.adapter_target(base), str(folder), is_trainable=False)
+            missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+            if missing:  # the adapter's tensors do not name this base's modules: merging would be a silent no-op
+                raise CheckpointError(missing[0][:300])
+            model = self.adapter_attach(base, peft_model.merge_and_unload())
         except Exception as e:
             raise CheckpointError(f"Model '{name}': cannot apply the PEFT adapter {folder} to the base model "
                                   f"({type(e).__name__}: {e}). Use the adapter's base model as '_pretrained_'.") from e
         model = model.eval()
         merged[name] = model
         return model
+
+    def adapter_target(self, base: nn.Module) -> nn.Module:
+        """The submodule of ``base`` the adapters were trained on (default: ``base`` itself)."""
+        return base
+
+    def adapter_attach(self, base: nn.Module, merged: nn.Module) -> nn.Module:
+        """The pool's model once :meth:`adapter_target` of ``base`` is replaced by ``merged`` (default: ``merged``)."""
+        return merged
 
     def _load_hf_ref(self, ref: str, name: str) -> nn.Module:
         from fusion_bench.modelpool.base import _quiet_from_pretrained, resolve_hf_path, resolve_model_class
