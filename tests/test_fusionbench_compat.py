@@ -107,7 +107,7 @@ def test_our_names_are_unchanged():
     (["method=regmean/clip_regmean", "method.exclude_param_names_regex=[x]"], "glob"),
     (["method=adamerging/clip", "method.weights=w.pt"], "task_arithmetic"),
     (["method=task_arithmetic", "fast_dev_run=true"], "max_samples"),
-    (["method=task_arithmetic", "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_svhn_and_mnist"], "--config-dir"),
+    (["method=task_arithmetic", "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA4"], "--config-dir"),
     (["method=ties_merging", "method.threshold=20", "method.topk=3"], "no option 'topk'"),
     (["method=dummy", "modelpool=CLIPVisionModelPool/clip-vit-base-patch16_individual_lora"],
      "modelpool=clip-vit-base-patch16_TA8_lora +modelpool.select=[sun397]"),
@@ -244,7 +244,7 @@ COMMANDS = [
     ("docs/algorithms/README.md", f"method=task_arithmetic method.scaling_factor=0.3 {TA8}", "report", "clip"),
     ("docs/algorithms/ties_merging.md", "method=ties_merging method.scaling_factor=0.3 method.threshold=20 "
      "method.merge_func=sum modelpool=CLIPVisionModelPool/clip-vit-base-patch32_svhn_and_mnist "
-     "taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_svhn_and_mnist", "refused: not shipped", "clip"),
+     "taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_svhn_and_mnist", "report", "clip"),
     ("docs/algorithms/dare.md", f"method=dare/task_arithmetic method.sparsity_ratio=0.5 method.scaling_factor=0.3 {TA8}",
      "report", "clip"),
     ("docs/algorithms/dare.md", f"method=dare/simple_average method.sparsity_ratio=0.5 method.rescale=true {TA8}",

@@ -60,7 +60,7 @@ def test_shipped_configs_equal_generated():
     from fusion_bench.hub.write_configs import CONFIG_DIR, configs
 
     generated = configs()
-    assert len(generated) == 38  # + the ViT-B/16 TA8 LoRA-16 model pool
+    assert len(generated) == 48  # + the ViT-B/16 TA8 LoRA-16 model pool + 5 small ViT-B/32 pairs
     for rel, text in generated.items():
         path = CONFIG_DIR / rel
         assert path.exists() and path.read_text(encoding="utf-8") == text, \

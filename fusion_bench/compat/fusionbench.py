@@ -181,6 +181,9 @@ TABLE: dict[str, Any] = {
            for x in ("", "_model_only")},
         # LoRA-16 adapters merged into full weights on load (FusionBench: merge_and_unload: true)
         "CLIPVisionModelPool/clip-vit-base-patch16_TA8_lora": "clip-vit-base-patch16_TA8_lora",
+        # FusionBench's small ViT-B/32 pools (two or three tasks)
+        **{f"CLIPVisionModelPool/clip-vit-base-patch32_{s}": f"clip-vit-base-patch32_{s}"
+           for s in ("svhn_and_mnist", "sun397_and_cars", "sun397_and_dtd", "cars_and_dtd", "sun397_cars_and_dtd")},
         **{f"Seq2SeqLMPool/{n}": n for n in ("flan-t5-base_glue", "flan-t5-base_glue_lora16", "flan-t5-large_glue_lora16")},
         "gpt-2_glue": "gpt2_glue",
     },
@@ -189,6 +192,7 @@ TABLE: dict[str, Any] = {
         **{f"CLIPVisionModelTaskPool/clip-vit-classification_{s}": f"clip-vit-{{model}}_{s}"
            for s in ("TA8", "TALL14", "TALL20")},
         "CLIPVisionModelTaskPool/clip-vit-classification_TA8_B16": "clip-vit-base-patch16_TA8",
+        "CLIPVisionModelTaskPool/clip-vit-base-patch32_svhn_and_mnist": "clip-vit-base-patch32_svhn_and_mnist",
         "CLIPVisionModelTaskPool/clip-vit-classification_TA8_L14": "clip-vit-large-patch14_TA8",
         "clip-vit-classification_TA8": "clip-vit-{model}_TA8",
         "flan-t5_glue_text_generation": "flan-t5_glue_text_generation",

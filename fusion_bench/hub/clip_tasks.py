@@ -108,6 +108,14 @@ TA8: tuple[str, ...] = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn"
 TALL14: tuple[str, ...] = TA8 + ("oxford_flowers102", "pcam", "fer2013", "oxford-iiit-pet", "stl10", "cifar100")
 TALL20: tuple[str, ...] = TALL14 + ("cifar10", "food101", "fashion_mnist", "emnist_letters", "kmnist", "rendered-sst2")
 TASK_SETS: dict[str, tuple[str, ...]] = {"TA8": TA8, "TALL14": TALL14, "TALL20": TALL20}
+#: FusionBench's small ViT-B/32 pools (clip-vit-base-patch32_<name>), used in its TIES / task-arithmetic docs
+B32_SUBSETS: dict[str, tuple[str, ...]] = {
+    "svhn_and_mnist": ("svhn", "mnist"),
+    "sun397_and_cars": ("sun397", "stanford-cars"),
+    "sun397_and_dtd": ("sun397", "dtd"),
+    "cars_and_dtd": ("stanford-cars", "dtd"),
+    "sun397_cars_and_dtd": ("sun397", "stanford-cars", "dtd"),
+}
 
 #: the robustness experiments' tasks (FusionBench's clip-vit-base-patch32_robustness_* pools), in its order
 ROBUSTNESS_TASKS: tuple[str, ...] = ("stanford-cars", "eurosat", "resisc45", "gtsrb")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_bench.hub.clip_tasks import (
+    B32_SUBSETS,
     BACKBONES,
     CORRUPTIONS,
     LORA_ADAPTERS,
@@ -161,6 +162,16 @@ def configs() -> dict[str, str]:
                 bb, tasks, name, f"FusionBench's {_short(bb)} LoRA-16 adapters fine-tuned on the {len(tasks)} {set_name} "
                 "tasks, and the pretrained CLIP.",
                 f"fusion_bench method=task_arithmetic modelpool={name} taskpool={bb.name}_{set_name}", lora=True)
+        if bb.name == "clip-vit-base-patch32":
+            for set_name, tasks in B32_SUBSETS.items():
+                name = f"{bb.name}_{set_name}"
+                cmd = f"fusion_bench method=ties_merging modelpool={name} taskpool={name}"
+                what = ", ".join(tasks)
+                out[f"modelpool/{name}.yaml"] = modelpool(
+                    bb, tasks, name, f"FusionBench's small {_short(bb)} pool: the models fine-tuned on {what}, and the "
+                    "pretrained CLIP.", cmd)
+                out[f"taskpool/{name}.yaml"] = taskpool(
+                    bb, tasks, name, f"Zero-shot accuracy of {_short(bb)} vision encoders on {what} (test splits).", cmd)
         name = f"{bb.name}_individual"
         out[f"modelpool/{name}.yaml"] = modelpool(
             bb, (), name, f"One {_short(bb)} vision encoder: set modelpool.models._pretrained_ to the checkpoint "
