@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from fusion_bench.config_schema import build_config, option, to_plain
+from fusion_bench.errors import ConfigError, did_you_mean
 from fusion_bench.registry import Registry
 
 TASKPOOLS = Registry("taskpool.type", "fusion_bench.taskpool")
@@ -41,6 +42,26 @@ class TaskPool(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, tasks: list[str] | None = None) -> dict[str, Any]:
         """Evaluate ``model`` on ``tasks`` (default: all) and return the report dict."""
+
+
+class PerTaskPool(TaskPool):
+    """A task pool configured task by task: a subclass fills ``self._specs`` (task -> its spec) in
+    ``__init__``; the task names and the check of a requested task list come from here."""
+
+    _specs: dict[str, Any]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._specs)
+
+    def _check_tasks(self, tasks: list[str] | None) -> list[str]:
+        """``tasks`` (default: every task), each checked to be one of this pool's tasks."""
+        if tasks is None:
+            return self.tasks
+        for t in tasks:
+            if t not in self._specs:
+                raise ConfigError(f"taskpool.tasks has no task '{t}'.{did_you_mean(t, self._specs)}")
+        return list(tasks)
 
 
 def average_metrics(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -36,11 +36,16 @@ from fusion_bench.data.loading import (
     find_label_column,
     load_dataset_ref,
 )
-from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError, did_you_mean
+from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError
 from fusion_bench.io.atomic import atomic_path
 from fusion_bench.models.clip import vision_tower, zeroshot_head
 from fusion_bench.models.ensemble import Ensemble
-from fusion_bench.taskpool.base import TaskPool, TaskPoolConfig, average_metrics, register_taskpool
+from fusion_bench.taskpool.base import (
+    PerTaskPool,
+    TaskPoolConfig,
+    average_metrics,
+    register_taskpool,
+)
 from fusion_bench.utils import resolve_device, sha256_tensors
 
 #: used for tasks that give no templates (generic photo captions)
@@ -111,7 +116,7 @@ class CLIPZeroShotTaskPoolConfig(TaskPoolConfig):
 
 
 @register_taskpool("clip_zeroshot")
-class CLIPZeroShotTaskPool(TaskPool):
+class CLIPZeroShotTaskPool(PerTaskPool):
     """CLIP zero-shot classification accuracy and cross-entropy per task.
 
     Radford et al. 2021, zero-shot classifier from prompt-ensembled text embeddings; the model under
@@ -165,10 +170,6 @@ class CLIPZeroShotTaskPool(TaskPool):
         self._split_info: dict[str, dict[str, Any]] = {}
 
     # -- properties ----------------------------------------------------------------------------
-    @property
-    def tasks(self) -> list[str]:
-        return list(self._specs)
-
     @property
     def cache_dir(self) -> Path:
         c = self.config.cache_dir
@@ -254,14 +255,6 @@ class CLIPZeroShotTaskPool(TaskPool):
         return self._text_hash
 
     # -- data ----------------------------------------------------------------------------------
-    def _check_tasks(self, tasks: list[str] | None) -> list[str]:
-        if tasks is None:
-            return self.tasks
-        for t in tasks:
-            if t not in self._specs:
-                raise ConfigError(f"taskpool.tasks has no task '{t}'.{did_you_mean(t, self._specs)}")
-        return list(tasks)
-
     def dataset(self, task: str):
         """The evaluation split of ``task`` (a ``datasets.Dataset``), loaded once."""
         if task not in self._datasets:

@@ -32,9 +32,14 @@ from fusion_bench.data.loading import (
     find_label_column,
     load_dataset_ref,
 )
-from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError, did_you_mean
+from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError
 from fusion_bench.models.ensemble import Ensemble
-from fusion_bench.taskpool.base import TaskPool, TaskPoolConfig, average_metrics, register_taskpool
+from fusion_bench.taskpool.base import (
+    PerTaskPool,
+    TaskPoolConfig,
+    average_metrics,
+    register_taskpool,
+)
 from fusion_bench.utils import resolve_device
 
 
@@ -109,7 +114,7 @@ def _takes_pixel_values(model: nn.Module) -> bool:
 
 
 @register_taskpool("image_classification")
-class ImageClassificationTaskPool(TaskPool):
+class ImageClassificationTaskPool(PerTaskPool):
     """Top-1 accuracy and mean cross-entropy of an image classifier on each task.
 
     Standard supervised evaluation: ``accuracy = mean(argmax_c z_c(x) == y)``,
@@ -142,10 +147,6 @@ class ImageClassificationTaskPool(TaskPool):
         self._datasets: dict[str, Any] = {}
         self._columns: dict[str, tuple[str, str]] = {}
         self._split_info: dict[str, dict[str, Any]] = {}
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self._specs)
 
     @property
     def processor(self):
@@ -209,14 +210,6 @@ class ImageClassificationTaskPool(TaskPool):
             self._split_info[task] = {"dataset": str(spec.dataset), "split": spec.split,
                                       "samples": int(labels.numel()), "fingerprint": dataset_fingerprint(ds)}
         return data
-
-    def _check_tasks(self, tasks: list[str] | None) -> list[str]:
-        if tasks is None:
-            return self.tasks
-        for t in tasks:
-            if t not in self._specs:
-                raise ConfigError(f"taskpool.tasks has no task '{t}'.{did_you_mean(t, self._specs)}")
-        return list(tasks)
 
     def _logits(self, model: nn.Module, head: nn.Linear | None, x: torch.Tensor, kw: bool) -> torch.Tensor:
         out = model(pixel_values=x) if kw else model(x)

@@ -25,7 +25,12 @@ from fusion_bench.config_schema import build_config, option
 from fusion_bench.data.loading import dataset_fingerprint, load_dataset_ref
 from fusion_bench.errors import ConfigError, ModelMismatchError, did_you_mean
 from fusion_bench.models.ensemble import Ensemble
-from fusion_bench.taskpool.base import TaskPool, TaskPoolConfig, average_metrics, register_taskpool
+from fusion_bench.taskpool.base import (
+    PerTaskPool,
+    TaskPoolConfig,
+    average_metrics,
+    register_taskpool,
+)
 from fusion_bench.utils import resolve_device
 
 
@@ -54,7 +59,7 @@ class TextClassificationTaskPoolConfig(TaskPoolConfig):
 
 
 @register_taskpool("text_classification")
-class TextClassificationTaskPool(TaskPool):
+class TextClassificationTaskPool(PerTaskPool):
     """Accuracy and loss of a backbone with each task's head (see the module docstring).
 
     Args:
@@ -75,18 +80,6 @@ class TextClassificationTaskPool(TaskPool):
         self._skeletons: dict[str, nn.Module] = {}
         self._data: dict[str, tuple[list[list[int]], torch.Tensor]] = {}
         self._split_info: dict[str, dict[str, Any]] = {}
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self._specs)
-
-    def _check_tasks(self, tasks: list[str] | None) -> list[str]:
-        if tasks is None:
-            return self.tasks
-        for t in tasks:
-            if t not in self._specs:
-                raise ConfigError(f"taskpool.tasks has no task '{t}'.{did_you_mean(t, self._specs)}")
-        return list(tasks)
 
     def tokenizer(self, task: str):
         from fusion_bench.models.text_classification import load_text_tokenizer

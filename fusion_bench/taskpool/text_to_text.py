@@ -27,7 +27,12 @@ from fusion_bench.config_schema import build_config, option
 from fusion_bench.data.loading import dataset_fingerprint, load_dataset_ref
 from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError, did_you_mean
 from fusion_bench.models.ensemble import Ensemble
-from fusion_bench.taskpool.base import TaskPool, TaskPoolConfig, average_metrics, register_taskpool
+from fusion_bench.taskpool.base import (
+    PerTaskPool,
+    TaskPoolConfig,
+    average_metrics,
+    register_taskpool,
+)
 from fusion_bench.utils import resolve_device
 
 
@@ -90,7 +95,7 @@ def spearman_rho(preds: list[float], labels: list[float]) -> float:
 
 
 @register_taskpool("text_to_text")
-class TextToTextTaskPool(TaskPool):
+class TextToTextTaskPool(PerTaskPool):
     """Prompted generation scored by exact match or Spearman's rho (see the module docstring).
 
     Args:
@@ -120,10 +125,6 @@ class TextToTextTaskPool(TaskPool):
         self._split_info: dict[str, dict[str, Any]] = {}
 
     @property
-    def tasks(self) -> list[str]:
-        return list(self._specs)
-
-    @property
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
@@ -137,14 +138,6 @@ class TextToTextTaskPool(TaskPool):
                 raise CheckpointError(f"taskpool.tokenizer: cannot load a tokenizer from {path} "
                                       f"({type(e).__name__}: {e}).") from e
         return self._tokenizer
-
-    def _check_tasks(self, tasks: list[str] | None) -> list[str]:
-        if tasks is None:
-            return self.tasks
-        for t in tasks:
-            if t not in self._specs:
-                raise ConfigError(f"taskpool.tasks has no task '{t}'.{did_you_mean(t, self._specs)}")
-        return list(tasks)
 
     def target_text(self, task: str, label: Any) -> str:
         spec = self._specs[task]
