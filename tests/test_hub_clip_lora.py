@@ -134,9 +134,13 @@ def test_shipped_lora_pool_dry_run(offline_hub, method, tmp_path, capsys):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "simple_average"])
+_DATA = {"regmean": ["method.num_regmean_examples=2", "method.batch_size=2"]}
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "simple_average", "regmean"])
 def test_shipped_lora_pool_runs_offline(offline_hub, method, tmp_path, capsys):
-    code, out, err = run_cli(_args(method, tmp_path), capsys)
+    """Data-free methods and a data-based one (the pool carries the train / validation / test datasets)."""
+    code, out, err = run_cli([*_args(method, tmp_path), *_DATA.get(method, [])], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     tasks = report["evaluation"]["tasks"]
