@@ -3,6 +3,7 @@
     fusion_bench zoo build [--scale tiny|full] [--root DIR] [--force] [--threads N]
     fusion_bench zoo verify [--scale ...] [--root DIR]      # check every entry's content hashes
     fusion_bench zoo path [--scale ...] [--root DIR]        # print the cache folder
+    fusion_bench zoo build|verify|path --track text ...     # the MiniLM text zoo (fusion_bench.benchmark.text_zoo)
 
 The zoo reproduces FusionBench's CLIP-ViT experiment (one pretrained CLIP, eight image
 classification tasks, one fine-tuned vision encoder per task) at a size that builds on a laptop
@@ -482,14 +483,24 @@ def ensure_zoo(scale: str = "full", root: str | os.PathLike | None = None, build
 # CLI
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """``fusion_bench zoo build|verify|path``; returns the exit code."""
-    ap = argparse.ArgumentParser(prog="fusion_bench zoo", description="Build or check the offline CLIP model zoo.")
+    """``fusion_bench zoo build|verify|path [--track clip|text]``; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="fusion_bench zoo",
+                                 description="Build or check an offline model zoo: the CLIP zoo (default) or the MiniLM "
+                                 "text zoo (--track text).")
     ap.add_argument("action", choices=("build", "verify", "path"))
+    ap.add_argument("--track", default="clip", choices=("clip", "text"),
+                    help="clip: the CLIP zoo (default); text: MiniLM fine-tuned on eight text tasks, full and LoRA")
     ap.add_argument("--scale", default="full", choices=sorted(SCALES), help="zoo size (tiny: seconds, for tests)")
-    ap.add_argument("--root", default=None, help="cache folder (default $FUSION_BENCH_ZOO or ~/.cache/fusion_bench/zoo-<scale>)")
+    ap.add_argument("--root", default=None, help="cache folder (default $FUSION_BENCH_ZOO or ~/.cache/fusion_bench/zoo-<scale>; "
+                    "text: $FUSION_BENCH_CACHE/text-zoo-<scale> or ~/.cache/fusion_bench/text-zoo-<scale>)")
     ap.add_argument("--force", action="store_true", help="rebuild every entry")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; text: 2, fixed for determinism)")
     args = ap.parse_args(argv)
+    if args.track == "text":
+        from fusion_bench.benchmark.text_zoo import main as text_main
+
+        return text_main(args)
     zoo = Zoo(args.scale, args.root)
     if args.action == "path":
         print(zoo.root)
