@@ -1,7 +1,14 @@
-"""The leaderboard: every registered method that applies, run on the offline CLIP zoo on equal terms.
+"""The leaderboard: every registered method that applies, run on an offline zoo on equal terms.
 
     fusion_bench leaderboard [--scale full|tiny] [--root DIR] [--out DIR] [--methods a,b,...]
                              [--max-samples N] [--corruption NAME] [--tune [--tune-grid 0.05,0.1,...]]
+    fusion_bench leaderboard --track text [--variant full|lora] [--scale ...] [--tune] ...
+
+``--track clip`` (default): the offline CLIP zoo, zero-shot evaluation. ``--track text``: the MiniLM text
+zoo (:mod:`fusion_bench.benchmark.text_zoo`), full or LoRA fine-tuned encoders (``--variant``), each task
+evaluated with its own fine-tuned head; the data methods run with the cheaper options of
+:data:`TEXT_METHOD_OPTIONS` (recorded in each row's hyperparameters), and the document gets the text
+benchmark's quality targets (:func:`quality_targets`).
 
 For every method of :func:`fusion_bench.methods.list_methods` (so new methods appear without
 edits) the zoo's model pool is fused with the method's documented defaults and the result is
@@ -49,6 +56,18 @@ FINETUNED_ROW = "fine-tuned (individual)"
 TUNED_OPTION = "scaling_factor"
 DEFAULT_TUNE_GRID: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 TUNED_DATA = f"validation split (labelled, selects {TUNED_OPTION})"
+TRACKS = ("clip", "text")
+#: the text track's options for the data methods, whose defaults (sized for the small CLIP zoo) would take
+#: most of an hour each on a 22 M-parameter encoder on two CPU cores; every row records its hyperparameters
+TEXT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "fisher_merging": {"num_fisher_examples": 64},
+    "regmean": {"num_regmean_examples": 256},
+    "adamerging": {"steps": 40, "batch_size": 8, "max_test_samples": 128},
+}
+#: the text benchmark's quality targets (docs/text_benchmark.md)
+TARGET_FINETUNE_GAIN = 0.15   # each fine-tuned model >= 15 points above the pretrained encoder with its head
+TARGET_TA_RECOVERY = 0.40     # (tuned) task arithmetic keeps >= 40 % of the pretrained -> fine-tuned gap
+TARGET_SPREAD = 0.05          # best minus worst merging method >= 5 points
 
 
 def tunable(method_cls: type) -> bool:
@@ -68,12 +87,14 @@ def _check_grid(grid: Sequence[float]) -> list[float]:
     return values
 
 
-def select_scaling_factor(method_cls: type, pool, val_taskpool, grid: Sequence[float]) -> dict[str, Any]:
+def select_scaling_factor(method_cls: type, pool, val_taskpool, grid: Sequence[float],
+                          options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``method_cls`` with every ``scaling_factor`` of ``grid``, evaluate on ``val_taskpool``.
 
     Returns ``{"scaling_factor": best, "grid": [...], "validation_average": {value: accuracy},
     "tuning_time_s": seconds}``; best = highest average validation accuracy over the task pool's tasks,
-    ties broken toward the smaller value. Each run is seeded like the final run (seed 0).
+    ties broken toward the smaller value. Each run is seeded like the final run (seed 0). ``options``: the
+    method's other options (kept fixed).
     """
     from fusion_bench.programs.fusion import run_program
 
@@ -81,7 +102,7 @@ def select_scaling_factor(method_cls: type, pool, val_taskpool, grid: Sequence[f
     t0 = time.perf_counter()
     scores: dict[float, float] = {}
     for v in values:
-        rep = run_program({"print_table": False, "seed": 0}, modelpool=pool, method=method_cls({TUNED_OPTION: v}),
+        rep = run_program({"print_table": False, "seed": 0}, modelpool=pool, method=method_cls({**(options or {}), TUNED_OPTION: v}),
                           taskpool=val_taskpool, log=lambda s: None)
         accs = _per_task_acc(rep.get("evaluation", {}))
         missing = [t for t in val_taskpool.tasks if t not in accs]
@@ -137,7 +158,8 @@ def _row(name: str, kind: str, accs: dict[str, float], tasks: list[str], finetun
 def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Path = "leaderboard",
                     methods: list[str] | None = None, max_samples: int | None = None,
                     corruption: str | None = None, log: Callable[[str], None] | None = None,
-                    tune: bool = False, tune_grid: Sequence[float] | None = None) -> dict[str, Any]:
+                    tune: bool = False, tune_grid: Sequence[float] | None = None, track: str = "clip",
+                    variant: str = "full", val_max_samples: int | None = None) -> dict[str, Any]:
     """Run the leaderboard and write its tables and plot; return the JSON document.
 
     Args:
@@ -151,12 +173,37 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         tune: choose ``scaling_factor`` on the validation split for every method that has one (see the
             module docstring); otherwise every method runs with its defaults.
         tune_grid: the values tried when ``tune`` (default :data:`DEFAULT_TUNE_GRID`).
+        track: ``clip`` (the CLIP zoo) or ``text`` (the MiniLM text zoo).
+        variant: the text zoo's fine-tuned encoders, ``full`` or ``lora`` (text track only).
+        val_max_samples: validation examples per task when tuning (default: ``max_samples``).
     """
     from fusion_bench.methods import get_method_class, list_methods
-    from fusion_bench.modelpool.clip_zoo import CLIPZooModelPool
     from fusion_bench.programs.fusion import evaluate_result, run_program
-    from fusion_bench.taskpool.clip_zoo import CLIPZooTaskPool
     from fusion_bench.utils import measure
+
+    if track not in TRACKS:
+        raise ConfigError(f"leaderboard --track {track!r} is unknown; choose clip or text.{did_you_mean(track, TRACKS)}")
+    if track == "text":
+        from fusion_bench.modelpool.text_zoo import TextZooModelPool as PoolClass
+        from fusion_bench.taskpool.text_zoo import TextZooTaskPool as TaskPoolClass
+
+        if corruption is not None:
+            raise ConfigError("leaderboard --corruption applies to the CLIP track only (the text zoo has no "
+                              "corrupted splits).")
+        if variant not in ("full", "lora"):
+            raise ConfigError(f"leaderboard --variant {variant!r} is unknown; choose full or lora.")
+        zoo_opts: dict[str, Any] = {"scale": scale, "root": root, "variant": variant}
+        test_opts: dict[str, Any] = {}
+        method_options = TEXT_METHOD_OPTIONS
+    else:
+        from fusion_bench.modelpool.clip_zoo import CLIPZooModelPool as PoolClass
+        from fusion_bench.taskpool.clip_zoo import CLIPZooTaskPool as TaskPoolClass
+
+        if variant != "full":
+            raise ConfigError("leaderboard --variant applies to the text track only (--track text).")
+        zoo_opts = {"scale": scale, "root": root}
+        test_opts = {"corruption": corruption}
+        method_options = {}
 
     log = log or (lambda s: print(s, file=sys.stderr))
     out = Path(out)
@@ -169,8 +216,8 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         raise ConfigError("leaderboard tune_grid is given but tune is off; pass tune=True (--tune).")
     grid = _check_grid(DEFAULT_TUNE_GRID if tune_grid is None else tune_grid) if tune else None
     t_start = time.perf_counter()
-    pool = CLIPZooModelPool({"scale": scale, "root": root})
-    taskpool = CLIPZooTaskPool({"scale": scale, "root": root, "max_samples": max_samples, "corruption": corruption})
+    pool = PoolClass(dict(zoo_opts))
+    taskpool = TaskPoolClass({**zoo_opts, "max_samples": max_samples, **test_opts})
     tasks = taskpool.tasks
     names = pool.model_names
 
@@ -207,13 +254,14 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         try:
             if grid is not None and tunable(cls):
                 if val_taskpool is None:
-                    val_taskpool = CLIPZooTaskPool({"scale": scale, "root": root, "max_samples": max_samples,
-                                                    "split": "validation"})
-                tuned = select_scaling_factor(cls, pool, val_taskpool, grid)
+                    val_taskpool = TaskPoolClass({**zoo_opts, "split": "validation",
+                                                  "max_samples": val_max_samples or max_samples})
+                tuned = select_scaling_factor(cls, pool, val_taskpool, grid, method_options.get(name))
                 log(f"leaderboard: {name} {TUNED_OPTION} on validation: " + ", ".join(
                     f"{v:g}: {_pct(a).strip()}" for v, a in tuned["validation_average"].items())
                     + f" -> {tuned[TUNED_OPTION]:g} ({tuned['tuning_time_s']:.1f}s)")
-            method = cls({TUNED_OPTION: tuned[TUNED_OPTION]}) if tuned else cls()
+            opts = dict(method_options.get(name, {}))
+            method = cls({**opts, TUNED_OPTION: tuned[TUNED_OPTION]}) if tuned else cls(opts)
             # overwrite: a rerun refreshes its own reports (only fusion_bench reports are ever replaced)
             rep = run_program({"print_table": False, "report_path": str(reports_dir / f"{name}.json"), "seed": 0,
                                "overwrite": True},
@@ -243,13 +291,75 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         log(f"leaderboard: {_label(r):28s} avg {_pct(r['average'])}  normalized {_pct(r['normalized'])}  "
             f"merge {r['merge_time_s']:.2f}s")
 
-    doc = {"zoo": {"scale": scale, "root": str(pool.zoo.root), "corruption": corruption, "max_samples": max_samples},
+    doc = {"zoo": {"track": track, "scale": scale, "root": str(pool.zoo.root), "corruption": corruption,
+                   "max_samples": max_samples, **({"variant": variant, "val_max_samples": val_max_samples or max_samples}
+                                                  if track == "text" else {})},
            "tasks": tasks, "rows": rows, "skipped": skipped,
            "tune": {"option": TUNED_OPTION, "grid": grid, "split": "validation"} if grid is not None else None,
            "evaluation_time_one_model_s": round(eval_time_one_model, 2),
            "total_time_s": round(time.perf_counter() - t_start, 2)}
+    add_gain_kept(doc)
+    if track == "text":
+        doc["targets"] = quality_targets(doc)
     write_outputs(doc, out)
     return doc
+
+
+def add_gain_kept(doc: dict[str, Any]) -> None:
+    """Each row's share of the fine-tuning gain kept: (avg - pretrained avg) / (fine-tuned avg - pretrained avg)."""
+    refs = {r["method"]: r["average"] for r in doc["rows"] if r["kind"] == "reference"}
+    pre, ft = refs.get(PRETRAINED_ROW), refs.get(FINETUNED_ROW)
+    for r in doc["rows"]:
+        ok = None not in (pre, ft, r["average"]) and ft != pre
+        r["gain_kept"] = (r["average"] - pre) / (ft - pre) if ok else None
+
+
+def quality_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The text benchmark's targets, measured on the document's rows (each: name, value, target, met, detail).
+
+    - every fine-tuned model >= 15 points above the pretrained encoder (with that task's head) on its task;
+    - task arithmetic (tuned when the leaderboard was tuned) keeps >= 40 % of the pretrained -> fine-tuned gap;
+    - the best merging method's average minus the worst's >= 5 points.
+    """
+    rows = {r["method"]: r for r in doc["rows"]}
+    out: list[dict[str, Any]] = []
+    pre, ft = rows.get(PRETRAINED_ROW), rows.get(FINETUNED_ROW)
+    if pre and ft:
+        gaps = {t: ft["accuracy"][t] - pre["accuracy"][t] for t in doc["tasks"]
+                if ft["accuracy"].get(t) is not None and pre["accuracy"].get(t) is not None}
+        if gaps:
+            worst = min(gaps, key=gaps.get)
+            out.append({"name": "fine-tuned - pretrained (with its head), every task", "value": gaps[worst],
+                        "target": TARGET_FINETUNE_GAIN, "met": gaps[worst] >= TARGET_FINETUNE_GAIN,
+                        "detail": f"smallest on {worst}; per task: "
+                        + ", ".join(f"{t} {100 * g:+.1f}" for t, g in gaps.items())})
+    ta = rows.get("task_arithmetic")
+    if ta:
+        kept = ta.get("gain_kept")
+        out.append({"name": "task arithmetic" + (" (tuned)" if ta.get("tuned") else "") + ": share of the gap kept",
+                    "value": kept, "target": TARGET_TA_RECOVERY, "met": kept is not None and kept >= TARGET_TA_RECOVERY,
+                    "detail": f"{_label(ta)}: avg {_pct(ta['average']).strip()} between pretrained "
+                    f"{_pct(pre['average']).strip() if pre else '-'} and fine-tuned {_pct(ft['average']).strip() if ft else '-'}"})
+    merges = [r for r in doc["rows"] if r["kind"] == "merging" and r["average"] is not None]
+    if len(merges) >= 2:
+        best = max(merges, key=lambda r: r["average"])
+        worst_m = min(merges, key=lambda r: r["average"])
+        spread = best["average"] - worst_m["average"]
+        out.append({"name": "spread between the best and the worst merging method", "value": spread,
+                    "target": TARGET_SPREAD, "met": spread >= TARGET_SPREAD,
+                    "detail": f"{_label(best)} {_pct(best['average']).strip()} - {_label(worst_m)} "
+                    f"{_pct(worst_m['average']).strip()} ({len(merges)} merging methods)"})
+    return out
+
+
+def targets_markdown(targets: list[dict[str, Any]]) -> list[str]:
+    lines = ["Quality targets:", "", "| target | measured | required | met | detail |", "|---|---|---|---|---|"]
+    for t in targets:
+        value = "undefined" if t["value"] is None else f"{100 * t['value']:.1f}"
+        lines.append(f"| {t['name']} | {value} {'%' if 'share' in t['name'] else 'points'} | "
+                     f">= {100 * t['target']:.0f} {'%' if 'share' in t['name'] else 'points'} | "
+                     f"{'yes' if t['met'] else 'NO'} | {t['detail']} |")
+    return lines
 
 
 def _params(pool) -> int:
@@ -284,16 +394,20 @@ def _fmt_num(v: Any, digits: int = 2) -> str:
 
 def to_markdown(doc: dict[str, Any]) -> str:
     tasks = doc["tasks"]
-    head = ["method", "kind", *tasks, "avg", "norm", "merge s", "peak MB", "extra params", "data"]
+    head = ["method", "kind", *tasks, "avg", "norm", "gain kept", "merge s", "peak MB", "extra params", "data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _sorted_rows(doc):
         cells = [_label(r), r["kind"], *[_pct(r["accuracy"][t]).strip() for t in tasks], _pct(r["average"]).strip(),
-                 _pct(r["normalized"]).strip(), _fmt_num(r.get("merge_time_s")), _fmt_num(r.get("peak_rss_mb"), 0),
+                 _pct(r["normalized"]).strip(), _pct(r.get("gain_kept")).strip(), _fmt_num(r.get("merge_time_s")), _fmt_num(r.get("peak_rss_mb"), 0),
                  _fmt_num(r.get("extra_parameters")), r.get("data", "")]
         lines.append("| " + " | ".join(cells) + " |")
     z = doc["zoo"]
-    note = [f"Zoo scale `{z['scale']}`" + (f", corruption `{z['corruption']}`" if z.get("corruption") else "")
-            + f"; accuracy in %, normalized = mean over tasks of accuracy / fine-tuned accuracy; one model "
+    zoo_name = (f"Text zoo (MiniLM, {z.get('variant', 'full')} fine-tuning), scale" if z.get("track") == "text"
+                else "Zoo scale")
+    note = [f"{zoo_name} `{z['scale']}`" + (f", corruption `{z['corruption']}`" if z.get("corruption") else "")
+            + (f", at most {z['max_samples']} test examples per task" if z.get("max_samples") else "")
+            + f"; accuracy in %, normalized = mean over tasks of accuracy / fine-tuned accuracy; gain kept = "
+            "(avg - pretrained avg) / (fine-tuned avg - pretrained avg); one model "
             f"evaluated on {len(tasks)} tasks in {doc['evaluation_time_one_model_s']:.1f} s."]
     if any(r.get("tuned") for r in doc["rows"]):
         tn = doc.get("tune") or {}
@@ -302,6 +416,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
                     f"validation accuracy over the grid {tn.get('grid')}, ties to the smaller value), then the "
                     "method was run once more with it and evaluated on the test split; merge time is that final "
                     "run's. The other methods use their defaults.")
+    if doc.get("targets"):
+        note.append("")
+        note += targets_markdown(doc["targets"])
     if doc["skipped"]:
         note.append("")
         note.append("Not run:")
@@ -313,10 +430,11 @@ def to_csv(doc: dict[str, Any]) -> str:
     tasks = doc["tasks"]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "kind", *tasks, "average", "normalized", "merge_time_s", "peak_rss_mb",
+    w.writerow(["method", "kind", *tasks, "average", "normalized", "gain_kept", "merge_time_s", "peak_rss_mb",
                 "extra_parameters", "data", "evaluation_time_s", "tuned_scaling_factor", "tuning_time_s"])
     for r in _sorted_rows(doc):
         w.writerow([r["method"], r["kind"], *[r["accuracy"][t] for t in tasks], r["average"], r["normalized"],
+                    r.get("gain_kept"),
                     r.get("merge_time_s"), r.get("peak_rss_mb"), r.get("extra_parameters"), r.get("data"),
                     r.get("evaluation_time_s"), (r.get("tuned") or {}).get(TUNED_OPTION), r.get("tuning_time_s")])
     return buf.getvalue()
@@ -347,7 +465,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("average accuracy (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"fusion_bench leaderboard: CLIP zoo ({doc['zoo']['scale']}), accuracy vs cost")
+    z = doc["zoo"]
+    zoo_name = f"text zoo, {z.get('variant', 'full')}" if z.get("track") == "text" else "CLIP zoo"
+    fig.suptitle(f"fusion_bench leaderboard: {zoo_name} ({z['scale']}), accuracy vs cost")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -368,12 +488,19 @@ def write_outputs(doc: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``fusion_bench leaderboard``; returns the exit code."""
     ap = argparse.ArgumentParser(prog="fusion_bench leaderboard",
-                                 description="Run every registered method on the offline CLIP zoo and tabulate.")
+                                 description="Run every registered method on an offline zoo (CLIP, or --track text) "
+                                 "and tabulate.")
+    ap.add_argument("--track", default="clip", choices=TRACKS,
+                    help="clip: the offline CLIP zoo (default); text: the MiniLM text zoo")
+    ap.add_argument("--variant", default="full", choices=("full", "lora"),
+                    help="text track: fully fine-tuned or LoRA encoders (default full)")
     ap.add_argument("--scale", default="full", choices=("full", "tiny"))
     ap.add_argument("--root", default=None, help="zoo folder (default $FUSION_BENCH_ZOO or ~/.cache/fusion_bench/zoo-<scale>)")
     ap.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
-    ap.add_argument("--max-samples", type=int, default=None, help="test images per task (default: all)")
+    ap.add_argument("--max-samples", type=int, default=None, help="test examples per task (default: all)")
+    ap.add_argument("--val-max-samples", type=int, default=None,
+                    help="validation examples per task when tuning (default: --max-samples)")
     ap.add_argument("--corruption", default=None, help="evaluate on this corrupted test split (robustness)")
     ap.add_argument("--tune", action="store_true",
                     help="choose scaling_factor on the validation split for every method that has one")
@@ -398,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with _quiet_transformers():  # no "Loading weights" bar for each of the hundreds of model loads
         doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption,
-                              tune=args.tune or grid is not None, tune_grid=grid)
+                              tune=args.tune or grid is not None, tune_grid=grid, track=args.track,
+                              variant=args.variant, val_max_samples=args.val_max_samples)
     print(to_markdown(doc))
     print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) in {doc['total_time_s']:.1f}s")
     return 0

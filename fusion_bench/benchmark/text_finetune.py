@@ -130,7 +130,7 @@ def finetune_text_classifier(pretrained: str | Path, train, text_fields: list[st
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, cfg.steps, losses[-1])
     clf.eval()
