@@ -41,7 +41,8 @@ class TextZooPoolConfig(SequenceClassificationPoolConfig):
     build: bool = option(True, help="Build the zoo when it is missing or damaged (false: raise instead).")
     include_pretrained: bool = option(True, help="Put '_pretrained_' (the pretrained encoder) in the pool; the "
                                       "lora variant needs it (its adapters are applied to it).")
-    max_length: int = option(64, ge=1, le=512, help="Tokens per example for the data methods (as fine-tuning).")
+    max_length: int | None = option(None, ge=1, le=512, help="Tokens per example (truncation); null: the zoo's "
+                                    "fine-tuning length, so that evaluation sees what training saw.")
 
 
 _FILLED = ("models", "model_class", "heads", "text_fields", "tokenizer", "datasets", "model_template", "tasks")
@@ -82,7 +83,7 @@ class TextZooModelPool(SequenceClassificationPool):
         models.update({t: str(self.zoo.model_path(zc.variant, t)) for t in tasks})
         datasets = {t: {s: {"path": str(self.zoo.data_path(t)), "split": s} for s in ("train", "validation", "test")}
                     for t in tasks}
-        filled = {**to_plain(zc), "models": models, "model_class": "auto", "select": None,
+        filled = {**to_plain(zc), "max_length": zc.max_length or self.zoo.max_length, "models": models, "model_class": "auto", "select": None,
                   "tokenizer": str(self.zoo.pretrained_path), "datasets": datasets,
                   "heads": {t: str(self.zoo.head_path(zc.variant, t)) for t in tasks},
                   "text_fields": {t: self.zoo.text_fields(t) for t in tasks}}

@@ -37,7 +37,8 @@ class TextZooTaskPoolConfig(TaskPoolConfig):
     split: str = option("test", choices=("test", "validation"),
                         help="The split evaluated: test (results) or validation (labelled held-out examples for "
                         "choosing hyperparameters, e.g. the leaderboard's --tune).")
-    max_length: int = option(64, ge=1, le=512, help="Tokens per example (truncation; as fine-tuning).")
+    max_length: int | None = option(None, ge=1, le=512, help="Tokens per example (truncation); null: the zoo's "
+                                    "fine-tuning length, so that evaluation sees what training saw.")
     batch_size: int = option(64, ge=1, le=1 << 20, help="Examples per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
     max_samples: int | None = option(None, ge=1, le=10**9, help="At most this many evenly spaced examples per "
@@ -72,7 +73,7 @@ class TextZooTaskPool(TextClassificationTaskPool):
                       for t in tasks}
         self.config_class = TextClassificationTaskPoolConfig  # the parent validates the filled-in config
         super().__init__({"name": zc.name, "tokenizer": str(self.zoo.pretrained_path), "tasks": spec_tasks,
-                          "max_length": zc.max_length, "batch_size": zc.batch_size, "device": zc.device,
+                          "max_length": zc.max_length or self.zoo.max_length, "batch_size": zc.batch_size, "device": zc.device,
                           "max_samples": zc.max_samples})
 
     def report_extras(self) -> dict[str, Any]:
