@@ -225,10 +225,11 @@ class TextZoo:
 
         return ["text", "text_pair"] if text_task_spec(task).is_pair else ["text"]
 
-    def entries(self) -> list[tuple[str, Path]]:
+    def entries(self, variants: tuple[str, ...] = VARIANTS) -> list[tuple[str, Path]]:
+        """(name, folder) of every entry, in build order; ``variants``: only these fine-tuned entries."""
         out = [(f"data/{t}", self.data_path(t)) for t in self.tasks]
         out.append(("pretrained", self.pretrained_path))
-        for v in VARIANTS:
+        for v in variants:
             out += [(f"{v}/{t}", self.entry_path(v, t)) for t in self.tasks]
         return out
 
@@ -252,14 +253,15 @@ class TextZoo:
         return _key(name, TEXT_ZOO_VERSION, cfg, s.seed, self._content(self.pretrained_path),
                     self._content(self.data_path(task)))
 
-    def status(self, cached: bool = False) -> dict[str, str | None]:
+    def status(self, cached: bool = False, variants: tuple[str, ...] = VARIANTS) -> dict[str, str | None]:
         """Entry name -> None when valid, else the reason it must be (re)built.
 
         Args:
             cached: trust an entry this process has already checked while its ENTRY.json is unchanged.
+            variants: check only these fine-tuned entries (and the data and pretrained ones).
         """
         check = _check_cached if cached else check_entry
-        return {name: check(path, self.entry_key(name)) for name, path in self.entries()}
+        return {name: check(path, self.entry_key(name)) for name, path in self.entries(variants)}
 
     def is_built(self) -> bool:
         return all(v is None for v in self.status(cached=True).values())
@@ -486,10 +488,11 @@ class _Heartbeat:
 
 
 def ensure_text_zoo(scale: str = "full", root: str | os.PathLike | None = None, build: bool = True,
-                    log: Callable[[str], None] | None = None) -> TextZoo:
-    """The text zoo of ``scale`` at ``root``, built first when incomplete (unless ``build=False``, which raises)."""
+                    log: Callable[[str], None] | None = None, variants: tuple[str, ...] = VARIANTS) -> TextZoo:
+    """The text zoo of ``scale`` at ``root``, built first when the entries of ``variants`` (with the data and
+    the pretrained encoder) are incomplete (unless ``build=False``, which raises)."""
     zoo = TextZoo(scale, root)
-    bad = {k: v for k, v in zoo.status(cached=True).items() if v is not None}
+    bad = {k: v for k, v in zoo.status(cached=True, variants=variants).items() if v is not None}
     if bad:
         if not build:
             name, why = next(iter(bad.items()))

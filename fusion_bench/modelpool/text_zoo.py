@@ -72,7 +72,7 @@ class TextZooModelPool(SequenceClassificationPool):
                               "pretrained encoder; keep include_pretrained=true.")
         check_architecture(zc.architecture)
         self.zoo_config = zc
-        self.zoo = ensure_text_zoo(zc.scale, zc.root, build=zc.build)
+        self.zoo = ensure_text_zoo(zc.scale, zc.root, build=zc.build, variants=(zc.variant,))
         tasks = self.zoo.tasks
         if zc.select is not None:
             unknown = [t for t in zc.select if t not in tasks]

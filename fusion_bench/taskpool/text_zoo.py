@@ -61,7 +61,7 @@ class TextZooTaskPool(TextClassificationTaskPool):
         zc: TextZooTaskPoolConfig = build_config(TextZooTaskPoolConfig, config, prefix="taskpool", ignore=("type",),
                                                  **kwargs)
         self.zoo_config = zc
-        self.zoo = ensure_text_zoo(zc.scale, zc.root, build=zc.build)
+        self.zoo = ensure_text_zoo(zc.scale, zc.root, build=zc.build, variants=(zc.variant,))
         tasks = self.zoo.tasks
         if zc.select is not None:
             unknown = [t for t in zc.select if t not in tasks]
