@@ -156,7 +156,11 @@ def test_leaderboard_text_track(zoo, tmp_path, capsys):
     assert rows["task_arithmetic"]["tuned"]["scaling_factor"] in (0.3, 1.0)
     assert doc["zoo"]["track"] == "text" and doc["zoo"]["variant"] == "full"
     assert {t["name"].split(" ")[0] for t in doc["targets"]} == {"fine-tuned", "task", "spread"}
-    assert rows["fine-tuned (individual)"]["gain_kept"] == pytest.approx(1.0)
+    ft, pre = rows["fine-tuned (individual)"], rows["pretrained"]
+    if ft["average"] != pre["average"]:  # 3 steps of tiny fine-tuning may leave them equal: gain undefined
+        assert ft["gain_kept"] == pytest.approx(1.0) and pre["gain_kept"] == pytest.approx(0.0)
+    else:
+        assert ft["gain_kept"] is None
     assert "Quality targets" in stdout and "| task_arithmetic (λ=" in stdout and "gain kept" in stdout
     # the LoRA variant, one method
     code, stdout, err = run_cli(["leaderboard", "--track", "text", "--variant", "lora", "--scale", "tiny", "--root",
