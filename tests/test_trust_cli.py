@@ -157,6 +157,8 @@ def test_merged_model_path_at_the_inputs_folder_is_refused(toy, capsys):  # noqa
 
 
 _SLOW_CLI = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background shell job ignores SIGINT
 import sys, time
 import safetensors.torch
 real = safetensors.torch.save_file

@@ -371,6 +371,8 @@ def test_disk_full(toy, hfzoo, tmp_path, monkeypatch):
 # real signals
 # ----------------------------------------------------------------------------------------------
 _SLOW_SAVE = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background shell job ignores SIGINT
 import json, sys, time
 import safetensors.torch
 real = safetensors.torch.save_file
@@ -386,6 +388,8 @@ run_program({{"method": {{"name": "simple_average"}}, "modelpool": json.loads({p
 """
 
 _SLOW_STREAM = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background shell job ignores SIGINT
 import json, time
 import torch
 from fusion_bench.engine.streaming import merge_to_folder
