@@ -479,3 +479,22 @@ def test_dry_run_checks_outputs(toy):
     assert any("output(s) may be written" in c for c in rep["plan"]["checked"])
     assert out.read_bytes() == b"precious" and leftovers(toy["root"]) == []
     assert not (toy["root"] / "new.safetensors").exists()
+
+
+def test_zoo_builds_remove_only_dead_fusion_bench_temporaries(tmp_path):
+    """A zoo root may be any folder the user names: a build removes only fusion_bench's own temporaries of
+    processes that are gone, never a user's file that merely looks like one."""
+    import subprocess
+
+    from fusion_bench.benchmark.zoo import remove_stale_in
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    user = tmp_path / ".notes.tmp-draft"
+    user.write_text("mine")
+    mine_alive = tmp_path / f".entry.fusion_bench-tmp-{os.getpid()}-0123abcd"
+    mine_alive.mkdir()
+    stale = tmp_path / f".entry.fusion_bench-tmp-{dead.pid}-89abcdef"
+    stale.mkdir()
+    remove_stale_in(tmp_path)
+    assert user.read_text() == "mine" and mine_alive.is_dir() and not stale.exists()

@@ -75,6 +75,11 @@ MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_THREADS = 1
 
 
+
+#: scratch folders of a task build: ``.fusion_bench-scratch-<pid>-<random>`` (removed when their process is gone)
+SCRATCH_PREFIX = ".fusion_bench-scratch-"
+
+
 @dataclass
 class TextZooScale:
     """Everything that decides a text zoo's content (part of every entry's build key)."""
@@ -328,12 +333,19 @@ class TextZoo:
             source_dir(text_task_spec(t).source)  # raises the one-line install instruction
 
     def _remove_stale_temporaries(self) -> None:
-        """Delete half-written entries a killed build left (temporary names; we hold the lock)."""
+        """Delete half-written entries and scratch folders a killed build left: only fusion_bench's own
+        temporaries of processes that no longer exist (never a user's file that merely looks like one)."""
+        from fusion_bench.benchmark.zoo import remove_stale_in
+        from fusion_bench.io.atomic import pid_alive
+
         folders = [self.root, self.root / "data", *[self.root / v for v in VARIANTS]]
+        remove_stale_in(*folders)
         for folder in folders:
             if folder.is_dir():
-                for p in [*folder.glob(".*.tmp-*"), *folder.glob(".scratch-*")]:
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                for p in folder.glob(f"{SCRATCH_PREFIX}*"):
+                    pid = p.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+                    if pid.isdigit() and not pid_alive(int(pid)):
+                        shutil.rmtree(p, ignore_errors=True)
 
     def _write_manifest(self, times: dict[str, Any], total: float, threads: int) -> None:
         entries = {}
@@ -369,7 +381,7 @@ class TextZoo:
         from fusion_bench.benchmark.text_tasks import MANIFEST as TASK_MANIFEST
         from fusion_bench.benchmark.text_tasks import build_text_task
 
-        scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=out.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=out.parent))
         try:
             built = build_text_task(task, scratch, scale=self.spec.data_scale, seed=self.spec.seed)
             for p in sorted(built.iterdir()):

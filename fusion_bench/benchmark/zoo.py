@@ -46,6 +46,15 @@ ENTRY_FILE = "ENTRY.json"
 MANIFEST = "manifest.json"
 
 
+def remove_stale_in(*folders: Path) -> None:
+    """Remove the temporaries of dead fusion_bench processes in ``folders`` (see io.atomic.clean_stale)."""
+    from fusion_bench.io.atomic import clean_stale
+
+    for folder in folders:
+        if folder.is_dir():
+            clean_stale(folder, force=True)
+
+
 @dataclass
 class ZooScale:
     """Everything that decides a zoo's content (part of every entry's build key)."""
@@ -304,13 +313,9 @@ class Zoo:
         return {"root": str(self.root), "entries": times, "total_time_s": round(total, 2)}
 
     def _remove_stale_temporaries(self) -> None:
-        """Delete half-written entries a killed build left (temporary names; we hold the lock)."""
-        import shutil
-
-        for folder in (self.root, self.root / "data", self.root / "finetuned"):
-            if folder.is_dir():
-                for p in folder.glob(".*.tmp-*"):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        """Delete half-written entries a killed build left: only fusion_bench temporaries of processes
+        that no longer exist (never a user's file that merely looks like one)."""
+        remove_stale_in(self.root, self.root / "data", self.root / "finetuned")
 
     def _write_manifest(self, times: dict[str, Any], total: float) -> None:
         entries = {}
