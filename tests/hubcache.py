@@ -101,7 +101,7 @@ def _write_clip(root: Path, model_id: str, seed: int):
 
 
 def _write_finetuned(root: Path, model_id: str, clip, seed: int, scale: float = 0.05) -> None:
-    from fusion_bench.methods.clip_finetune import vision_from_clip
+    from fusion_bench.methods.training.clip_finetune import vision_from_clip
 
     vision = vision_from_clip(clip)
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +115,7 @@ def _write_lora(root: Path, model_id: str, clip, seed: int, scale: float = 0.05)
     from peft import LoraConfig, get_peft_model
 
     from fusion_bench.hub.clip_tasks import LORA_CONFIG
-    from fusion_bench.methods.clip_finetune import vision_from_clip
+    from fusion_bench.methods.training.clip_finetune import vision_from_clip
 
     vision = vision_from_clip(clip)
     # the vision transformer (transformers < 5: CLIPVisionModel.vision_model; 5: the CLIPVisionModel itself)

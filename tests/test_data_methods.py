@@ -300,7 +300,7 @@ def clip_pool_spec(tmp_path_factory):
     clip_dir = build_tiny_clip(root / "clip")
     ds_dir = build_image_dataset(root / "ds", n_per_class=4)
     clip = CLIPModel.from_pretrained(clip_dir)
-    from fusion_bench.methods.clip_finetune import vision_from_clip
+    from fusion_bench.methods.training.clip_finetune import vision_from_clip
 
     vis = {}
     for i, t in enumerate(["t1", "t2"]):
@@ -338,7 +338,7 @@ def test_clip_pool_end_to_end(clip_pool_spec, method):
 def test_clip_fisher_matches_generic_path(clip_pool_spec):
     """The CLIP adapter's Fisher (vmap per-example gradients) equals a per-example loop on the same classifier."""
     from fusion_bench.methods._task_data import CLIPTaskData
-    from fusion_bench.methods.fisher_merging import per_example_squared_grads
+    from fusion_bench.methods.data.fisher_merging import per_example_squared_grads
 
     pool = ModelPool(config=clip_pool_spec)
     adapter = CLIPTaskData(pool)
@@ -429,8 +429,8 @@ def test_custom_adapter_without_pool_datasets(pool_parts, name):
 
 def test_kernels_against_loops():
     """The list kernels (used by the incremental sums) against element loops / numpy."""
-    from fusion_bench.kernels.fisher import fisher_weighted_average
-    from fusion_bench.kernels.regmean import regmean_linear
+    from fusion_bench.kernels.data.fisher import fisher_weighted_average
+    from fusion_bench.kernels.data.regmean import regmean_linear
 
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(3, 2, generator=g) for _ in range(3)]

@@ -198,7 +198,7 @@ def test_fusionbench_ties_equals_reference(merge_func, threshold, cancel):
 
 
 def _dare_fn(p, seed=0, rescale=True):
-    from fusion_bench.kernels import dare as D
+    from fusion_bench.kernels.merging import dare as D
 
     return lambda key, tau, name: D.dare(tau.reshape(-1), p, seeded_generator(seed, key, name), rescale)
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.kernels import dare as D
-from fusion_bench.kernels import magmax as MM
-from fusion_bench.kernels import model_stock as MS
-from fusion_bench.kernels import slerp as SL
-from fusion_bench.kernels import ties as T
+from fusion_bench.kernels.merging import dare as D
+from fusion_bench.kernels.merging import magmax as MM
+from fusion_bench.kernels.merging import model_stock as MS
+from fusion_bench.kernels.merging import slerp as SL
+from fusion_bench.kernels.merging import ties as T
 from fusion_bench.methods import build_method
 from fusion_bench.modelpool.base import ModelPool
 from fusion_bench.utils import seeded_generator

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fusion_bench.kernels import sparsify as K
-from fusion_bench.kernels.karcher import karcher_mean
+from fusion_bench.kernels.merging import sparsify as K
+from fusion_bench.kernels.merging.karcher import karcher_mean
 from fusion_bench.methods import build_method
 
 

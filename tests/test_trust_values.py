@@ -146,7 +146,7 @@ def test_cli_refuses_degenerate_weights(toy, capsys, weights, message):
 
 
 def test_weighted_ensemble_refuses_near_zero_sum():
-    from fusion_bench.methods.ensemble import WeightedEnsemble
+    from fusion_bench.methods.ensemble.ensemble import WeightedEnsemble
 
     m = WeightedEnsemble({"weights": [1.0, -1.0 + 1e-12]})
     with pytest.raises(ConfigError, match=r"\(near\) zero"):

@@ -200,7 +200,11 @@ def _tiny_clip():
 
 def test_finetune_step_matches_manual_adamw_on_the_zero_shot_loss():
     """One full fine-tuning step = AdamW's first step on CE(s * normalize(P f(x)) @ head^T, y)."""
-    from fusion_bench.methods.clip_finetune import CLIPFinetuneConfig, finetune_vision, vision_from_clip
+    from fusion_bench.methods.training.clip_finetune import (
+        CLIPFinetuneConfig,
+        finetune_vision,
+        vision_from_clip,
+    )
 
     clip = _tiny_clip()
     g = torch.Generator().manual_seed(1)
@@ -234,7 +238,11 @@ def test_finetune_step_matches_manual_adamw_on_the_zero_shot_loss():
 
 
 def test_lora_finetune_changes_only_targets_by_rank_r():
-    from fusion_bench.methods.clip_finetune import CLIPFinetuneConfig, finetune_vision, vision_from_clip
+    from fusion_bench.methods.training.clip_finetune import (
+        CLIPFinetuneConfig,
+        finetune_vision,
+        vision_from_clip,
+    )
 
     clip = _tiny_clip()
     g = torch.Generator().manual_seed(2)
@@ -279,7 +287,7 @@ def test_cli_run_on_the_tiny_zoo_prints_the_table(tiny_zoo, tmp_path, monkeypatc
 
 
 def test_random_shift_matches_naive_translation_with_repeated_edges():
-    from fusion_bench.methods.clip_finetune import random_shift
+    from fusion_bench.methods.training.clip_finetune import random_shift
 
     x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
     out = random_shift(x, 2, torch.Generator().manual_seed(3))

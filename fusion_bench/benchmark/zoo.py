@@ -383,7 +383,7 @@ class Zoo:
         return stats
 
     def _build_finetuned(self, task: str, out: Path, bars: _Bars) -> dict[str, Any]:
-        from fusion_bench.methods.clip_finetune import CLIPFinetune
+        from fusion_bench.methods.training.clip_finetune import CLIPFinetune
         from fusion_bench.modelpool.base import ModelPool
 
         pool = ModelPool(models={"_pretrained_": str(self.pretrained_path)}, model_class="clip_vision",

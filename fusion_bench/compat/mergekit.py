@@ -279,7 +279,7 @@ class MergekitLinear(TensorwiseMerge):
 class MergekitSlerp(TensorwiseMerge):
     """mergekit ``slerp``: spherical interpolation from the base (t = 0) to the other model (t = 1).
 
-    Paper: Shoemake 1985. Variant: :func:`fusion_bench.kernels.slerp.slerp` with ``t`` evaluated
+    Paper: Shoemake 1985. Variant: :func:`fusion_bench.kernels.merging.slerp.slerp` with ``t`` evaluated
     per tensor (filters, gradients) from the YAML.
 
     Args:
@@ -298,7 +298,7 @@ class MergekitSlerp(TensorwiseMerge):
         self.resolver = resolver
 
     def merge_tensor(self, key, base, tensors, names):
-        from fusion_bench.kernels.slerp import slerp
+        from fusion_bench.kernels.merging.slerp import slerp
 
         t = self.resolver.value("t", key, None, required=True)
         return slerp(base, tensors[0], float(t))
@@ -541,7 +541,7 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
             models.pop("_pretrained_", None)  # karcher does not use a base model
         method = build_method({"name": "karcher_mean", **opts})
     else:
-        from fusion_bench.methods.sparsify import MERGEKIT_PRESETS
+        from fusion_bench.methods.merging.sparsify import MERGEKIT_PRESETS
 
         spars, consensus, norm_default, rescale_default = MERGEKIT_PRESETS[method_name]
         key0 = "model.layers.0.mlp.down_proj.weight"

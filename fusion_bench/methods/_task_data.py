@@ -187,7 +187,7 @@ class CLIPTaskData(TaskDataAdapter):
 
     def __init__(self, modelpool: ModelPool, image_column: str | None = None, label_column: str | None = None,
                  templates: Mapping[str, list[str]] | None = None):
-        from fusion_bench.methods.clip_finetune import load_full_clip
+        from fusion_bench.methods.training.clip_finetune import load_full_clip
 
         self.modelpool = modelpool
         self.image_column = image_column
@@ -212,7 +212,7 @@ class CLIPTaskData(TaskDataAdapter):
 
     def head(self, task: str, split: str = "test") -> torch.Tensor:
         if task not in self._heads:
-            from fusion_bench.methods.clip_finetune import task_classes_and_templates
+            from fusion_bench.methods.training.clip_finetune import task_classes_and_templates
             from fusion_bench.models.clip import zeroshot_head
 
             ds, _, lab = self._dataset(task, split)

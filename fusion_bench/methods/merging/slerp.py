@@ -7,9 +7,9 @@ from typing import ClassVar
 
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError
-from fusion_bench.kernels import slerp as K
-from fusion_bench.methods.averaging import select_pair
+from fusion_bench.kernels.merging import slerp as K
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
+from fusion_bench.methods.merging.averaging import select_pair
 
 
 @dataclass

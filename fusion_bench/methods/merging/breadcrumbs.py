@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fusion_bench.config_schema import option
-from fusion_bench.kernels import sparsify as K
+from fusion_bench.kernels.merging import sparsify as K
 from fusion_bench.methods.base import register_method
-from fusion_bench.methods.sparsify import GeneralizedTaskArithmetic, GTAConfig
+from fusion_bench.methods.merging.sparsify import GeneralizedTaskArithmetic, GTAConfig
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fusion_bench.kernels import model_stock as K
+from fusion_bench.kernels.merging import model_stock as K
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
 
 
@@ -15,7 +15,7 @@ class ModelStock(TensorwiseMerge):
     Paper: Jang, Yun and Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024.
     Variant: cos = mean pairwise cosine of the task vectors tau_i = theta_i - theta_0 of the tensor,
     t = N cos / (1 + (N-1) cos), theta = t * mean_i theta_i + (1-t) * theta_0. Needs N >= 2 models;
-    zero-norm task vectors give cosine 0; cos is clamped to [0, 1] (see :mod:`fusion_bench.kernels.model_stock`).
+    zero-norm task vectors give cosine 0; cos is clamped to [0, 1] (see :mod:`fusion_bench.kernels.merging.model_stock`).
 
     Args:
         config: :class:`fusion_bench.methods.base.TensorwiseConfig` (exclude).

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fusion_bench.kernels.ties import DisjointMerge, SignElection, _chunked_sign_merge
+from fusion_bench.kernels.merging.ties import DisjointMerge, SignElection, _chunked_sign_merge
 
 
 def dare_mask(shape: torch.Size | Sequence[int], p: float, generator: torch.Generator) -> torch.Tensor:

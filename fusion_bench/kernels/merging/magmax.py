@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from fusion_bench.kernels.ties import CHUNK, parallel_ranges
+from fusion_bench.kernels.merging.ties import CHUNK, parallel_ranges
 
 
 def max_magnitude(taus: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -34,7 +34,7 @@ def magmax(base: torch.Tensor, tensors: Sequence[torch.Tensor], scaling_factor: 
 
     Paper: Marczak et al., ECCV 2024 (see the module docstring for the tie rule). Same arithmetic
     as :func:`max_magnitude`, in serial cache-sized chunks split across Python threads (see
-    :func:`fusion_bench.kernels.ties.parallel_ranges`).
+    :func:`fusion_bench.kernels.merging.ties.parallel_ranges`).
 
     Args:
         base: theta_0.

@@ -15,7 +15,7 @@ from torch import nn
 
 from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.kernels.fisher import fisher_accumulate, fisher_finish
+from fusion_bench.kernels.data.fisher import fisher_accumulate, fisher_finish
 from fusion_bench.methods._task_data import (
     TaskDataAdapter,
     data_used,

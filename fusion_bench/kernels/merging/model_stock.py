@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fusion_bench.kernels.ties import CHUNK
+from fusion_bench.kernels.merging.ties import CHUNK
 
 
 def cosine_matrix(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:

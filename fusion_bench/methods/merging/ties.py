@@ -9,7 +9,7 @@ import torch
 
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.kernels import ties as K
+from fusion_bench.kernels.merging import ties as K
 from fusion_bench.methods.base import FusionResult, TensorwiseConfig, TensorwiseMerge, register_method
 
 
@@ -61,7 +61,7 @@ class TiesMerging(TensorwiseMerge):
     """TIES-merging of task vectors.
 
     Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
-    Variant: see :mod:`fusion_bench.kernels.ties` (trim to top-``density`` magnitudes globally per
+    Variant: see :mod:`fusion_bench.kernels.merging.ties` (trim to top-``density`` magnitudes globally per
     model or per tensor, ties at the threshold kept; sign by total mass (or count); disjoint mean
     of agreeing entries; theta_0 + lambda * merged).
 
@@ -92,7 +92,7 @@ class TiesMerging(TensorwiseMerge):
     def prepare(self, base, sources, names, keys) -> None:
         """Global trim: the exact k-th largest |tau| of each model over all merged tensors.
 
-        :class:`fusion_bench.kernels.ties.KthLargestSelector` on the float bit patterns: a sampling pass
+        :class:`fusion_bench.kernels.merging.ties.KthLargestSelector` on the float bit patterns: a sampling pass
         (every 127th entry) and one full pass for large float32-computed models (else, or if the sampled
         bracket misses, radix select: 2 full passes, 4 for float64), one tensor of one model at a time.
         Ties in magnitude: the threshold is a value; every entry >= it is kept (see the kernel).

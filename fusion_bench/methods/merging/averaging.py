@@ -8,7 +8,7 @@ from typing import ClassVar
 from fusion_bench.checks import check_weights
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, did_you_mean
-from fusion_bench.kernels import averaging as K
+from fusion_bench.kernels.merging import averaging as K
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
 
 

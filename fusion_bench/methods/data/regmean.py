@@ -13,7 +13,7 @@ from torch import nn
 
 from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.kernels.regmean import regmean_accumulate, regmean_solve
+from fusion_bench.kernels.data.regmean import regmean_accumulate, regmean_solve
 from fusion_bench.methods._task_data import (
     TaskDataAdapter,
     data_used,

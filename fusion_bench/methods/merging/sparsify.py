@@ -2,8 +2,8 @@
 
 One method covers mergekit's task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
 breadcrumbs_ties, della and della_linear (with mergekit's defaults given in
-:data:`MERGEKIT_PRESETS`); :mod:`fusion_bench.methods.breadcrumbs` and
-:mod:`fusion_bench.methods.della` register the paper methods on top of it. Every variant runs in
+:data:`MERGEKIT_PRESETS`); :mod:`fusion_bench.methods.merging.breadcrumbs` and
+:mod:`fusion_bench.methods.merging.della` register the paper methods on top of it. Every variant runs in
 the streaming engine in row blocks (magnitude thresholds come from a per-model pre-pass over the
 whole tensor; random masks from per-tensor generators whose streams continue block to block).
 """
@@ -19,7 +19,7 @@ import torch
 from fusion_bench.checks import check_weights
 from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError
-from fusion_bench.kernels import sparsify as K
+from fusion_bench.kernels.merging import sparsify as K
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
 from fusion_bench.utils import seeded_generator
 
@@ -75,7 +75,7 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
 
     Papers: task arithmetic (Ilharco et al. 2023), TIES (Yadav et al. 2023), DARE (Yu et al. 2024),
     Model Breadcrumbs (Davari & Belilovsky 2023), DELLA (Deep et al. 2024), combined as in mergekit's
-    generalized task arithmetic. Exact variants: :mod:`fusion_bench.kernels.sparsify`.
+    generalized task arithmetic. Exact variants: :mod:`fusion_bench.kernels.merging.sparsify`.
 
     Args:
         config: :class:`GTAConfig`.

@@ -9,10 +9,10 @@ import torch
 
 from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError
-from fusion_bench.kernels import dare as K
-from fusion_bench.kernels import ties as KT
+from fusion_bench.kernels.merging import dare as K
+from fusion_bench.kernels.merging import ties as KT
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
-from fusion_bench.methods.ties import TiesMerging, TiesMergingConfig
+from fusion_bench.methods.merging.ties import TiesMerging, TiesMergingConfig
 from fusion_bench.utils import seeded_generator
 
 

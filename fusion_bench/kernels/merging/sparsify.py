@@ -13,7 +13,7 @@ optionally normalised, then added to the base. Sparsifications (one tensor at a 
   (n_top + floor(density * n))-th largest and hi = the n_top-th largest (hi = +inf when n_top = 0).
   Ties at lo are kept, ties at hi removed.
 - ``random`` (DARE, Yu et al. ICML 2024): keep entry j when u_j >= 1 - density, u = torch.rand
-  from the caller's generator (the draw of :func:`fusion_bench.kernels.dare.dare_mask`); kept
+  from the caller's generator (the draw of :func:`fusion_bench.kernels.merging.dare.dare_mask`); kept
   entries are divided by density when ``rescale``.
 - ``della`` (DELLA MagPrune, Deep et al. 2024): within each row (a 1-D tensor is one row; more
   dimensions are flattened after the first), entries are ranked by magnitude (ascending, ties
@@ -38,8 +38,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fusion_bench.kernels.dare import dare_mask
-from fusion_bench.kernels.ties import KthLargestSelector
+from fusion_bench.kernels.merging.dare import dare_mask
+from fusion_bench.kernels.merging.ties import KthLargestSelector
 
 #: elements per chunk when streaming |a - b| through the radix selector
 CHUNK = 1 << 20
@@ -97,7 +97,7 @@ def kth_largest_abs_diff(a: torch.Tensor, b: torch.Tensor | None, ks: Sequence[i
     order statistics (about 4 sqrt(s) ranks around the expected rank); one pass counts the entries above the bracket and
     keeps those inside it; the answer is the exact order statistic among them (``torch.kthvalue``).
     When the bracket misses (possible only for adversarial data), the exact radix selection of
-    :class:`fusion_bench.kernels.ties.KthLargestSelector` is used. Returns +inf for k <= 0 and 0 for
+    :class:`fusion_bench.kernels.merging.ties.KthLargestSelector` is used. Returns +inf for k <= 0 and 0 for
     k > n, like the radix selector.
     """
     dt = torch.float64 if a.dtype == torch.float64 else torch.float32

@@ -8,7 +8,7 @@ from typing import ClassVar
 from fusion_bench.checks import check_weights
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError
-from fusion_bench.kernels.karcher import karcher_mean
+from fusion_bench.kernels.merging.karcher import karcher_mean
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
 
 
@@ -29,7 +29,7 @@ class KarcherConfig(TensorwiseConfig):
 class KarcherMean(TensorwiseMerge):
     """Karcher mean of the models, tensor by tensor, on the unit sphere (mergekit ``karcher``).
 
-    Paper: Karcher (1977), Riemannian center of mass. Variant: :func:`fusion_bench.kernels.karcher.karcher_mean`
+    Paper: Karcher (1977), Riemannian center of mass. Variant: :func:`fusion_bench.kernels.merging.karcher.karcher_mean`
     (directions averaged by Riemannian gradient descent with unit steps, result scaled by the
     weighted mean norm). The base model is not used.
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fusion_bench.config_schema import option
-from fusion_bench.kernels import magmax as K
+from fusion_bench.kernels.merging import magmax as K
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
 
 

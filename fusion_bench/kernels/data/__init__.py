@@ -1,0 +1,1 @@
+"""Pure tensor math of the data-using methods (statistics accumulated from activations)."""

@@ -1,0 +1,1 @@
+"""Pure tensor math of the subspace family (SVDs and masks of task matrices)."""

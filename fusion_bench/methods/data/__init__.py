@@ -1,0 +1,1 @@
+"""One merged model built with training data: Fisher merging, RegMean."""

@@ -1,0 +1,1 @@
+"""Output-level ensembles: the members stay separate and their predictions are combined."""

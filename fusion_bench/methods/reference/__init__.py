@@ -1,0 +1,1 @@
+"""Reference rows that fuse nothing (FusionBench's dummy)."""

@@ -1,0 +1,1 @@
+"""Merging coefficients learned from unlabeled test inputs: AdaMerging."""

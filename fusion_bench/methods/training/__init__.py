@@ -1,0 +1,1 @@
+"""Fine-tuning used to build zoos."""
