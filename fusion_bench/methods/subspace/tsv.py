@@ -6,6 +6,7 @@ Paper: Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Mo
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import time
 from collections.abc import Callable
@@ -150,23 +151,19 @@ class _TsvCompressOneTask(TensorwiseMerge):
         return svd_guard(self, key, lambda: base + K.tsv_compress_delta(theta - base, r))
 
 
-class _PoolView:
-    """A model pool restricted to ``_pretrained_`` and some models (everything else is the wrapped pool's)."""
+def _subpool(pool: Any, names: list[str]) -> Any:
+    """A shallow copy of ``pool`` holding only ``_pretrained_`` and ``names`` (same class, config and caches).
 
-    def __init__(self, pool: Any, names: list[str]):
-        self._pool = pool
-        self._names = list(names)
-
-    @property
-    def model_names(self) -> list[str]:
-        return list(self._names)
-
-    @property
-    def names(self) -> list[str]:
-        return [n for n in self._pool.names if n not in self._pool.model_names or n in self._names]
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._pool, attr)
+    ModelPool has no public subset API yet; this copies the pool object and filters its entries. A pool whose
+    ``vocab_source`` is a dropped model is returned whole (the per-task merge picks its task's tensors by name)."""
+    keep = set(names)
+    src = getattr(pool.config, "vocab_source", None)
+    if src is not None and src != "_pretrained_" and src not in keep:
+        return pool
+    sub = copy.copy(pool)
+    sub._entries = {k: v for k, v in pool._entries.items() if k in keep or k not in pool.model_names}
+    sub._sources = {k: v for k, v in pool._sources.items() if k in sub._entries}
+    return sub
 
 
 @register_method
@@ -201,7 +198,7 @@ class TsvCompress(FusionMethod):
     @staticmethod
     def task_pool(modelpool: Any, task: str) -> Any:
         """``modelpool`` restricted to ``_pretrained_`` and ``task`` (each tensor is read once per task)."""
-        return _PoolView(modelpool, [task])
+        return _subpool(modelpool, [task])
 
     def run(self, modelpool) -> FusionResult:
         from fusion_bench.engine.inmemory import merge_in_memory
