@@ -120,3 +120,27 @@ def test_tune_options_are_checked_before_any_work(tmp_path):
         run_leaderboard("tiny", root, tmp_path / "lb", tune=True, tune_grid=[])
     with pytest.raises(ConfigError, match="--tune-grid"):
         main(["--scale", "tiny", "--root", root, "--out", str(tmp_path / "lb"), "--tune-grid", "0.1,big"])
+
+
+def test_extra_storage_and_task_id_columns():
+    """A per-task result needs the task id; the method's own storage count wins over 4 bytes per extra
+    parameter; the markdown and CSV carry both columns."""
+    from fusion_bench.benchmark.leaderboard import extra_storage_bytes, needs_task_id, to_csv, to_markdown
+
+    per_task = {"result_kind": "per_task", "cost": {"extra_parameters": 1000},
+                "metadata": {"extra_storage_bytes": 375}}
+    merged = {"result_kind": "merged", "cost": {"extra_parameters": 0}, "metadata": {}}
+    ens = {"result_kind": "ensemble", "cost": {"extra_parameters": 2_500_000}, "metadata": {}}
+    assert needs_task_id(per_task) and not needs_task_id(merged) and not needs_task_id(ens)
+    assert needs_task_id({"result_kind": "merged", "metadata": {"needs_task_id": True}})
+    assert extra_storage_bytes(per_task) == 375
+    assert extra_storage_bytes(merged) == 0 and extra_storage_bytes(ens) == 10_000_000
+    assert extra_storage_bytes({"cost": {}, "metadata": {}}) is None
+    row = {"method": "m", "kind": "merging", "accuracy": {"a": 0.5}, "average": 0.5, "normalized": 1.0,
+           "extra_parameters": 1000, "extra_storage_bytes": 375, "needs_task_id": True, "data": "none"}
+    doc = {"tasks": ["a"], "rows": [row], "zoo": {"scale": "tiny", "max_samples": None},
+           "evaluation_time_one_model_s": 0.1, "skipped": {}}
+    md = to_markdown(doc)
+    assert "| extra storage | task id |" in md and "| 375 B | needed |" in md
+    rec = next(csv.DictReader(to_csv(doc).splitlines()))
+    assert rec["extra_storage_bytes"] == "375" and rec["needs_task_id"] == "True"

@@ -19,8 +19,9 @@ individual fine-tuned models (each on its own task).
 
 Outputs (written atomically into ``--out``, default ``./leaderboard``): ``leaderboard.md``,
 ``leaderboard.csv``, ``leaderboard.json`` (per-task accuracy, average, normalized accuracy = mean
-over tasks of accuracy / fine-tuned accuracy (tasks where that is 0 left out), merge wall time, peak memory, extra parameters, data
-used) and ``leaderboard.png`` (average accuracy against merge time and against peak memory).
+over tasks of accuracy / fine-tuned accuracy (tasks where that is 0 left out), merge wall time, peak memory, extra parameters,
+extra storage in bytes (the method's own count when it reports one, e.g. masks as bits; else 4 bytes per extra
+parameter), whether the deployed result needs the task id (one model per task), data used) and ``leaderboard.png`` (average accuracy against merge time and against peak memory).
 
 ``--tune`` chooses the scaling coefficient lambda on held-out data, as task arithmetic's paper
 (Ilharco et al. 2023) and FusionBench do: every method whose config has a ``scaling_factor`` field
@@ -140,6 +141,34 @@ def _data_used(report: dict[str, Any], uses_data: bool) -> str:
     return "train split" if uses_data else "none"
 
 
+def needs_task_id(report: dict[str, Any]) -> bool:
+    """True when the result is one model per task (the deployed model must be told the task)."""
+    return report.get("result_kind") == "per_task" or bool(report.get("metadata", {}).get("needs_task_id"))
+
+
+def extra_storage_bytes(report: dict[str, Any]) -> int | None:
+    """Bytes stored beyond one model of the pool: the method's own count (``extra_storage_bytes`` in its
+    metadata: masks as bits, low-rank factors, ...) when it gives one, else its extra parameters at the
+    pool's float32 (4 bytes each; the zoos are float32)."""
+    own = report.get("metadata", {}).get("extra_storage_bytes")
+    if own is not None:
+        return int(own)
+    extra = report.get("cost", {}).get("extra_parameters")
+    return None if extra is None else int(extra) * 4
+
+
+def _fmt_bytes(v: Any) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    if v == 0:
+        return "0"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= size:
+            return f"{v / size:.1f} {unit}"
+    return f"{int(v)} B"
+
+
 def _per_task_acc(report: dict[str, Any]) -> dict[str, float]:
     return {t: float(m["accuracy"]) for t, m in report.get("tasks", {}).items() if "accuracy" in m}
 
@@ -233,9 +262,12 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     ft_acc = _per_task_acc(ft_rep)
     del ft_models
     rows = [_row(PRETRAINED_ROW, "reference", pre_acc, tasks, ft_acc, merge_time_s=0.0, peak_rss_mb=None,
-                 extra_parameters=0, data="none", evaluation_time_s=round(eval_time_one_model, 2)),
+                 extra_parameters=0, extra_storage_bytes=0, data="none",
+                 evaluation_time_s=round(eval_time_one_model, 2)),
             _row(FINETUNED_ROW, "reference", ft_acc, tasks, ft_acc, merge_time_s=None, peak_rss_mb=None,
-                 extra_parameters=(len(names) - 1) * _params(pool), data="train split (fine-tuning)")]
+                 extra_parameters=(len(names) - 1) * _params(pool),
+                 extra_storage_bytes=(len(names) - 1) * _params(pool) * 4, needs_task_id=True,
+                 data="train split (fine-tuning)")]
     log(f"leaderboard: pretrained {100 * rows[0]['average']:.2f}, fine-tuned {100 * rows[1]['average']:.2f} "
         f"(one model on {len(tasks)} tasks evaluated in {eval_time_one_model:.1f}s)")
 
@@ -284,6 +316,8 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         rows.append(_row(name, cls.family, _per_task_acc(rep.get("evaluation", {})), tasks, ft_acc,
                          merge_time_s=cost.get("merge_wall_time_s"), peak_rss_mb=cost.get("peak_rss_mb"),
                          extra_parameters=cost.get("extra_parameters"),
+                         extra_storage_bytes=extra_storage_bytes(rep),
+                         needs_task_id=needs_task_id(rep),
                          data=data,
                          evaluation_time_s=cost.get("evaluation_wall_time_s"),
                          hyperparameters=rep.get("method", {}).get("hyperparameters"), **extra))
@@ -394,12 +428,14 @@ def _fmt_num(v: Any, digits: int = 2) -> str:
 
 def to_markdown(doc: dict[str, Any]) -> str:
     tasks = doc["tasks"]
-    head = ["method", "kind", *tasks, "avg", "norm", "gain kept", "merge s", "peak MB", "extra params", "data"]
+    head = ["method", "kind", *tasks, "avg", "norm", "gain kept", "merge s", "peak MB", "extra params",
+            "extra storage", "task id", "data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _sorted_rows(doc):
         cells = [_label(r), r["kind"], *[_pct(r["accuracy"][t]).strip() for t in tasks], _pct(r["average"]).strip(),
                  _pct(r["normalized"]).strip(), _pct(r.get("gain_kept")).strip(), _fmt_num(r.get("merge_time_s")), _fmt_num(r.get("peak_rss_mb"), 0),
-                 _fmt_num(r.get("extra_parameters")), r.get("data", "")]
+                 _fmt_num(r.get("extra_parameters")), _fmt_bytes(r.get("extra_storage_bytes")),
+                 "needed" if r.get("needs_task_id") else "no", r.get("data", "")]
         lines.append("| " + " | ".join(cells) + " |")
     z = doc["zoo"]
     zoo_name = (f"Text zoo (MiniLM, {z.get('variant', 'full')} fine-tuning), scale" if z.get("track") == "text"
@@ -431,11 +467,13 @@ def to_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["method", "kind", *tasks, "average", "normalized", "gain_kept", "merge_time_s", "peak_rss_mb",
-                "extra_parameters", "data", "evaluation_time_s", "tuned_scaling_factor", "tuning_time_s"])
+                "extra_parameters", "extra_storage_bytes", "needs_task_id", "data", "evaluation_time_s",
+                "tuned_scaling_factor", "tuning_time_s"])
     for r in _sorted_rows(doc):
         w.writerow([r["method"], r["kind"], *[r["accuracy"][t] for t in tasks], r["average"], r["normalized"],
                     r.get("gain_kept"),
-                    r.get("merge_time_s"), r.get("peak_rss_mb"), r.get("extra_parameters"), r.get("data"),
+                    r.get("merge_time_s"), r.get("peak_rss_mb"), r.get("extra_parameters"),
+                    r.get("extra_storage_bytes"), bool(r.get("needs_task_id")), r.get("data"),
                     r.get("evaluation_time_s"), (r.get("tuned") or {}).get(TUNED_OPTION), r.get("tuning_time_s")])
     return buf.getvalue()
 
