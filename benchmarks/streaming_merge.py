@@ -3,10 +3,13 @@
     python benchmarks/streaming_merge.py ZOO_DIR                 # base + 8 variants of ~155 M params, bf16
     python benchmarks/streaming_merge.py ZOO_DIR --scale 4       # a zoo about four times larger
     python benchmarks/streaming_merge.py ZOO_DIR --methods task_arithmetic ties_merging
+    python benchmarks/streaming_merge.py ZOO_DIR --methods tsv_merging iso_c wudi_merging   # any tensor-wise method
 
 The zoo is built once into ZOO_DIR (cached: a folder with a complete ``zoo.json`` is reused) tensor
 by tensor, without holding a model in memory. Each merge then runs in a fresh Python process (the
-``fusion_bench mergekit`` command on a generated mergekit YAML, so the number includes interpreter
+``fusion_bench mergekit`` command on a generated mergekit YAML for the methods mergekit has; any other
+registered tensor-wise method through ``fusion_bench method=NAME ... engine=streaming``, with its
+defaults and the Hydra overrides given by ``--option``), so the number includes interpreter
 start, imports, planning, reading, merging, writing and the config/tokenizer files), and the table
 shows its whole-process wall time, CPU time (user + system) and peak RSS (``os.wait4`` rusage of
 that child). On a shared machine the wall time includes waiting for a CPU; the CPU time does not.
@@ -115,6 +118,14 @@ def mergekit_yaml(models: dict[str, str], method: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def native_command(models: dict[str, str], method: str, out: Path, options: list[str]) -> list[str]:
+    """``fusion_bench method=NAME`` on the zoo as a causal-LM pool, merged by the streaming engine."""
+    pool = [f"+modelpool.models.{n}={p}" for n, p in models.items()]
+    return [sys.executable, "-m", "fusion_bench.cli", f"method={method}", "modelpool=causal_lm_merge",
+            "~modelpool.models", *pool, "~taskpool", "evaluate=false", "engine=streaming",
+            f"merged_model_path={out}", "overwrite=true", *options]
+
+
 def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int, float]:
     """Run ``cmd``; return (wall seconds, peak RSS bytes of that process, exit code, CPU seconds)."""
     t0 = time.perf_counter()
@@ -130,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("zoo_dir", type=Path, help="where the zoo is built (reused when complete)")
     ap.add_argument("--scale", type=int, default=1, choices=sorted(ZOOS))
-    ap.add_argument("--methods", nargs="+", default=list(METHOD_YAML), choices=list(METHOD_YAML))
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_YAML),
+                    help=f"mergekit-backed: {', '.join(METHOD_YAML)}; or any registered tensor-wise method name")
+    ap.add_argument("--option", action="append", default=[],
+                    help="a Hydra override for the non-mergekit methods, e.g. method.scaling_factor=0.3 (repeatable)")
     ap.add_argument("--out", type=Path, default=None, help="merge output folder (default: ZOO_DIR/merged)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (the table shows each)")
     ap.add_argument("--warm", action="store_true", help="read every zoo file once first (warm page cache)")
@@ -147,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     rows = []
     for method in args.methods:
-        cfg_path = args.zoo_dir / f"{method}.yaml"
-        cfg_path.write_text(mergekit_yaml(models, method))
+        if method in METHOD_YAML:
+            cfg_path = args.zoo_dir / f"{method}.yaml"
+            cfg_path.write_text(mergekit_yaml(models, method))
+            cmd = [sys.executable, "-m", "fusion_bench.cli", "mergekit", str(cfg_path), str(out), "--overwrite"]
+        else:
+            cmd = native_command(models, method, out, args.option)
         for _ in range(args.repeat):
-            cmd = [sys.executable, "-m", "fusion_bench.cli", "mergekit", str(cfg_path), str(out)]
             wall, rss, rc, cpu = run_child(cmd, env)
             rows.append((method, wall, rss, rc, cpu))
     print()
