@@ -37,7 +37,7 @@ class ExPO(TensorwiseMerge):
     elementwise = True
     summary = "Weak-to-strong extrapolation: theta_aligned + alpha (theta_aligned - theta_sft)."
     variant = ("Zheng et al. 2024 (ExPO): theta = theta_1 + alpha (theta_1 - theta_0), theta_0 = _pretrained_ (SFT), "
-               "theta_1 = the pool's one other model (aligned).")
+               "theta_1 = the pool's one other model or method.model (aligned).")
 
     def check_pool(self, names, has_pretrained):
         if not has_pretrained:
