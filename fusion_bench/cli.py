@@ -39,10 +39,15 @@ def register_method_configs() -> None:
     from fusion_bench.config_schema import to_plain
     from fusion_bench.methods import get_method_class, list_methods
 
+    from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     for name in list_methods():
         cls = get_method_class(name)
-        node = {"name": name, **to_plain(cls.config_class())}
+        node = OmegaConf.create({"name": name, **to_plain(cls.config_class())})
+        for key, value in node.items():
+            if OmegaConf.is_dict(value):  # free-form mapping options (e.g. base_options) take new keys
+                OmegaConf.set_struct(value, False)
         cs.store(group="method", name=name, node=node, provider="fusion_bench")
 
 

@@ -99,7 +99,11 @@ def test_our_names_are_unchanged():
 
 @pytest.mark.parametrize("argv, says", [
     (["method=concrete_subspace/clip_concrete_task_arithmetic"], "not supported"),
-    (["method=linear/expo"], "scaling_factor=1+alpha"),
+    (["method=pruning/magnitude_diff_pruning"], "returns the pretrained weights"),
+    (["method=task_singular_vector/TaskSingularVectorMerging", "method.alpha=[1,0.5]"], "one number"),
+    (["method=task_singular_vector/TaskSingularVectorMerging", "method.return_single_task_models=true"],
+     "tsv_compress"),
+    (["method=doge_ta/doge_ta", "method.K=300"], "(0, 100]"),
     (["method=adamerging/clip", "method.name=clip_layer_wise_adamerging_doge_ta"], "clip_task_wise_adamerging"),
     (["method=ties_merging", "method.remove_keys=[a.weight]"], "method.exclude"),
     (["method=ties_merging", "method.threshold=100"], "below 100"),
@@ -309,3 +313,21 @@ def test_fusionbench_doc_commands(source, command, expected, cache, request, tmp
         return
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["config"]["fusionbench"]["original"][:len(shlex.split(command))] == shlex.split(command)
+
+
+def test_svc_base_method_options_translate_once():
+    """FusionBench's nested base_method options become base_options.* here; one the command line sets replaces
+    its default (never both), the others keep FusionBench's defaults, and the result composes."""
+    from fusion_bench.cli import preflight, register_method_configs
+
+    argv, rec = translate(["method=singular_value_calibration/ties_merging", "method.base_method.threshold=10",
+                           "method.alpha=0.3", CLIP_POOL, "taskpool=dummy"])
+    o = opts(argv)
+    dens = [a for a in argv if a.startswith("method.base_options.density=")]
+    assert dens == ["method.base_options.density=0.1"]
+    assert o["method"] == "svc" and o["method.base_method"] == "ties_merging" and o["method.alpha"] == "0.3"
+    assert o["method.base_options.scaling_factor"] == "0.3" and o["method.base_options.merge_func"] == "sum"
+    assert "method.alpha" not in rec["defaults_applied"] and "base_options.density" not in rec["defaults_applied"]
+    register_method_configs()
+    cfg = preflight(argv)
+    assert cfg.method.base_options.density == 0.1 and cfg.method.base_options.trim_scope == "global"

@@ -50,6 +50,8 @@ CASES: dict[str, dict] = {
     "linear_interpolation": {"models": ["ft0", "ft2"], "t": 0.3},
     "slerp": {"models": ["ft0", "ft1"], "t": 0.4},
     "ties_merging": {"density": 0.3},
+    "expo": {"model": "ft0"},                      # one aligned model beside _pretrained_
+    "magnitude_diff_pruning": {"model": "ft0"},    # prunes one fine-tuned model
 }
 EXTRA_CASES = [
     ("ties_merging", {"density": 0.3, "trim_scope": "tensor"}),

@@ -112,6 +112,44 @@ _ADAMERGING_OPTIONS = {
     "save_merging_weights": IGNORED, "fast_dev_run": IGNORED, "skip_training": _only("false"),
 }
 
+def _single_alpha(v: str) -> str:
+    """FusionBench TSV-M's ``alpha``: one number here (a list of per-task weights applied before the SVD is not)."""
+    if v.strip().startswith("["):
+        raise ConfigError(f"method.alpha={v}: per-task alpha lists of FusionBench's TSV-M are not supported by "
+                          "fusion_bench; give one number (method.alpha=1.0).")
+    return v
+
+
+def _percent(v: str) -> str:
+    """DOGE-TA's ``K``: the percent of entries kept (30 -> keep_ratio 0.3)."""
+    try:
+        k = float(v)
+    except ValueError:
+        raise ConfigError(f"method.K={v}: FusionBench's DOGE-TA K is a percent of entries kept (e.g. 30).") from None
+    if not math.isfinite(k) or not 0 < k <= 100:
+        raise ConfigError(f"method.K={v} must be a percent in (0, 100] (entries kept, e.g. 30).")
+    return repr(k / 100)
+
+
+def _keys(v: str) -> str:
+    """FusionBench's ``exclude_keys`` (exact names, or null) -> our list of glob patterns."""
+    return "[]" if v.strip().lower() in ("null", "none") else v
+
+
+#: FusionBench's exclude_keys in TSV-M / Iso-C / Iso-CTS: those tensors are averaged (not SVD-merged)
+_MEAN_KEYS = ("mean_keys", _keys)
+
+
+def _svc(base: str, alpha: float, base_options: dict[str, Any] | None = None, **options: Any) -> Method:
+    """FusionBench's singular_value_calibration/<base>: SVC after a base merge with its FusionBench options."""
+    defaults: dict[str, Any] = {"alpha": alpha, "base_method": base}
+    defaults.update({f"base_options.{k}": v for k, v in (base_options or {}).items()})
+    return Method("svc", defaults, {"alpha": "alpha", "accelerator": IGNORED, "base_method._target_": IGNORED,
+                                    **{f"base_method.{k}": f"base_options.{k}" for k in (base_options or {})},
+                                    **options},
+                  note=f"SVC (Li et al. 2026) after {base} with FusionBench's base options")
+
+
 #: the one table: FusionBench config group names -> ours (see the module docstring)
 TABLE: dict[str, Any] = {
     "method": {
@@ -171,6 +209,46 @@ TABLE: dict[str, Any] = {
         "weighted_ensemble": Method("weighted_ensemble", {"normalize": True},
                                     {"normalize": "normalize", "weights": "weights"}),
         "ensemble/max_model_predictor": Method("max_model_predictor"),
+        # subspace / mask family (issue 13)
+        "task_singular_vector/TaskSingularVectorMerging": Method(
+            "tsv_merging", {"scaling_factor": 1.0},
+            {"alpha": ("scaling_factor", _single_alpha), "exclude_keys": _MEAN_KEYS,
+             "return_single_task_models": _only("false", why="per-task TSV models: use method=tsv_compress "
+                                                "(TSV-C, one low-rank model per task).")}),
+        "isotropic_merging/iso_c": Method("iso_c", {"scaling_factor": 1.0},
+                                          {"scaling_factor": "scaling_factor", "exclude_keys": _MEAN_KEYS}),
+        "isotropic_merging/iso_cts": Method(
+            "iso_cts", {"scaling_factor": 1.0, "common_space_fraction": 0.8},
+            {"scaling_factor": "scaling_factor", "common_space_fraction": "common_space_fraction",
+             "exclude_keys": _MEAN_KEYS}),
+        "wudi/wudi": Method("wudi_merging", {"iterations": 400},
+                            {"iter_num": "iterations", "exclude_keys": ("average_only", _keys)}),
+        "doge_ta/doge_ta": Method("doge_ta", {"subspace": 6, "keep_ratio": 0.3, "lamda": 0.07},
+                                  {"subspace": "subspace", "K": ("keep_ratio", _percent), "lamda": "lamda"}),
+        "emr_merging/emr_merging": Method("emr_merging", note="one model per task (elect, mask, rescale)"),
+        "tall_mask/task_arithmetic": Method(
+            "tall_mask_task_arithmetic", {"tall_mask_lambda": 0.6},
+            {"tall_mask_lambda": "tall_mask_lambda", "debug": IGNORED, "verbose": IGNORED},
+            note="one model per task: theta_0 + TALL mask of the task * task-arithmetic vector"),
+        "linear/expo": Method("expo", {"alpha": 0.1}, {"extrapolation_factor": "alpha"},
+                              note="one aligned model beside _pretrained_ (FusionBench first averages several; "
+                                   "such pools are refused here)"),
+        "singular_value_calibration/task_arithmetic": _svc(
+            "task_arithmetic", 0.1, {"scaling_factor": 0.3}, scaling_factor="base_options.scaling_factor"),
+        "singular_value_calibration/simple_average": _svc("simple_average", 0.1),
+        "singular_value_calibration/ties_merging": _svc(
+            "ties_merging", 0.1, {"scaling_factor": 0.3, "density": 0.2, "merge_func": "sum", **_TIES},
+            **{"base_method.threshold": ("base_options.density", _threshold)}),
+        "singular_value_calibration/dare_task_arithmetic": _svc(
+            "dare_task_arithmetic", 0.1, {"scaling_factor": 0.3, "sparsity_ratio": 0.5, "rescale": True}),
+        "singular_value_calibration/iso_c": _svc("iso_c", 0.1, {"scaling_factor": 1.5}),
+        "singular_value_calibration/iso_cts": _svc("iso_cts", 0.2, {"scaling_factor": 1.5,
+                                                                    "common_space_fraction": 0.8}),
+        "singular_value_calibration/task_singular_vector": _svc(
+            "tsv_merging", 1.0, {"scaling_factor": 1.0}, **{"base_method.alpha": ("base_options.scaling_factor",
+                                                                                    _single_alpha)}),
+        "singular_value_calibration/wudi": _svc("wudi_merging", 1.0, {"iterations": 400},
+                                                **{"base_method.iter_num": "base_options.iterations"}),
         "max_model_predictor": Method("max_model_predictor"),
     },
     # FusionBench's adamerging/clip variants (method.name=...) -> our granularity
@@ -213,7 +291,10 @@ TABLE: dict[str, Any] = {
     "top_prefix_ignored": ("fabric.",),  # Lightning Fabric settings: devices come from device=... here
     # FusionBench names we do not support, and what to use instead
     "unsupported": {
-        "linear/expo": "ExPO on one fine-tuned model is method=task_arithmetic with scaling_factor=1+alpha",
+        "pruning/magnitude_diff_pruning": (
+            "method=magnitude_diff_pruning method.model=<name> (FusionBench 0.2.33 with its default rescale: false "
+            "multiplies the kept differences by False, i.e. 0, and returns the pretrained weights; fusion_bench does "
+            "not reproduce that; method.rescale=true rescales by 1/prune_ratio)"),
         "linear/simple_average_for_causallm": "method=simple_average with a causal-LM modelpool",
         "linear/task_arithmetic_for_causallm": "method=task_arithmetic with a causal-LM modelpool",
         "linear/ties_merging_for_causallm": "method=ties_merging with a causal-LM modelpool",
@@ -353,7 +434,7 @@ def translate(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
                 ignored.append(a)
                 continue
             name, value = ours
-            set_options.add(name.split(".")[0])
+            set_options.add(name if name.startswith("base_options.") else name.split(".")[0])
             out.append(f"{prefix}method.{name}={value}")
         elif k in TABLE["top"]:
             target = TABLE["top"][k]
@@ -368,7 +449,9 @@ def translate(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
             ignored.append(a)
         else:
             out.append(a)
-    defaults = {k: v for k, v in spec.defaults.items() if k not in set_options} if spec else {}
+    # a default is dropped when the command line set it, or set the mapping it belongs to (base_options)
+    defaults = {k: v for k, v in spec.defaults.items()
+                if k not in set_options and k.split(".")[0] not in set_options} if spec else {}
     for k, v in defaults.items():
         out.append(f"method.{k}={_hydra_value(v)}")
     record = {"original": list(argv), "translated": [a for a in out if "=" in a and not a.startswith("-")],
