@@ -75,8 +75,12 @@ def in_range(value: float, rng: Mapping[str, float]) -> bool:
 
 def check_range(value: Any, rng: Mapping[str, float] | None, where: str) -> None:
     """Raise ConfigError naming ``where``, the value and the valid range when a number (or an element of a
-    list of numbers) is outside ``rng``; None and non-numbers pass."""
+    list of numbers, or a value of a mapping to numbers) is outside ``rng``; None and non-numbers pass."""
     if not rng or value is None:
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            check_range(v, rng, f"{where}.{k}")
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):

@@ -37,7 +37,7 @@ class TallMaskOptions(TensorwiseConfig):
         help="lambda_t of the TALL masks m_t = |tau_t| > lambda_t * |tau_MTL - tau_t| for every task (the paper picks "
         "it per task in [0.2, 0.6] on validation data; FusionBench's tall_mask default is 0.6).")
     tall_mask_lambdas: dict[str, float] = option(
-        {}, help="Per-task lambda_t overriding tall_mask_lambda, as {model name: lambda} (each in [0, 1000]).")
+        {}, ge=0.0, le=1e3, help="Per-task lambda_t overriding tall_mask_lambda, as {model name: lambda}.")
 
     def __post_init__(self) -> None:
         for name, v in self.tall_mask_lambdas.items():
