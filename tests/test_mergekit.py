@@ -13,13 +13,7 @@ from fusion_bench.compat.mergekit import depth_t, evaluate_setting, load_mergeki
 from fusion_bench.errors import ConfigError
 from tests.test_streaming_helpers import load_sd, save_zoo
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

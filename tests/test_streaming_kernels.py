@@ -12,14 +12,7 @@ from fusion_bench.kernels.merging import sparsify as K
 from fusion_bench.kernels.merging.karcher import karcher_mean
 from fusion_bench.methods import build_method
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _rand(shape, seed):

@@ -23,12 +23,7 @@ from tests.test_streaming_helpers import load_sd, save_zoo
 NAMES = ["t0", "t1", "t2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _pool_sds(seed: int = 0, scale: float = 0.1) -> dict[str, dict[str, torch.Tensor]]:

@@ -17,13 +17,7 @@ from fusion_bench.kernels.subspace import tsv as TSV
 from fusion_bench.methods import build_method
 from fusion_bench.modelpool.base import ModelPool
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _rand(shape, seed, scale=1.0):

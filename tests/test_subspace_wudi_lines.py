@@ -16,13 +16,7 @@ from fusion_bench.kernels.subspace import lines as LK
 from fusion_bench.methods import build_method
 from fusion_bench.modelpool.base import ModelPool
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 class Stack(nn.Module):

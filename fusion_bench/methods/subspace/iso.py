@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fusion_bench.config_schema import option
-from fusion_bench.errors import ModelMismatchError
 from fusion_bench.kernels.subspace import iso as K
-from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge, register_method
-from fusion_bench.methods.subspace.tsv import MEAN_KEYS_HELP, check_task_count, svd_guard, uses_svd
+from fusion_bench.methods.base import TensorwiseConfig, register_method
+from fusion_bench.methods.subspace.tsv import MEAN_KEYS_HELP, SvdTaskMerge
 
 SCALING_HELP = ("alpha: theta = theta_0 + alpha * merged task vector. The paper picks alpha on validation data "
                 "(the authors' code searches 0.1, 0.2, ..., 3.0); 1.0 is FusionBench's default.")
@@ -33,22 +32,14 @@ class IsoCtsConfig(IsoCConfig):
         "with task-specific directions (0.8 in the paper).")
 
 
-class _IsoBase(TensorwiseMerge):
-    requires_pretrained = True
+class _IsoBase(SvdTaskMerge):
     family = "merging"
     _variant: ClassVar[str] = "c"
 
-    def check_pool(self, names: list[str], has_pretrained: bool) -> None:
-        super().check_pool(names, has_pretrained)
-        check_task_count(self, names)
-
-    def merge_tensor(self, key, base, tensors, names):
-        if base is None:
-            raise ModelMismatchError(f"Method '{self.name}' needs the base model: add '_pretrained_' to the pool.")
-        use = uses_svd(key, base, self.config.mean_keys)
+    def svd_merge(self, base, tensors, use_svd):
         f = getattr(self.config, "common_space_fraction", 0.8)
-        return svd_guard(self, key, lambda: K.iso_merge(base, tensors, self.config.scaling_factor,
-                                                        variant=self._variant, common_space_fraction=f, use_svd=use))
+        return K.iso_merge(base, tensors, self.config.scaling_factor, variant=self._variant,
+                           common_space_fraction=f, use_svd=use_svd)
 
 
 @register_method

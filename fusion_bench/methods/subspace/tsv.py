@@ -52,6 +52,27 @@ def check_task_count(method: FusionMethod, names: list[str]) -> None:
         raise ModelMismatchError(f"Method '{method.name}': model names repeat in {names}; give each task one model.")
 
 
+class SvdTaskMerge(TensorwiseMerge):
+    """Shared frame of the per-layer SVD merges (TSV-M, Iso-C, Iso-CTS): the base model is required, each
+    task has one model, 2-D tensors outside ``mean_keys`` go through :meth:`svd_merge`, a failed SVD is one
+    line naming the tensor."""
+
+    requires_pretrained = True
+
+    def check_pool(self, names: list[str], has_pretrained: bool) -> None:
+        super().check_pool(names, has_pretrained)
+        check_task_count(self, names)
+
+    def svd_merge(self, base: torch.Tensor, tensors: list[torch.Tensor], use_svd: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_tensor(self, key, base, tensors, names):
+        if base is None:
+            raise ModelMismatchError(f"Method '{self.name}' needs the base model: add '_pretrained_' to the pool.")
+        use = uses_svd(key, base, self.config.mean_keys)
+        return svd_guard(self, key, lambda: self.svd_merge(base, tensors, use))
+
+
 # ----------------------------------------------------------------------------------------------
 # TSV-M
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +85,7 @@ class TsvMergingConfig(TensorwiseConfig):
 
 
 @register_method
-class TsvMerging(TensorwiseMerge):
+class TsvMerging(SvdTaskMerge):
     """TSV-Merge: per 2-D tensor, the top 1/T singular components of every task, orthogonalised together.
 
     Paper: Gargiulo et al., CVPR 2025. Variant: see :mod:`fusion_bench.kernels.subspace.tsv` (per-task rank
@@ -79,23 +100,14 @@ class TsvMerging(TensorwiseMerge):
     name = "tsv_merging"
     config_class: ClassVar = TsvMergingConfig
     family = "merging"
-    requires_pretrained = True
-    min_models = 1
     summary = "TSV-M: top 1/T task singular vectors per layer, orthogonalised across tasks (Gargiulo et al. 2025)."
     variant = ("Gargiulo et al. 2025 (TSV-M), authors' code: per 2-D tensor, Delta_i = theta_i - theta_0 = U_i S_i V_i^T, "
                "keep r = int(k / T) (k = min(m, n)) singular triplets per task, concatenate U and V^T over tasks, "
                "replace each by its nearest orthogonal matrix P Q^T (SVD), Delta = U_perp diag(s) V_perp^T; "
                "tensors that are not 2-D (and mean_keys) get the mean task vector; theta = theta_0 + alpha * Delta.")
 
-    def check_pool(self, names: list[str], has_pretrained: bool) -> None:
-        super().check_pool(names, has_pretrained)
-        check_task_count(self, names)
-
-    def merge_tensor(self, key, base, tensors, names):
-        if base is None:
-            raise ModelMismatchError(f"Method '{self.name}' needs the base model: add '_pretrained_' to the pool.")
-        use = uses_svd(key, base, self.config.mean_keys)
-        return svd_guard(self, key, lambda: K.tsv_merge(base, tensors, self.config.scaling_factor, use_svd=use))
+    def svd_merge(self, base, tensors, use_svd):
+        return K.tsv_merge(base, tensors, self.config.scaling_factor, use_svd=use_svd)
 
 
 # ----------------------------------------------------------------------------------------------
