@@ -313,3 +313,26 @@ def test_zoo_corruptions_by_name_or_count(monkeypatch):
     monkeypatch.setitem(Z.SCALES, "tiny", replace(Z.SCALES["tiny"], corruptions=["contrast", "pixelat"]))
     with pytest.raises(ConfigError, match="pixelat.*pixelate"):
         Z.Zoo("tiny", root="unused").corruptions()
+
+
+def test_build_gives_the_same_bytes_whatever_the_thread_setting(tiny_zoo, tmp_path):
+    """The trained entries depend on torch's thread count, so the build fixes it (BUILD_THREADS): a build
+    started under torch.set_num_threads(1) gives the same content hashes as the fixture's build."""
+    import shutil
+
+    from fusion_bench.benchmark.zoo import BUILD_THREADS
+
+    zoo, _ = tiny_zoo
+    other = Zoo("tiny", tmp_path / "tiny")
+    shutil.copytree(zoo.root / "data", other.root / "data")  # the data entries are cached: only training reruns
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if BUILD_THREADS != 1 else 2)
+    try:
+        other.build(progress=False, log=lambda s: None)
+        assert torch.get_num_threads() == (1 if BUILD_THREADS != 1 else 2)  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    mine = json.loads((zoo.root / "manifest.json").read_text())["entries"]
+    theirs = json.loads((other.root / "manifest.json").read_text())["entries"]
+    trained = [n for n in mine if not n.startswith("data/")]
+    assert trained and {n: theirs[n]["content_hash"] for n in trained} == {n: mine[n]["content_hash"] for n in trained}

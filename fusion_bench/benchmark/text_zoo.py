@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import warnings
 import zlib
@@ -52,6 +51,7 @@ from fusion_bench.benchmark.zoo import (
     ENTRY_FILE,
     MANIFEST,
     _Bars,
+    _Heartbeat,
     _key,
     _lock,
     _quiet_transformers,
@@ -295,7 +295,7 @@ class TextZoo:
         if threads:
             torch.set_num_threads(threads)
         try:
-            with _lock(self.root), _quiet_transformers(), warnings.catch_warnings(), _Heartbeat(log, enabled=not show) as beat, \
+            with _lock(self.root), _quiet_transformers(), warnings.catch_warnings(), _Heartbeat(log, enabled=not show, label="text zoo") as beat, \
                     _Bars(show, beat.log) as bars:
                 warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes inside peft
                 self._remove_stale_temporaries()
@@ -460,43 +460,6 @@ def _normalise_adapter(folder: Path) -> None:
             d[k] = sorted(v)
     p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").unlink(missing_ok=True)
-
-
-class _Heartbeat:
-    """Progress lines without a terminal: whatever the build does, a line at least every ``every`` seconds."""
-
-    def __init__(self, log: Callable[[str], None], enabled: bool = True, every: float = 20.0):
-        self._log = log
-        self.enabled = enabled
-        self.every = every
-        self.current = ""
-        self._last = time.monotonic()
-        self._t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._mutex = threading.Lock()
-
-    def log(self, line: str) -> None:
-        with self._mutex:
-            self._last = time.monotonic()
-            self._log(line)
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            if time.monotonic() - self._last >= self.every:
-                self.log(f"text zoo: still building {self.current or '...'} "
-                         f"({time.monotonic() - self._t0:.0f}s since start)")
-
-    def __enter__(self) -> _Heartbeat:
-        if self.enabled:
-            self._thread = threading.Thread(target=self._run, name="text-zoo-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
 
 def ensure_text_zoo(scale: str = "full", root: str | os.PathLike | None = None, build: bool = True,

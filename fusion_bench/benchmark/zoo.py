@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,27 @@ class ZooScale:
     seed: int = field(default=0, metadata={"help": "seed of data, pretraining and fine-tuning"})
     corruptions: int | list[str] | None = field(default=None, metadata={
         "help": "corrupted test splits: these names of tasks.CORRUPTIONS, or the first N of them (None: all, 0: none)"})
+
+
+#: torch threads of a CLIP zoo build. The trained weights depend on the thread count (reductions split
+#: differently), so it is fixed: a build gives the same bytes whatever torch's default on the machine, the
+#: user's OMP/torch setting or the machine load (measured: the tiny zoo built with 1 and 2 threads differs
+#: in every trained entry). Two threads keep the build time of a 2-core machine.
+BUILD_THREADS = 2
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch.set_num_threads(n) for the block (None: unchanged)."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 SCALES: dict[str, ZooScale] = {
@@ -277,16 +299,23 @@ class Zoo:
 
     # build ------------------------------------------------------------------------------------
     def build(self, force: bool = False, log: Callable[[str], None] | None = None,
-              progress: bool | None = None) -> dict[str, Any]:
+              progress: bool | None = None, threads: int | None = BUILD_THREADS) -> dict[str, Any]:
         """Build every missing, damaged or outdated entry; return per-entry build times.
 
         Args:
             force: rebuild every entry.
             log: a function printing one line (default: print to stderr).
             progress: show rich progress bars (default: when stderr is a terminal).
+            threads: torch CPU threads while building (default :data:`BUILD_THREADS`, fixed: the weights
+                depend on the thread count; None leaves torch's setting).
         """
-        log = log or (lambda s: print(s, file=sys.stderr))
+        log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         show = sys.stderr.isatty() if progress is None else progress
+        with _threads(threads), _Heartbeat(log, enabled=not show, label="zoo") as beat:
+            return self._build(force, beat, show)
+
+    def _build(self, force: bool, beat: _Heartbeat, show: bool) -> dict[str, Any]:
+        log = beat.log
         times: dict[str, Any] = {}
         t_all = time.perf_counter()
         with _lock(self.root), _quiet_transformers(), _Bars(show, log) as bars:
@@ -302,6 +331,7 @@ class Zoo:
                     continue
                 if why != "missing":
                     log(f"zoo: rebuilding {name}: {why}")
+                beat.current = name
                 t0 = time.perf_counter()
                 stats = self._build_entry(name, path, key, bars)
                 dt = time.perf_counter() - t0
@@ -428,6 +458,45 @@ def _quiet_transformers() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+class _Heartbeat:
+    """Progress lines without a terminal: whatever the build does, a line at least every ``every`` seconds
+    (pretraining and fine-tuning report steps only now and then; a log must never go quiet for minutes)."""
+
+    def __init__(self, log: Callable[[str], None], enabled: bool = True, every: float = 20.0, label: str = "zoo"):
+        self._log = log
+        self.enabled = enabled
+        self.every = every
+        self.label = label
+        self.current = ""
+        self._last = time.monotonic()
+        self._t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    def log(self, line: str) -> None:
+        with self._mutex:
+            self._last = time.monotonic()
+            self._log(line)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            if time.monotonic() - self._last >= self.every:
+                self.log(f"{self.label}: still building {self.current or '...'} "
+                         f"({time.monotonic() - self._t0:.0f}s since start)")
+
+    def __enter__(self) -> _Heartbeat:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name=f"{self.label}-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
 class _Bars:
     """rich progress bars, or nothing when not shown."""
 
@@ -436,6 +505,7 @@ class _Bars:
         self._p = None
         self._log = log
         self._tasks: dict[int, tuple[str, int]] = {}
+        self._last_line = time.monotonic()
 
     def __enter__(self) -> _Bars:
         if self.show:
@@ -460,9 +530,10 @@ class _Bars:
     def update(self, task: int, completed: int, info: str = "") -> None:
         if self._p is not None:
             self._p.update(task, completed=completed, info=info)
-        elif self._log is not None and task in self._tasks:  # no terminal: a line every 10 %
+        elif self._log is not None and task in self._tasks:  # no terminal: a line every 10 % or 15 s
             desc, total = self._tasks[task]
-            if completed % max(1, total // 10) == 0:
+            if completed % max(1, total // 10) == 0 or time.monotonic() - self._last_line >= 15.0:
+                self._last_line = time.monotonic()
                 self._log(f"zoo: {desc} {completed}/{total} {info}")
 
     def advance(self, task: int) -> None:
@@ -500,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                     "text: $FUSION_BENCH_CACHE/text-zoo-<scale> or ~/.cache/fusion_bench/text-zoo-<scale>)")
     ap.add_argument("--force", action="store_true", help="rebuild every entry")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice; text: 1, fixed for determinism)")
+                    help="torch CPU threads of the build, fixed for determinism (default: 2 for the CLIP zoo, "
+                    "1 for text); another value builds different bytes, which `zoo verify` then reports")
     args = ap.parse_args(argv)
     if args.track == "text":
         from fusion_bench.benchmark.text_zoo import main as text_main
@@ -516,12 +588,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {'ok' if why is None else why}")
             bad += why is not None
         return 1 if bad else 0
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
-        rep = zoo.build(force=args.force)
+        rep = zoo.build(force=args.force, threads=args.threads or BUILD_THREADS)
     except FusionBenchError:
         raise
     for name, st in rep["entries"].items():

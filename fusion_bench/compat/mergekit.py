@@ -55,7 +55,9 @@ TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_
 UNSUPPORTED_KEYS = {"modules": "per-module merges", "chat_template": "chat template selection"}
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                "della_linear")
-SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough")
+SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough", "model_stock")
+#: methods for which mergekit treats base_model as one of the merged inputs (slerp: the t = 0 end)
+BASE_IS_INPUT = ("linear", "karcher", "slerp")
 LAYER_RX = re.compile(r"\.layers\.(\d+)\.")
 
 # The parameters mergekit (0.1.x, merge_methods/*.py) defines for each method: (parameters read only from the
@@ -75,6 +77,7 @@ METHOD_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "slerp": (("t",), ()),
     "karcher": (("max_iter", "tol"), ()),
     "passthrough": ((), ("scale",)),
+    "model_stock": (("filter_wise",), ()),
 }
 #: valid values of numeric parameters: (low, low inclusive, high, high inclusive, why)
 PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
@@ -84,9 +87,10 @@ PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "gamma": (0.0, True, 1.0, False, "the fraction of the largest magnitudes removed"),
     "epsilon": (0.0, True, 0.5, False, "keep probabilities density +- epsilon must lie in (0, 1)"),
     "lambda": (-1e3, True, 1e3, True, "the scale of the merged task vector, as fusion_bench's scaling_factor"),
+    "scale": (-1e3, True, 1e3, True, "the factor a passthrough tensor is multiplied by"),
     "t": (-10.0, True, 10.0, True, "the interpolation parameter, as fusion_bench's slerp t"),
 }
-_BOOL_PARAMETERS = ("int8_mask", "normalize", "rescale")
+_BOOL_PARAMETERS = ("int8_mask", "normalize", "rescale", "filter_wise")
 
 
 def _range_text(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
@@ -190,11 +194,12 @@ def evaluate_setting(tensor: str, setting: Any, t: float, where: str = "paramete
 
 
 def depth_t(key: str, num_layers: int) -> float:
-    """mergekit's t: i / (L - 1) in layer i, 0 for embeddings (before the layers), 1 after them."""
+    """mergekit's t: i / (L - 1) in layer i (1 when L = 1), 0 outside the layers (embeddings, and, since
+    mergekit 0.1.2, the final norm and output head too)."""
     m = LAYER_RX.search(key)
     if m:
         return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
-    return 0.0 if "embed" in key or ".wte." in key else 1.0
+    return 0.0
 
 
 @dataclass
@@ -232,6 +237,12 @@ class ParameterResolver:
     def gta_params(self, key: str, names: list[str]) -> tuple[list[float], list[float]]:
         return ([float(self.value("weight", key, n, required=True)) for n in names],
                 [float(self.value("density", key, n, default=1.0)) for n in names])
+
+    def gta_extras(self, key: str, names: list[str]) -> dict[str, Any]:
+        """gamma and epsilon per model, lambda (global, evaluated per tensor) for tensor ``key``."""
+        return {"gamma": [float(self.value("gamma", key, n, default=0.01)) for n in names],
+                "epsilon": [float(self.value("epsilon", key, n, default=0.15)) for n in names],
+                "lambda": float(self.value("lambda", key, None, default=1.0))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +315,52 @@ class MergekitSlerp(TensorwiseMerge):
         return slerp(base, tensors[0], float(t))
 
 
+class MergekitModelStock(TensorwiseMerge):
+    """mergekit ``model_stock``: theta = t mean_i theta_i + (1 - t) theta_0 with t from the task vectors' angle.
+
+    Paper: Jang, Yun and Han, "Model Stock" (ECCV 2024), Eq. 5 for N models. Variant: mergekit 0.1.5's:
+    cos = mean over pairs i < j of <tau_i, tau_j> / max(|tau_i| |tau_j|, 1e-6), clamped to [-1, 1] (not to
+    [0, 1] as fusion_bench's ``model_stock``), over the whole tensor or, with ``filter_wise``, per row
+    (a 1-D tensor is one row); t = N cos / (1 + (N - 1) cos), and t = 0 where |1 + (N - 1) cos| < 1e-6.
+
+    Args:
+        filter_wise: one t per row instead of per tensor.
+    """
+
+    name = "mergekit_model_stock"
+    config_class: ClassVar = TensorwiseConfig
+    variant = "mergekit model_stock: t = N cos / (1 + (N - 1) cos), cos clamped to [-1, 1], per tensor or row."
+    requires_pretrained = True
+    min_models = 2
+
+    def __init__(self, filter_wise: bool = False):
+        super().__init__()
+        self.filter_wise = filter_wise
+
+    def merge_tensor(self, key, base, tensors, names):
+        shape = base.shape
+        if self.filter_wise:
+            b = base.reshape(1, -1) if base.dim() < 2 else base.reshape(base.shape[0], -1)
+        else:
+            b = base.reshape(1, -1)
+        ws = [t.reshape(b.shape) for t in tensors]
+        taus = [w - b for w in ws]
+        n = len(taus)
+        cos = torch.zeros(b.shape[0], dtype=b.dtype)
+        pairs = 0
+        for i in range(n):
+            for j in range(i + 1, n):
+                den = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)
+                cos += ((taus[i] * taus[j]).sum(dim=-1) / den).clamp(-1, 1)
+                pairs += 1
+        cos = (cos / pairs).unsqueeze(-1)
+        den = 1 + (n - 1) * cos
+        singular = den.abs() < 1e-6
+        t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
+        avg = sum(ws) / n
+        return (t * avg + (1 - t) * b).reshape(shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # YAML -> (method, pool)
 # ----------------------------------------------------------------------------------------------
@@ -343,11 +400,6 @@ def _model_parameters(cfg: Mapping[str, Any], method_name: str) -> dict[str, Any
                                       f"{did_you_mean(str(k), SOURCE_KEYS)}")
             if src.get("parameters") is not None:
                 out[f"slices[{i}].sources[{j}].parameters"] = src["parameters"]
-    if method_name == "passthrough":
-        for where, p in out.items():
-            if isinstance(p, Mapping) and "scale" in p:
-                raise ConfigError(f"mergekit parameter '{where}.scale' (passthrough scaling) is not supported by "
-                                  "fusion_bench; remove it or scale the tensors beforehand.")
     return out
 
 
@@ -367,25 +419,14 @@ def _tensor_keys(path: str) -> list[str]:
             close()
 
 
-def _single_value(resolver: ParameterResolver, name: str, keys: list[str], models: list[str | None],
-                  default: float) -> float:
-    """A tensor parameter fusion_bench applies as one value (gamma, epsilon): refuse per-model or per-tensor
-    values, which mergekit would apply but fusion_bench cannot."""
-    vals = {float(resolver.value(name, k, m, default=default)) for k in keys for m in models}
-    if len(vals) > 1:
-        raise ConfigError(f"mergekit parameter '{name}' takes the values {sorted(vals)} across models or tensors; "
-                          f"fusion_bench applies one {name} to every tensor: give a single value in the top-level "
-                          "parameters.")
-    return vals.pop() if vals else default
-
-
-def _check_della(resolver: ParameterResolver, keys: list[str], models: list[str], epsilon: float) -> None:
+def _check_della(resolver: ParameterResolver, keys: list[str], models: list[str]) -> None:
     """mergekit's della constraint: for density < 1, density - epsilon > 0 and density + epsilon < 1."""
     for k in keys:
         for m in models:
             d = float(resolver.value("density", k, m, default=1.0))
-            if d < 1.0 and not (d - epsilon > 0.0 and d + epsilon < 1.0):
-                raise ConfigError(f"mergekit della: density={d:g} with epsilon={epsilon:g} (model '{m}', tensor '{k}'): "
+            eps = float(resolver.value("epsilon", k, m, default=0.15))
+            if d < 1.0 and not (d - eps > 0.0 and d + eps < 1.0):
+                raise ConfigError(f"mergekit della: density={d:g} with epsilon={eps:g} (model '{m}', tensor '{k}'): "
                                   "density +- epsilon must lie in (0, 1), as mergekit requires; lower epsilon.")
 
 
@@ -474,13 +515,15 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
     validate_parameters(method_name, gparams, _model_parameters(cfg, method_name))
     base_path = _model_ref(cfg["base_model"], "base_model") if cfg.get("base_model") else None
     taken: set[str] = set()
+    base_listed = False
     entries: list[ModelEntry] = []
     models: dict[str, str] = {}
     if base_path is not None:
         models["_pretrained_"] = base_path
     if method_name == "passthrough":
         if cfg.get("models") and not cfg.get("slices"):
-            raw = [{"sources": [{"model": m.get("model"), "layer_range": [0, _num_layers(_model_ref(m.get("model"), "models"))]}]}
+            raw = [{"sources": [{"model": m.get("model"), "parameters": m.get("parameters"),
+                                 "layer_range": [0, _num_layers(_model_ref(m.get("model"), "models"))]}]}
                    for m in cfg["models"]]
         else:
             raw = cfg.get("slices") or []
@@ -488,6 +531,7 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
             raise ConfigError("passthrough needs 'slices' (or one model in 'models').")
         slices = []
         path_names: dict[str, str] = {}
+        slice_params: list[tuple[dict[str, Any], dict[str, Any], int]] = []
         for i, s in enumerate(raw):
             srcs = s.get("sources") or []
             if len(srcs) != 1:
@@ -501,8 +545,28 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
             if len(lr) != 2:
                 raise ConfigError(f"slices[{i}].sources[0].layer_range must be [start, end].")
             slices.append({"model": path_names[path], "layers": [int(lr[0]), int(lr[1])]})
+            slice_params.append((dict(src.get("parameters") or {}), dict(s.get("parameters") or {}),
+                                 int(lr[1]) - int(lr[0])))
         pool = _make_pool(CausalLMPool, models, cfg, notes)
-        method = build_method({"name": "passthrough", "slices": slices})
+        # mergekit: tensors before the layers from the first slice's model, after the layers from the last's
+        method = build_method({"name": "passthrough", "slices": slices, "non_layer_source": slices[0]["model"],
+                               "post_layer_source": slices[-1]["model"]})
+
+        def scale(out_key: str, si: int, offset: int | None, model: str) -> float | None:
+            # mergekit reads a slice's parameters from its source, then the slice, then the global ones, with
+            # t = offset / (layers - 1) in the slice (1 for a one-layer slice) and t = 0 outside the layers
+            src_p, sl_p, n = slice_params[si]
+            t = 0.0 if offset is None else (offset / (n - 1) if n > 1 else 1.0)
+            for where, params in ((f"slices[{si}].sources[0].parameters", src_p), (f"slices[{si}].parameters", sl_p),
+                                  ("parameters", gparams)):
+                if "scale" in params:
+                    v = evaluate_setting(out_key, params["scale"], t, f"{where}.scale")
+                    if v is not None:
+                        return float(v)
+            return None
+
+        if any("scale" in p for sp in slice_params for p in sp[:2]) or "scale" in gparams:
+            method.tensor_scale = scale
         return MergekitPlan(method, pool, method_name, notes)
     if cfg.get("slices"):
         raise ConfigError(f"'slices' is supported only with merge_method=passthrough, not {method_name}; use 'models'.")
@@ -516,19 +580,36 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         if extra:
             raise ConfigError(f"models[{i}] has unknown key(s) {sorted(extra)}; use 'model' and 'parameters'.")
         path = _model_ref(m["model"], f"models[{i}].model")
-        if path == base_path and method_name != "linear":
+        if path == base_path and method_name not in BASE_IS_INPUT:
             notes.append(f"models[{i}] is the base model; it is not merged with itself (as mergekit)")
             continue
+        if path == base_path:
+            base_listed = True
         name = _unique_name(path, taken)
         models[name] = path
         entries.append(ModelEntry(name, path, dict(m.get("parameters") or {})))
-    if method_name != "linear" and base_path is None:
+    if method_name not in BASE_IS_INPUT and method_name != "linear" and base_path is None:
         raise ConfigError(f"merge_method={method_name} needs base_model.")
+    if method_name in BASE_IS_INPUT and base_path is not None:
+        models.pop("_pretrained_", None)  # the base is one of the inputs, not a reference
+        if method_name == "slerp":
+            models["_pretrained_"] = base_path
+            entries = [e for e in entries if e.path != base_path]
+            for e in list(models):
+                if e != "_pretrained_" and models[e] == base_path:
+                    models.pop(e)
+        elif not base_listed:
+            # mergekit adds base_model to the inputs: linear then needs its weight (per model or global)
+            name = _unique_name(base_path, taken)
+            models[name] = base_path
+            entries.append(ModelEntry(name, base_path, {}))
+            if method_name == "linear" and "weight" not in gparams:
+                raise ConfigError(f"mergekit linear: base_model '{base_path}' is not in 'models', so mergekit merges it "
+                                  "too and needs its weight; list it in 'models' with a weight, give a global "
+                                  "parameters.weight, or drop base_model.")
     ref_path = base_path or entries[0].path
     resolver = ParameterResolver(entries, gparams, _num_layers(ref_path) if Path(ref_path).exists() else 1)
     if method_name == "linear":
-        if base_path is not None and all(e.path != base_path for e in entries):
-            models.pop("_pretrained_", None)  # linear does not use a base model
         method: Any = MergekitLinear(resolver, normalize=bool(gparams.get("normalize", True)))
         if method.normalize:  # refuse a (near) zero weight sum on any tensor before any work
             for key in _tensor_keys(ref_path):
@@ -537,32 +618,36 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         method = MergekitSlerp(resolver)
     elif method_name == "karcher":
         opts = {k: gparams[k] for k in ("max_iter", "tol") if k in gparams}
-        if base_path not in [e.path for e in entries]:
-            models.pop("_pretrained_", None)  # karcher does not use a base model
         method = build_method({"name": "karcher_mean", **opts})
+    elif method_name == "model_stock":
+        if len(entries) < 2:
+            raise ConfigError(f"mergekit model_stock needs at least two models besides base_model, got {len(entries)}; "
+                              "add fine-tuned models to 'models'.")
+        method = MergekitModelStock(filter_wise=bool(gparams.get("filter_wise", False)))
     else:
         from fusion_bench.methods.merging.sparsify import MERGEKIT_PRESETS
 
         spars, consensus, norm_default, rescale_default = MERGEKIT_PRESETS[method_name]
         key0 = "model.layers.0.mlp.down_proj.weight"
         keys = _tensor_keys(ref_path) or [key0]
-        # mergekit reads lambda from the global parameters (per tensor) for every generalized task arithmetic method
-        lam = _single_value(resolver, "lambda", keys, [None], 1.0)
+        dtype = str(cfg.get("dtype") or "")
         opts = {"sparsification": spars, "consensus": consensus,
                 "normalize": bool(gparams.get("normalize", norm_default)),
                 "rescale": bool(gparams.get("rescale", rescale_default)),
-                "scaling_factor": float(lam)}
-        for p_name, default in (("gamma", 0.01), ("epsilon", 0.15)):
-            if p_name in gparams or any(p_name in e.parameters for e in entries):
-                opts[p_name] = _single_value(resolver, p_name, keys, [e.name for e in entries], default)
+                "rescale_norm": "l1", "tie_break": "mergekit",
+                # mergekit forms theta_i - theta_0 in its dtype; the sparsification sees those rounded values
+                "task_vector_dtype": dtype if dtype in ("bfloat16", "float16") else None}
         if spars == "della":
-            _check_della(resolver, keys, [e.name for e in entries], opts.get("epsilon", 0.15))
+            _check_della(resolver, keys, [e.name for e in entries])
         if "int8_mask" in gparams:
             notes.append("int8_mask only changes mergekit's mask dtype; ignored")
         method = build_method({"name": "generalized_task_arithmetic", **opts})
         method.tensor_params = resolver.gta_params
+        method.tensor_extras = resolver.gta_extras
         for e in entries:  # fail early on a missing weight
             resolver.gta_params("model.embed_tokens.weight", [e.name])
+        for k in keys:  # and on a lambda out of range on any tensor
+            resolver.gta_extras(k, [e.name for e in entries])
     pool = _make_pool(CausalLMPool, models, cfg, notes)
     return MergekitPlan(method, pool, method_name, notes)
 
@@ -587,6 +672,17 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
         if not names:
             raise ConfigError(f"tokenizer_source='{path}' is not one of the merged models.")
         vocab_source = names[0]
+    if tok is None:  # mergekit refuses embeddings of different sizes unless a tokenizer setting aligns them
+        sizes = {}
+        for n, p in models.items():
+            f = Path(p) / "config.json"
+            if f.exists():
+                v = json.loads(f.read_text()).get("vocab_size")
+                if isinstance(v, int):
+                    sizes[n] = v
+        if len(set(sizes.values())) > 1:
+            raise ConfigError(f"mergekit config: the models' vocabularies differ in size ({sizes}) and no tokenizer "
+                              "setting is given; mergekit refuses this: add tokenizer_source: base (or a model path).")
     pool_cfg = {"models": models, "dtype": dtype, "vocab_policy": "shared_rows"}
     if vocab_source is not None:
         pool_cfg["vocab_source"] = vocab_source
@@ -635,4 +731,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["evaluate_setting", "depth_t", "load_mergekit_config", "main", "MergekitLinear", "MergekitSlerp"]
+__all__ = ["evaluate_setting", "depth_t", "load_mergekit_config", "main", "MergekitLinear", "MergekitSlerp",
+           "MergekitModelStock"]

@@ -193,6 +193,7 @@ class Job:
     stats: bool = False
     in_dtype: torch.dtype | None = None
     protocol: bool = False  # merged with the method's merge_block (else merge_one per block)
+    scale: float | None = None  # copy mode: the copied tensor times this (float32/float64 arithmetic)
 
     @property
     def out_bytes(self) -> int:
@@ -631,7 +632,10 @@ class _Runner:
     def handle(self, unit: tuple) -> None:
         kind, job = unit[0], unit[1]
         if kind == "copy":
-            self.writer.write(job.key, unit[3].to(job.dtype), row_start=unit[2])
+            t = unit[3]
+            if job.scale is not None and job.mode == "copy":
+                t = (t.double() if t.dtype == torch.float64 else t.float()) * job.scale
+            self.writer.write(job.key, t.to(job.dtype), row_start=unit[2])
             return
         m = self.method
         if kind == "stats":

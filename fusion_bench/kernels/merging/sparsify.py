@@ -204,6 +204,62 @@ def band_keep(tau: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return out
 
 
+def mergekit_kept(tau: torch.Tensor, method: str, density: float, gamma: float = 0.01) -> tuple[float, float, torch.Tensor]:
+    """The entries mergekit (0.1.5, ``sparsify.magnitude`` / ``magnitude_outliers``) keeps, as (lo, hi, ties).
+
+    Exactly k entries are kept: ``magnitude``: k = max(1, int(density n)), the first k positions of
+    ``torch.argsort(|tau|, descending=True)``; ``breadcrumbs``: target = int(density n), n_top = int(gamma n),
+    n_bot = max(0, n - target - n_top), positions [n_bot, n_bot + target) of ``torch.sort(|tau|)`` (ascending).
+    Magnitudes are compared in float32, and the default (unstable) sort decides among entries of equal
+    magnitude, as in mergekit on CPU. The kept set is every entry with lo < |tau| < hi plus the flat
+    indices ``ties`` (the kept entries whose magnitude is lo or hi), so a row block can be masked with
+    :func:`kept_mask` without the whole tensor. Nothing kept: lo = +inf.
+    """
+    n = tau.numel()
+    w = tau.abs().reshape(-1).float()
+    if method == "magnitude":
+        k = max(1, int(density * n)) if n else 0
+        idx = torch.argsort(w, descending=True)[:k]
+    elif method == "breadcrumbs":
+        target = int(density * n)
+        n_top = int(gamma * n)
+        n_bot = max(0, n - target - n_top)
+        idx = torch.sort(w, descending=False).indices[n_bot:n_bot + target]
+    else:
+        raise ValueError(f"no magnitude selection for sparsification {method!r}")
+    if idx.numel() == 0:
+        return math.inf, math.inf, torch.empty(0, dtype=torch.long)
+    kv = w[idx]
+    lo, hi = float(kv.min()), float(kv.max())
+    ties = torch.sort(idx[(kv == lo) | (kv == hi)]).values
+    return lo, hi, ties
+
+
+def kept_mask(tau: torch.Tensor, lo: float, hi: float, ties: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Mask of the entries kept by :func:`mergekit_kept` in ``tau``, a block whose first entry has flat index
+    ``offset`` in the whole tensor."""
+    w = tau.abs().float()
+    if lo == math.inf:
+        return torch.zeros(tau.shape, dtype=torch.bool)
+    m = (w > lo) & (w < hi)
+    n = tau.numel()
+    if ties.numel():
+        a = int(torch.searchsorted(ties, offset))
+        b = int(torch.searchsorted(ties, offset + n))
+        if b > a:
+            m.view(-1)[ties[a:b] - offset] = True
+    return m
+
+
+def l1_rescale_factor(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> float:
+    """mergekit 0.1.5 ``rescale``: ||tau||_1 / ||tau * mask||_1 (1 when either is below ``eps``)."""
+    before = float(tau.abs().sum())
+    after = float((tau * kept).abs().sum())
+    if before < eps or after < eps:
+        return 1.0
+    return before / after
+
+
 def della_keep_prob(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA MagPrune keep probabilities, row by row (see the module docstring)."""
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)

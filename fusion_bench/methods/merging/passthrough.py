@@ -30,6 +30,9 @@ class PassthroughConfig:
     non_layer_source: str | None = option(
         None, help="Model whose tensors outside the numbered layers (embeddings, norm, head) and config are used; "
         "default: the first slice's model.")
+    post_layer_source: str | None = option(
+        None, help="Model whose tensors after the numbered layers (final norm, output head) are used; default: "
+        "non_layer_source (mergekit takes them from the last slice's model).")
     layer_regex: str = option(
         r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)(?P<rest>\..+)$",
         help="Regex naming a layer tensor's prefix, index and rest (default: '<...>.layers.<i>.<...>').")
@@ -56,6 +59,11 @@ class Passthrough(FusionMethod):
                "from non_layer_source; num_hidden_layers (and layer_types) updated. Pure copies.")
     identity_on_equal_inputs = False
     permutation_invariant = False
+
+    #: optional (output key, slice index, offset in the slice or None, model) -> factor or None, set by the
+    #: mergekit front end for passthrough ``scale``; tensors outside the layers get slice 0 (before) or the
+    #: last slice (after) and offset None
+    tensor_scale: Any = None
 
     # -- planning ----------------------------------------------------------------------------------
     def _slices(self, pool) -> list[tuple[str, int, int]]:
@@ -92,6 +100,20 @@ class Passthrough(FusionMethod):
 
     config_source = source_name
 
+    def post_source_name(self, pool) -> str:
+        n = self.config.post_layer_source
+        if n is None:
+            return self.source_name(pool)
+        if n not in pool.names:
+            raise ConfigError(f"method.post_layer_source='{n}' is not in the pool.{did_you_mean(n, pool.names)}")
+        return n
+
+    def _scale(self, out_key: str, where: tuple[int, int | None], model: str) -> float | None:
+        if self.tensor_scale is None:
+            return None
+        v = self.tensor_scale(out_key, where[0], where[1], model)
+        return None if v is None else float(v)
+
     def _layer_map(self, keys: list[str]) -> dict[int, list[tuple[str, str, str]]]:
         rx = re.compile(self.config.layer_regex)
         out: dict[int, list[tuple[str, str, str]]] = {}
@@ -103,18 +125,27 @@ class Passthrough(FusionMethod):
 
     def mapping(self, pool, key_lists: dict[str, list[str]]) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
         """[(output key, source model, source key)] in output order, and config updates."""
+        out, updates, _ = self._mapping(pool, key_lists)
+        return out, updates
+
+    def _mapping(self, pool, key_lists: dict[str, list[str]]):
+        """As :meth:`mapping`, plus (slice index, offset in the slice or None) of every output tensor."""
         slices = self._slices(pool)
         src = self.source_name(pool)
         if not slices:
-            return [(k, src, k) for k in key_lists[src]], {}
+            return [(k, src, k) for k in key_lists[src]], {}, [(0, None)] * len(key_lists[src])
+        post = self.post_source_name(pool)
         maps = {m: self._layer_map(key_lists[m]) for m in {s[0] for s in slices} | {src}}
         rx = re.compile(self.config.layer_regex)
         out: list[tuple[str, str, str]] = []
+        where: list[tuple[int, int | None]] = []
         src_keys = key_lists[src]
         first_layer = next((i for i, k in enumerate(src_keys) if rx.match(k)), len(src_keys))
-        out += [(k, src, k) for k in src_keys[:first_layer] if not rx.match(k)]
+        pre = [(k, src, k) for k in src_keys[:first_layer] if not rx.match(k)]
+        out += pre
+        where += [(0, None)] * len(pre)
         j = 0
-        for m, a, b in slices:
+        for si, (m, a, b) in enumerate(slices):
             n_layers = max(maps[m]) + 1 if maps[m] else 0
             if b > n_layers:
                 raise ModelMismatchError(f"method.slices asks layers [{a}, {b}) of model '{m}', which has {n_layers} "
@@ -122,10 +153,19 @@ class Passthrough(FusionMethod):
             for i in range(a, b):
                 for k, prefix, rest in maps[m][i]:
                     out.append((f"{prefix}{j}{rest}", m, k))
+                    where.append((si, i - a))
                 j += 1
-        out += [(k, src, k) for k in src_keys[first_layer:] if not rx.match(k)]
+        tail = [k for k in src_keys[first_layer:] if not rx.match(k)]
+        if post != src:
+            post_keys = set(key_lists[post])
+            missing = [k for k in tail if k not in post_keys]
+            if missing:
+                raise ModelMismatchError(f"method.post_layer_source='{post}' has no tensor '{missing[0]}' "
+                                         f"(model '{src}' has it); the models' architectures differ.")
+        out += [(k, post, k) for k in tail]
+        where += [(len(slices) - 1, None)] * len(tail)
         updates: dict[str, Any] = {self.config.num_layers_key: j}
-        return out, updates
+        return out, updates, where
 
     def _config_updates(self, pool, updates: dict[str, Any]) -> dict[str, Any]:
         """Add ``layer_types`` (per-layer list in some configs) rebuilt from the slices."""
@@ -147,29 +187,37 @@ class Passthrough(FusionMethod):
     def stream_plan(self, pool, readers: dict[str, Any], out_dtype: torch.dtype | None):
         from fusion_bench.engine.streaming import Job
 
-        mapping, updates = self.mapping(pool, {n: readers[n].keys() for n in readers})
+        mapping, updates, where = self._mapping(pool, {n: readers[n].keys() for n in readers})
         jobs = []
         seen = set()
-        for out_key, m, k in mapping:
+        for (out_key, m, k), w in zip(mapping, where):
             if out_key in seen:
                 raise ModelMismatchError(f"passthrough would write tensor '{out_key}' twice; check method.layer_regex.")
             seen.add(out_key)
             meta = readers[m].meta(k)
             dt = out_dtype if (out_dtype is not None and meta.dtype.is_floating_point) else meta.dtype
-            jobs.append(Job(out_key, meta.shape, dt, "copy", {m: k}, copy_from=m, in_dtype=meta.dtype))
+            job = Job(out_key, meta.shape, dt, "copy", {m: k}, copy_from=m, in_dtype=meta.dtype)
+            scale = self._scale(out_key, w, m) if meta.dtype.is_floating_point else None
+            if scale is not None:
+                job.scale = scale
+            jobs.append(job)
         return jobs, self._config_updates(pool, updates)
 
     # -- in memory ---------------------------------------------------------------------------------
     def run(self, modelpool) -> FusionResult:
         t0 = time.perf_counter()
         pool = modelpool
-        names = list(dict.fromkeys([*(s[0] for s in self._slices(pool)), self.source_name(pool)]))
+        names = list(dict.fromkeys([*(s[0] for s in self._slices(pool)), self.source_name(pool),
+                                    self.post_source_name(pool)]))
         sources = {n: pool.source(n) for n in names}
-        mapping, updates = self.mapping(pool, {n: sources[n].keys() for n in names})
+        mapping, updates, where = self._mapping(pool, {n: sources[n].keys() for n in names})
         updates = self._config_updates(pool, updates)
         sd = {}
-        for out_key, m, k in mapping:
+        for (out_key, m, k), w in zip(mapping, where):
             t = sources[m].get(k)
+            scale = self._scale(out_key, w, m) if t.is_floating_point() else None
+            if scale is not None:
+                t = (t.double() if t.dtype == torch.float64 else t.float()) * scale
             if pool.dtype is not None and t.is_floating_point():
                 t = t.to(pool.dtype)
             sd[out_key] = t.clone()

@@ -53,6 +53,16 @@ class GTAConfig(TensorwiseConfig):
     epsilon: float = option(0.15, ge=0.0, lt=1.0, help="della: keep probabilities range over density +- epsilon by magnitude rank.")
     scaling_factor: float = option(1.0, ge=-1e3, le=1e3, help="lambda: theta = theta_0 + lambda * merged delta.")
     seed: int = option(0, **SEED_RANGE, help="Seed of the random sparsifications; generators are seeded per (seed, tensor, model).")
+    rescale_norm: str = option("probability", choices=("probability", "l1"),
+                               help="With rescale: 'probability' divides each kept entry by its keep probability (DARE, "
+                               "DELLA papers); 'l1' scales each sparsified task vector back to its L1 norm (mergekit "
+                               "0.1.5, for every sparsification).")
+    tie_break: str = option("all", choices=("all", "mergekit"),
+                            help="magnitude/breadcrumbs: 'all' keeps every entry tied at a threshold; 'mergekit' keeps "
+                            "exactly mergekit's k entries, chosen among ties by torch's default sort as mergekit does.")
+    task_vector_dtype: str | None = option(None, choices=(None, "float32", "bfloat16", "float16"),
+                                           help="Round each task vector theta_i - theta_0 to this dtype before "
+                                           "sparsifying (mergekit forms it in its 'dtype'); None: exact.")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.density <= 1.0:
@@ -67,6 +77,9 @@ class GTAConfig(TensorwiseConfig):
 
 #: (key, names) -> (weights, densities) for that tensor; set by the mergekit front-end
 TensorParams = Callable[[str, list[str]], tuple[list[float], list[float]]]
+#: (key, names) -> {"gamma": [per model], "epsilon": [per model], "lambda": float} for that tensor (any subset)
+TensorExtras = Callable[[str, list[str]], dict[str, Any]]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @register_method
@@ -94,6 +107,7 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
         self.tensor_params: TensorParams | None = None
+        self.tensor_extras: TensorExtras | None = None
 
     def check_pool(self, names, has_pretrained):
         super().check_pool(names, has_pretrained)
@@ -111,6 +125,13 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
         c = self.config
         return (list(c.weights) if c.weights else [1.0] * len(names)), [c.density] * len(names)
 
+    def extras(self, key: str, names: list[str]) -> tuple[list[float], list[float], float]:
+        """(gamma per model, epsilon per model, lambda) for tensor ``key``."""
+        c = self.config
+        e = self.tensor_extras(key, names) if self.tensor_extras is not None else {}
+        return (list(e.get("gamma", [c.gamma] * len(names))), list(e.get("epsilon", [c.epsilon] * len(names))),
+                float(e.get("lambda", c.scaling_factor)))
+
     def _random(self) -> bool:
         return self.config.sparsification in ("random", "della")
 
@@ -119,11 +140,74 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
             return None
         return seeded_generator(self.config.seed, key, name)
 
+    def _tau(self, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        tau = t - base
+        dt = _DTYPES.get(self.config.task_vector_dtype or "")
+        if dt is not None and dt != tau.dtype:
+            tau = tau.to(dt).to(t.dtype)
+        return tau
+
+    def _l1(self) -> bool:
+        return self.config.rescale and self.config.rescale_norm == "l1"
+
+    def _sparsify(self, key: str, tau: torch.Tensor, name: str, density: float, gamma: float, epsilon: float,
+                  stat: dict[str, Any] | None, generator: torch.Generator | None, offset: int) -> torch.Tensor:
+        """One model's sparsified task vector (or row block of it, starting at flat index ``offset``)."""
+        c = self.config
+        if c.sparsification == "none" or density >= 1.0:
+            return tau
+        if c.sparsification in ("magnitude", "breadcrumbs"):
+            if stat is None:
+                stat = self._stat(key, tau, name, density, gamma, epsilon)
+            if c.tie_break == "mergekit":
+                lo, hi, ties = stat["kept"]
+                out = tau * K.kept_mask(tau, lo, hi, ties, offset)
+            else:
+                out = K.sparsify(tau, c.sparsification, density, thresholds=stat["band"])
+            return out.mul_(stat["scale"]) if stat.get("scale") is not None else out
+        if generator is None:
+            generator = self._generator(key, name, density)
+        if self._l1():
+            if stat is None:  # the whole tensor: the L1 factor of this very draw
+                g0 = generator.get_state()
+                stat = self._stat(key, tau, name, density, gamma, epsilon)
+                generator.set_state(g0)
+            out = K.sparsify(tau, c.sparsification, density, rescale=False, generator=generator, epsilon=epsilon)
+            return out.mul_(stat["scale"]) if stat.get("scale") is not None else out
+        return K.sparsify(tau, c.sparsification, density, rescale=c.rescale, generator=generator, epsilon=epsilon)
+
+    def _stat(self, key: str, tau: torch.Tensor, name: str, density: float, gamma: float, epsilon: float
+              ) -> dict[str, Any] | None:
+        """Whole-tensor facts one model's sparsification needs: the kept band or set, the L1 rescale factor."""
+        c = self.config
+        if c.sparsification == "none" or density >= 1.0:
+            return None
+        out: dict[str, Any] = {}
+        if c.sparsification in ("magnitude", "breadcrumbs"):
+            if c.tie_break == "mergekit":
+                out["kept"] = K.mergekit_kept(tau, c.sparsification, density, gamma)
+                kept = K.kept_mask(tau, *out["kept"])
+            else:
+                out["band"] = K.magnitude_thresholds(tau, None, c.sparsification, density, gamma)
+                kept = K.band_mask(tau, *out["band"]) if self._l1() else None
+        elif self._l1():
+            g = self._generator(key, name, density)  # a fresh generator: the same draw as the merge pass
+            kept = K.sparsify(tau, c.sparsification, density, rescale=False, generator=g, epsilon=epsilon) != 0
+            kept |= (tau == 0)  # zeros are kept or not alike
+        else:
+            return None
+        if self._l1():
+            out["scale"] = K.l1_rescale_factor(tau, kept)
+        return out
+
     def _merge(self, key: str, base: torch.Tensor, tensors: list[torch.Tensor], names: list[str],
-               thresholds: list[Any] | None, generators: list[torch.Generator | None] | None) -> torch.Tensor:
+               stats: list[Any] | None, generators: list[torch.Generator | None] | None,
+               offset: int = 0) -> torch.Tensor:
         c = self.config
         weights, dens = self.params(key, names)
-        if c.consensus == "none" and (c.sparsification == "none" or all(d >= 1.0 for d in dens)):
+        gammas, epss, lam = self.extras(key, names)
+        if c.consensus == "none" and (c.sparsification == "none" or all(d >= 1.0 for d in dens)) \
+                and c.task_vector_dtype is None:
             # plain weighted task arithmetic: sum_i w_i theta_i - (sum_i w_i) theta_0 (no per-model delta)
             acc = torch.zeros_like(base)
             for w, t in zip(weights, tensors):
@@ -132,39 +216,31 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
             acc.sub_(base, alpha=wsum)
             if c.normalize:
                 acc.div_(wsum if abs(wsum) >= 1e-8 else 1.0)
-            return base + c.scaling_factor * acc
+            return base + lam * acc
         taus = []
         for i, t in enumerate(tensors):
-            tau = t - base
-            if c.sparsification in ("magnitude", "breadcrumbs") and dens[i] < 1.0:
-                thr = thresholds[i] if thresholds is not None else \
-                    K.magnitude_thresholds(tau, None, c.sparsification, dens[i], c.gamma)
-                tau = K.sparsify(tau, c.sparsification, dens[i], thresholds=thr)
-            elif self._random():
-                g = generators[i] if generators is not None else self._generator(key, names[i], dens[i])
-                tau = K.sparsify(tau, c.sparsification, dens[i], rescale=c.rescale, generator=g, epsilon=c.epsilon)
-            taus.append(tau)
-        return K.gta_merge(base, taus, weights, consensus=c.consensus, normalize=c.normalize,
-                           scaling_factor=c.scaling_factor)
+            tau = self._tau(t, base)
+            st = stats[i] if stats is not None else None
+            g = generators[i] if generators is not None else None
+            taus.append(self._sparsify(key, tau, names[i], dens[i], gammas[i], epss[i], st, g, offset))
+        return K.gta_merge(base, taus, weights, consensus=c.consensus, normalize=c.normalize, scaling_factor=lam)
 
     def merge_tensor(self, key, base, tensors, names):
         return self._merge(key, base, tensors, names, None, None)
 
     # -- streaming block protocol (fusion_bench.engine.streaming) ----------------------------------
     def needs_block_stats(self) -> bool:
-        return self.config.sparsification in ("magnitude", "breadcrumbs")
+        return self.config.sparsification in ("magnitude", "breadcrumbs") or (self._random() and self._l1())
 
-    def block_stats(self, key: str, base: torch.Tensor, tensor: torch.Tensor, name: str) -> tuple[float, float] | None:
-        """The kept magnitude band of one model's whole task vector (streamed, one model at a time)."""
+    def block_stats(self, key: str, base: torch.Tensor, tensor: torch.Tensor, name: str) -> dict[str, Any] | None:
+        """Whole-tensor facts of one model's task vector (streamed, one model at a time)."""
         if not self.needs_block_stats():
             return None
-        # the density of this model: params() is per model name
         names = list(self._block_names) if getattr(self, "_block_names", None) else [name]
         _, dens = self.params(key, names)
-        d = dens[names.index(name)]
-        if d >= 1.0:
-            return None
-        return K.magnitude_thresholds(tensor, base, self.config.sparsification, d, self.config.gamma)
+        gammas, epss, _ = self.extras(key, names)
+        i = names.index(name)
+        return self._stat(key, self._tau(tensor, base), name, dens[i], gammas[i], epss[i])
 
     def begin_blocks(self, key: str, shape: tuple[int, ...], names: list[str]) -> list[torch.Generator | None]:
         self._block_names = list(names)
@@ -173,4 +249,7 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
 
     def merge_block(self, key, base, tensors, names, ctx, rows):
         stats = ctx.stats if self.needs_block_stats() else None
-        return self._merge(key, base, tensors, names, stats, ctx.state)
+        row_elems = 1
+        for d in base.shape[1:]:
+            row_elems *= d
+        return self._merge(key, base, tensors, names, stats, ctx.state, offset=rows[0] * row_elems)
