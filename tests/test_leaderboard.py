@@ -144,3 +144,36 @@ def test_extra_storage_and_task_id_columns():
     assert "| extra storage | task id |" in md and "| 375 B | needed |" in md
     rec = next(csv.DictReader(to_csv(doc).splitlines()))
     assert rec["extra_storage_bytes"] == "375" and rec["needs_task_id"] == "True"
+
+
+def test_order_beside_fusionbench():
+    """Methods shared with FusionBench's ViT-B/32 table are ordered by gain kept here and there; Kendall's tau
+    matches a pair count written from its definition (concordant minus discordant over all pairs)."""
+    import itertools
+
+    from fusion_bench.benchmark.leaderboard import (
+        FUSIONBENCH_VITB32_R,
+        kendall_tau,
+        order_vs_fusionbench,
+        to_markdown,
+    )
+
+    gains = {"simple_average": 0.30, "task_arithmetic": 0.50, "ties_merging": 0.45, "regmean": 0.70, "karcher_mean": 0.9}
+    rows = [{"method": m, "kind": "merging", "accuracy": {"a": 0.5}, "average": 0.5, "normalized": 1.0,
+             "gain_kept": g, "data": "none"} for m, g in gains.items()]
+    doc = {"tasks": ["a"], "rows": rows, "zoo": {"scale": "tiny", "max_samples": None},
+           "evaluation_time_one_model_s": 0.1, "skipped": {}}
+    order = order_vs_fusionbench(doc)
+    shared = ["regmean", "simple_average", "task_arithmetic", "ties_merging"]  # karcher_mean: not in FusionBench's
+    assert sorted(order["here"]) == shared
+    assert order["here"] == ["regmean", "task_arithmetic", "ties_merging", "simple_average"]
+    assert order["fusionbench"] == ["regmean", "ties_merging", "task_arithmetic", "simple_average"]
+    pairs = list(itertools.combinations(shared, 2))
+    conc = sum(1 for x, y in pairs if (gains[x] - gains[y]) * (FUSIONBENCH_VITB32_R[x] - FUSIONBENCH_VITB32_R[y]) > 0)
+    disc = sum(1 for x, y in pairs if (gains[x] - gains[y]) * (FUSIONBENCH_VITB32_R[x] - FUSIONBENCH_VITB32_R[y]) < 0)
+    assert order["kendall_tau"] == pytest.approx((conc - disc) / len(pairs)) == pytest.approx(4 / 6)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1 and kendall_tau([1], [1]) is None
+    doc["order_vs_fusionbench"] = order
+    md = to_markdown(doc)
+    assert "Kendall's tau +0.67" in md and "| 1 | regmean | 0.70 | regmean | 0.81 |" in md
+    assert order_vs_fusionbench({**doc, "rows": rows[-1:]}) is None

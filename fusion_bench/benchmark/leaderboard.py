@@ -333,6 +333,7 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
            "evaluation_time_one_model_s": round(eval_time_one_model, 2),
            "total_time_s": round(time.perf_counter() - t_start, 2)}
     add_gain_kept(doc)
+    doc["order_vs_fusionbench"] = order_vs_fusionbench(doc)
     if track == "text":
         doc["targets"] = quality_targets(doc)
     write_outputs(doc, out)
@@ -346,6 +347,52 @@ def add_gain_kept(doc: dict[str, Any]) -> None:
     for r in doc["rows"]:
         ok = None not in (pre, ft, r["average"]) and ft != pre
         r["gain_kept"] = (r["average"] - pre) / (ft - pre) if ok else None
+
+
+#: FusionBench's CLIP-ViT-B/32 on eight tasks (arXiv 2406.03280 and its documentation's re-runs): the share of
+#: the fine-tuning gain each method keeps, R = (avg - pretrained 48.2) / (fine-tuned 90.3 - pretrained 48.2).
+#: TSV-M, Iso-C and WUDI are FusionBench's own re-runs on its checkpoints (83.1, 82.8, 84.5 % average).
+FUSIONBENCH_VITB32_R: dict[str, float] = {
+    "simple_average": 0.43, "task_arithmetic": 0.47, "fisher_merging": 0.53, "ties_merging": 0.57,
+    "regmean": 0.81, "adamerging": 0.82, "iso_c": 0.82, "tsv_merging": 0.83, "wudi_merging": 0.86,
+}
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Kendall's tau-a of two paired score lists (1: same order, -1: reversed; None for fewer than 2)."""
+    n = len(a)
+    if n < 2:
+        return None
+    s = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            x, y = a[i] - a[j], b[i] - b[j]
+            s += (x > 0) - (x < 0) if y > 0 else ((x < 0) - (x > 0) if y < 0 else 0)
+    return s / (n * (n - 1) / 2)
+
+
+def order_vs_fusionbench(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The merging methods that FusionBench's ViT-B/32 table also has, ordered by gain kept here and there,
+    with Kendall's tau between the two orders (None when fewer than two methods are shared)."""
+    here = {r["method"]: r["gain_kept"] for r in doc["rows"]
+            if r.get("gain_kept") is not None and r["method"] in FUSIONBENCH_VITB32_R}
+    if len(here) < 2:
+        return None
+    names = sorted(here)
+    return {"here": sorted(names, key=lambda n: -here[n]), "fusionbench": sorted(names, key=lambda n: -FUSIONBENCH_VITB32_R[n]),
+            "gain_kept_here": here, "gain_kept_fusionbench": {n: FUSIONBENCH_VITB32_R[n] for n in names},
+            "kendall_tau": kendall_tau([here[n] for n in names], [FUSIONBENCH_VITB32_R[n] for n in names])}
+
+
+def order_markdown(order: dict[str, Any]) -> list[str]:
+    fb = order["gain_kept_fusionbench"]
+    here = order["gain_kept_here"]
+    tau = order["kendall_tau"]
+    return [f"Order of the methods by gain kept, here and on FusionBench's CLIP-ViT-B/32 (8 tasks; Kendall's tau "
+            f"{tau:+.2f}, 1 = the same order):", "",
+            "| rank | here | gain kept | FusionBench ViT-B/32 | gain kept |", "|---|---|---|---|---|",
+            *[f"| {i + 1} | {a} | {here[a]:.2f} | {b} | {fb[b]:.2f} |"
+              for i, (a, b) in enumerate(zip(order["here"], order["fusionbench"]))]]
 
 
 def quality_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -452,6 +499,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
                     f"validation accuracy over the grid {tn.get('grid')}, ties to the smaller value), then the "
                     "method was run once more with it and evaluated on the test split; merge time is that final "
                     "run's. The other methods use their defaults.")
+    if doc.get("order_vs_fusionbench"):
+        note.append("")
+        note += order_markdown(doc["order_vs_fusionbench"])
     if doc.get("targets"):
         note.append("")
         note += targets_markdown(doc["targets"])
