@@ -22,6 +22,14 @@ from fusion_bench.io.checkpoint import read_json_object
 from fusion_bench.methods.base import FusionMethod, FusionResult, register_method
 
 
+_EMBEDDING_RX = re.compile(r"(^|\.)(embed_tokens|embed_in|embeddings|word_embeddings|wte|wpe|embed_positions)\.")
+
+
+def _before_layers(key: str) -> bool:
+    """Whether a tensor outside the numbered layers comes before them (the embeddings)."""
+    return bool(_EMBEDDING_RX.search(key))
+
+
 @dataclass
 class PassthroughConfig:
     slices: list[dict[str, Any]] = option(
@@ -141,9 +149,13 @@ class Passthrough(FusionMethod):
         where: list[tuple[int, int | None]] = []
         src_keys = key_lists[src]
         first_layer = next((i for i, k in enumerate(src_keys) if rx.match(k)), len(src_keys))
-        pre = [(k, src, k) for k in src_keys[:first_layer] if not rx.match(k)]
-        out += pre
-        where += [(0, None)] * len(pre)
+        pre_keys = [k for k in src_keys[:first_layer] if not rx.match(k)]
+        tail = [k for k in src_keys[first_layer:] if not rx.match(k)]
+        if post != src:  # the keys may be in name order: tensors after the layers are all but the embeddings
+            tail = [k for k in pre_keys + tail if not _before_layers(k)]
+            pre_keys = [k for k in pre_keys if _before_layers(k)]
+        out += [(k, src, k) for k in pre_keys]
+        where += [(0, None)] * len(pre_keys)
         j = 0
         for si, (m, a, b) in enumerate(slices):
             n_layers = max(maps[m]) + 1 if maps[m] else 0
@@ -155,7 +167,6 @@ class Passthrough(FusionMethod):
                     out.append((f"{prefix}{j}{rest}", m, k))
                     where.append((si, i - a))
                 j += 1
-        tail = [k for k in src_keys[first_layer:] if not rx.match(k)]
         if post != src:
             post_keys = set(key_lists[post])
             missing = [k for k in tail if k not in post_keys]

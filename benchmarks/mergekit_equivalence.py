@@ -1,0 +1,315 @@
+"""Equivalence of ``fusion_bench mergekit`` with mergekit itself, one line per config.
+
+    python benchmarks/mergekit_equivalence.py --mergekit-bin PATH/TO/mergekit-yaml [--only NAME] [--keep DIR]
+
+mergekit is not a dependency of fusion_bench: install it in its own virtual environment (torch first,
+so that pip does not pull CUDA wheels) and pass its ``mergekit-yaml``:
+
+    python -m venv mk-venv && mk-venv/bin/pip install torch==2.13.0 && mk-venv/bin/pip install mergekit==0.1.5
+
+The script builds tiny Llama and Qwen2 zoos (a base and three fine-tunes; float32 and bfloat16; one
+fine-tune with a larger vocabulary), writes one mergekit YAML per feature the way mergekit's examples
+are written, runs ``mergekit-yaml`` and ``fusion_bench mergekit`` on each and compares every output
+tensor. Deterministic methods must agree exactly up to float rounding (float32 outputs: 1e-5 relative;
+bfloat16 outputs: one bfloat16 ulp). Random methods (DARE, DELLA) are compared by statistics that do
+not depend on the random draw: the fraction of entries kept and the L1 norm of each sparsified task
+vector (mergekit's ``rescale`` matches it exactly). Each line reads
+
+    PASS     name  (max |diff|, in bf16 ulps where the output is bf16)
+    FAIL     name  what differs
+    REFUSED  name  fusion_bench's one-line reason (mergekit merges it)
+    BOTH-REFUSE name  (mergekit and fusion_bench refuse it)
+
+This is a benchmark, not a CI test (CI has no mergekit): tests/test_mergekit.py checks the same
+behaviours against references written from mergekit's documented semantics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.test_streaming_helpers import load_sd, make_model, tiny_config, tiny_tokenizer  # noqa: E402
+
+LAYERS = 4
+
+
+def build_zoo(root: Path, family: str, dtype: torch.dtype, n: int = 3, big_vocab: bool = False) -> dict[str, str]:
+    """base + n fine-tunes (base + seeded noise); with ``big_vocab`` the last one has 8 more vocabulary rows."""
+    cfg = tiny_config(family, 96, layers=LAYERS)
+    base = make_model(cfg, 0, dtype)
+    paths = {"base": str(root / "base")}
+    base.save_pretrained(paths["base"])
+    tiny_tokenizer(96).save_pretrained(paths["base"])
+    bsd = base.state_dict()
+    for i in range(n):
+        vocab = 104 if big_vocab and i == n - 1 else 96
+        m = make_model(tiny_config(family, vocab, layers=LAYERS), 100 + i, dtype)
+        g = torch.Generator().manual_seed(1000 + i)
+        sd = {}
+        for k, t in bsd.items():
+            t2 = t.float() + 0.02 * torch.randn(t.shape, generator=g)
+            rows = m.state_dict()[k].shape[0] if t.dim() else 0
+            if t.dim() and rows > t.shape[0]:
+                t2 = torch.cat([t2, 0.1 * torch.randn((rows - t.shape[0], *t.shape[1:]), generator=g)])
+            sd[k] = t2.to(dtype)
+        m.load_state_dict(sd)
+        d = root / f"ft{i}"
+        m.save_pretrained(d)
+        tiny_tokenizer(vocab).save_pretrained(d)
+        paths[f"ft{i}"] = str(d)
+    return paths
+
+
+def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
+    """(name, mergekit YAML as a mapping, comparison kind: exact | random)."""
+    L, B, Q, V = z["llama"], z["llama_bf16"], z["qwen2"], z["vocab"]
+    def three(zz: dict[str, str], **p) -> list[dict]:
+        """models ft0..ft2; a parameter given as a 3-list is per model."""
+        return [{"model": zz[f"ft{i}"], "parameters": {k: (v[i] if isinstance(v, list) and len(v) == 3 else v)
+                                                       for k, v in p.items()}} for i in range(3)]
+
+    out: list[tuple[str, dict, str]] = []
+
+    def add(name: str, doc: dict, kind: str = "exact") -> None:
+        out.append((name, doc, kind))
+
+    # 0. baselines
+    add("linear", {"merge_method": "linear", "dtype": "float32",
+                   "models": three(L, weight=[0.5, 0.3, 0.2])})
+    add("linear-gradient-weight", {"merge_method": "linear", "dtype": "float32",
+                                   "models": [{"model": L["ft0"], "parameters": {"weight": [1.0, 0.0]}},
+                                              {"model": L["ft1"], "parameters": {"weight": [0.0, 1.0]}}]})
+    # 1. lambda
+    for m in ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"):
+        add(f"{m}-lambda", {"merge_method": m, "base_model": L["base"], "dtype": "float32",
+                            "parameters": {"lambda": 0.7, **({"density": 0.5} if m != "task_arithmetic" else {})},
+                            "models": three(L, weight=[0.5, 0.3, 0.2])})
+    add("ties-qwen2", {"merge_method": "ties", "base_model": Q["base"], "dtype": "float32",
+                       "parameters": {"density": 0.4, "normalize": True},
+                       "models": three(Q, weight=[1.0, 0.6, 0.3])})
+    # 2. passthrough scale (self-merge recipe)
+    add("passthrough-scale", {"merge_method": "passthrough", "dtype": "float32",
+                              "slices": [{"sources": [{"model": L["ft0"], "layer_range": [0, 3]}]},
+                                         {"sources": [{"model": L["ft0"], "layer_range": [2, 4],
+                                                       "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                                                {"filter": "down_proj", "value": 0.0},
+                                                                                {"value": 1.0}]}}]}]})
+    # 3. slices from several models: final norm and lm_head from the last slice's model
+    add("passthrough-multi-model", {"merge_method": "passthrough", "dtype": "float32",
+                                    "slices": [{"sources": [{"model": L["ft0"], "layer_range": [0, 2]}]},
+                                               {"sources": [{"model": L["ft1"], "layer_range": [2, 4]}]}]})
+    # 4. gradient parameters after the layers (t = 0 for the final norm and lm_head)
+    add("slerp-gradient-t", {"merge_method": "slerp", "base_model": L["ft0"], "dtype": "float32",
+                             "models": [{"model": L["ft0"]}, {"model": L["ft1"]}],
+                             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                                                  {"value": 0.5}]}})
+    add("ties-gradient-density", {"merge_method": "ties", "base_model": L["base"], "dtype": "float32",
+                                  "models": three(L, weight=[[0.2, 1.0], 0.5, 0.4], density=[[0.3, 0.9], 0.5, 0.6])})
+    # 5. bf16: exactly k entries kept
+    for m in ("ties", "breadcrumbs_ties"):
+        add(f"{m}-bf16", {"merge_method": m, "base_model": B["base"], "dtype": "bfloat16",
+                          "parameters": {"density": 0.2},
+                          "models": three(B, weight=[0.5, 0.3, 0.2])})
+        add(f"{m}-bf16-f32compute", {"merge_method": m, "base_model": B["base"], "dtype": "float32",
+                                     "out_dtype": "bfloat16", "parameters": {"density": 0.2},
+                                     "models": three(B, weight=[0.5, 0.3, 0.2])})
+    # 6. random methods, by statistics (one model: the sparsified task vector itself)
+    for m in ("dare_linear", "dare_ties", "della_linear", "della"):
+        p = {"weight": 1.0, "density": 0.3}
+        if m.startswith("della"):
+            p["epsilon"] = 0.1
+        add(f"{m}-rescale", {"merge_method": m, "base_model": L["base"], "dtype": "float32",
+                             "models": [{"model": L["ft0"], "parameters": p}]}, "random")
+    add("della-per-model-epsilon", {"merge_method": "della_linear", "base_model": L["base"], "dtype": "float32",
+                                    "parameters": {"lambda": 1.0},
+                                    "models": [{"model": L["ft0"], "parameters": {"weight": 1.0, "density": 0.3,
+                                                                                  "epsilon": 0.05}}]}, "random")
+    add("della-per-tensor-epsilon", {"merge_method": "della_linear", "base_model": L["base"], "dtype": "float32",
+                                     "models": [{"model": L["ft0"], "parameters": {
+                                         "weight": 1.0, "density": 0.4,
+                                         "epsilon": [{"filter": "mlp", "value": 0.3}, {"value": 0.02}]}}]}, "random")
+    add("breadcrumbs-per-model-gamma", {"merge_method": "breadcrumbs", "base_model": L["base"], "dtype": "float32",
+                                        "models": three(L, weight=[0.5, 0.3, 0.2], density=0.5,
+                                                        gamma=[0.01, 0.05, 0.1])})
+    # 7. karcher
+    add("karcher-no-base", {"merge_method": "karcher", "dtype": "float32", "models": three(L)})
+    add("karcher-base-listed", {"merge_method": "karcher", "base_model": L["base"], "dtype": "float32",
+                                "models": [{"model": L["base"]}, {"model": L["ft0"]}, {"model": L["ft1"]}]})
+    # 8. refusals
+    add("base-not-in-models-linear", {"merge_method": "linear", "base_model": L["base"], "dtype": "float32",
+                                      "models": three(L, weight=1.0)})
+    add("vocab-mismatch-no-tokenizer", {"merge_method": "ties", "base_model": V["base"], "dtype": "float32",
+                                        "models": three(V, weight=0.5, density=0.5)})
+    add("vocab-mismatch-tokenizer-base", {"merge_method": "linear", "base_model": V["base"], "dtype": "float32",
+                                          "tokenizer_source": "base",
+                                          "models": [{"model": V["base"], "parameters": {"weight": 1.0}},
+                                                     {"model": V["ft2"], "parameters": {"weight": 1.0}}]})
+    # features
+    add("model_stock", {"merge_method": "model_stock", "base_model": L["base"], "dtype": "float32",
+                        "models": three(L)})
+    add("slerp-multi-source-slices", {"merge_method": "slerp", "base_model": L["ft0"], "dtype": "float32",
+                                      "slices": [{"sources": [{"model": L["ft0"], "layer_range": [0, 4]},
+                                                              {"model": L["ft1"], "layer_range": [0, 4]}]}],
+                                      "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                                           {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                                                           {"value": 0.5}]}})
+    add("nuslerp", {"merge_method": "nuslerp", "dtype": "float32",
+                    "models": [{"model": L["ft0"], "parameters": {"weight": 0.6}},
+                               {"model": L["ft1"], "parameters": {"weight": 0.4}}]})
+    add("multislerp", {"merge_method": "multislerp", "dtype": "float32", "models": three(L, weight=[0.5, 0.3, 0.2])})
+    add("sce", {"merge_method": "sce", "base_model": L["base"], "dtype": "float32",
+                "parameters": {"select_topk": 0.5}, "models": three(L)})
+    return out
+
+
+def run_mergekit(bin_: str, cfg: Path, out: Path, seed: int | None = None) -> tuple[bool, str]:
+    cmd = [bin_, str(cfg), str(out), "--quiet"]
+    if seed is not None:
+        cmd += ["--random-seed", str(seed)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        lines = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
+        return False, lines[-1] if lines else f"exit {p.returncode}"
+    return True, ""
+
+
+def run_fusion_bench(cfg: Path, out: Path) -> tuple[bool, str]:
+    from fusion_bench.compat.mergekit import main as fb_main
+    from fusion_bench.errors import FusionBenchError
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            fb_main([str(cfg), str(out)])
+        return True, ""
+    except FusionBenchError as e:
+        return False, str(e).splitlines()[0]
+
+
+def bf16_ulps(diff: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |diff| in units of the bfloat16 spacing at the larger of |a|, |b|."""
+    mag = torch.maximum(a.abs(), b.abs()).clamp_min(2.0 ** -126)
+    ulp = torch.pow(2.0, torch.floor(torch.log2(mag)) - 7)
+    return float((diff / ulp).max()) if diff.numel() else 0.0
+
+
+def compare_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    if set(a) != set(b):
+        return False, f"tensor names differ: only mergekit {sorted(set(a) - set(b))[:3]}, only fusion_bench {sorted(set(b) - set(a))[:3]}"
+    worst, worst_key, worst_ulps, ok = 0.0, "", 0.0, True
+    for k in sorted(a):
+        x, y = a[k], b[k]
+        if x.shape != y.shape:
+            return False, f"{k}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        if x.dtype != y.dtype:
+            return False, f"{k}: dtype {x.dtype} vs {y.dtype}"
+        xd, yd = x.double(), y.double()
+        d = (xd - yd).abs()
+        m = float(d.max()) if d.numel() else 0.0
+        if x.dtype == torch.bfloat16:
+            u = bf16_ulps(d, xd, yd)
+            worst_ulps = max(worst_ulps, u)
+            bad = u > 1.0
+        else:
+            bad = bool((d > 1e-5 * (1 + xd.abs())).any())
+        if m > worst:
+            worst, worst_key = m, k
+        ok &= not bad
+    extra = f", {worst_ulps:.1f} bf16 ulp" if worst_ulps else ""
+    return ok, f"max |diff| {worst:.3g} ({worst_key}{extra})"
+
+
+def compare_random(base: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    """Draw-independent statistics of one sparsified task vector: L1 norm (exact under L1 rescale) and the
+    fraction kept (binomial: within 5 standard deviations over the whole model)."""
+    l1a = l1b = 0.0
+    ka = kb = n = 0
+    worst_l1 = 0.0
+    for k in sorted(a):
+        if k not in b or k not in base:
+            return False, f"tensor {k} missing"
+        da, db = a[k].double() - base[k].double(), b[k].double() - base[k].double()
+        la, lb = float(da.abs().sum()), float(db.abs().sum())
+        worst_l1 = max(worst_l1, abs(la - lb) / max(la, 1e-12))
+        l1a, l1b = l1a + la, l1b + lb
+        ka, kb, n = ka + int((da != 0).sum()), kb + int((db != 0).sum()), n + da.numel()
+    p = ka / n
+    sd = (2 * p * (1 - p) / n) ** 0.5
+    ok = worst_l1 < 1e-4 and abs(ka - kb) / n < 5 * sd + 1e-9
+    return ok, f"per-tensor L1 rel diff {worst_l1:.2g}, kept {ka / n:.4f} vs {kb / n:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mergekit-bin", required=True, help="mergekit-yaml of a separate mergekit install")
+    ap.add_argument("--only", action="append", help="run only configs whose name contains this (repeatable)")
+    ap.add_argument("--keep", help="keep the zoos, configs and outputs in this folder")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mk_equiv_"))
+    work.mkdir(parents=True, exist_ok=True)
+    zoos = {"llama": ("llama", torch.float32, False), "llama_bf16": ("llama", torch.bfloat16, False),
+            "qwen2": ("qwen2", torch.float32, False), "vocab": ("llama", torch.float32, True)}
+    z = {}
+    for name, (fam, dt, big) in zoos.items():
+        root = work / "zoo" / name
+        if not (root / "ft2").exists():
+            build_zoo(root, fam, dt, big_vocab=big)
+        z[name] = {k: str(root / k) for k in ("base", "ft0", "ft1", "ft2")}
+    results = []
+    for name, doc, kind in configs(z):
+        if args.only and not any(o in name for o in args.only):
+            continue
+        d = work / "runs" / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = d / "merge.yml"
+        text = yaml.safe_dump(doc, sort_keys=False)
+        same = cfg.exists() and cfg.read_text() == text and (d / "mk.json").exists()
+        cfg.write_text(text)
+        for sub in ("fb",) if same else ("mk", "fb"):
+            if (d / sub).exists():
+                shutil.rmtree(d / sub)
+        if same:  # --keep: mergekit's result of this very config is already there
+            mk_ok, mk_msg = json.loads((d / "mk.json").read_text())
+        else:
+            mk_ok, mk_msg = run_mergekit(args.mergekit_bin, cfg, d / "mk", seed=1 if kind == "random" else None)
+            (d / "mk.json").write_text(json.dumps([mk_ok, mk_msg]))
+        fb_ok, fb_msg = run_fusion_bench(cfg, d / "fb")
+        if not mk_ok and not fb_ok:
+            line = f"BOTH-REFUSE {name}  fusion_bench: {fb_msg} | mergekit: {mk_msg[:160]}"
+        elif not mk_ok:
+            line = f"FAIL     {name}  mergekit refuses ({mk_msg[:160]}) but fusion_bench merges"
+        elif not fb_ok:
+            line = f"REFUSED  {name}  {fb_msg}"
+        else:
+            a, b = load_sd(d / "mk"), load_sd(d / "fb")
+            if kind == "random":
+                base_path = doc.get("base_model")
+                ok, msg = compare_random(load_sd(base_path), a, b)
+            else:
+                ok, msg = compare_exact(a, b)
+            line = f"{'PASS' if ok else 'FAIL':8} {name}  {msg}"
+        print(line, flush=True)
+        results.append(line)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
