@@ -39,8 +39,8 @@ def test_depth_t():
     assert depth_t("model.embed_tokens.weight", 4) == 0.0
     assert depth_t("model.layers.0.mlp.up_proj.weight", 4) == 0.0
     assert depth_t("model.layers.2.mlp.up_proj.weight", 4) == pytest.approx(2 / 3)
-    assert depth_t("model.norm.weight", 4) == 1.0
-    assert depth_t("lm_head.weight", 4) == 1.0
+    assert depth_t("model.norm.weight", 4) == 0.0  # mergekit >= 0.1.2: t = 0 outside the layers
+    assert depth_t("lm_head.weight", 4) == 0.0
     assert depth_t("model.layers.0.mlp.up_proj.weight", 1) == 1.0
 
 
@@ -50,22 +50,27 @@ def _write(tmp_path, doc) -> str:
     return str(p)
 
 
-def _t_of(key: str) -> float:  # two layers: layer 0 -> 0, layer 1 -> 1; embeddings 0; the rest 1
-    if ".layers.0." in key or "embed" in key:
-        return 0.0
-    return 1.0
+def _t_of(key: str) -> float:  # two layers: layer 0 -> 0, layer 1 -> 1; outside the layers 0 (mergekit >= 0.1.2)
+    return 1.0 if ".layers.1." in key else 0.0
 
 
-def _naive_ties(base, tensors, weights, densities, normalize):
-    """mergekit ties per element: trim to the floor(density n) largest |tau| (ties kept), weight,
-    elect +1 where the weighted sum >= 0, keep agreeing entries, divide by their weights' sum."""
+def _mk_order(mags: list[float], descending: bool) -> list[int]:
+    """Positions in the order of torch's default (unstable) sort of float32 magnitudes, as mergekit sorts; the
+    order among tied magnitudes is whatever that sort gives, so take it from the same call."""
+    return torch.argsort(torch.tensor(mags, dtype=torch.float32), descending=descending).tolist()
+
+
+def _naive_ties(base, tensors, weights, densities, normalize, lam=1.0):
+    """mergekit ties per element: keep exactly k = max(1, int(density n)) entries, the first k of mergekit's
+    descending magnitude sort, weight, elect +1 where the weighted sum >= 0, keep agreeing entries, divide
+    by their weights' sum, times lambda."""
     flat_b = base.reshape(-1).tolist()
     taus = []
     for t, d in zip(tensors, densities):
         tau = [a - b for a, b in zip(t.reshape(-1).tolist(), flat_b)]
-        k = int(d * len(tau))
-        thr = sorted((abs(x) for x in tau), reverse=True)[k - 1] if k > 0 else math.inf
-        taus.append([x if abs(x) >= thr else 0.0 for x in tau])
+        k = max(1, int(d * len(tau)))
+        keep = set(_mk_order([abs(x) for x in tau], True)[:k])
+        taus.append([x if j in keep else 0.0 for j, x in enumerate(tau)])
     out = []
     for j in range(len(flat_b)):
         wt = [w * tau[j] for w, tau in zip(weights, taus)]
@@ -75,7 +80,7 @@ def _naive_ties(base, tensors, weights, densities, normalize):
         if normalize:
             div = sum(w * m for w, m in zip(weights, mask)) or 1.0
             delta /= div
-        out.append(flat_b[j] + delta)
+        out.append(flat_b[j] + lam * delta)
     return torch.tensor(out, dtype=torch.float64).reshape(base.shape)
 
 
@@ -130,7 +135,8 @@ def test_dare_and_della_yaml_map_to_gta(zoo):
                                  "models": [{"model": zoo["ft0"], "parameters": {"weight": 1, "density": 0.5,
                                                                                  "epsilon": 0.1}}]})
     c = plan.method.config
-    assert (c.sparsification, c.consensus, c.epsilon, c.scaling_factor) == ("della", "none", 0.1, 0.8)
+    assert (c.sparsification, c.consensus, c.rescale_norm) == ("della", "none", "l1")
+    assert plan.method.extras("model.norm.weight", ["ft0"]) == ([0.01], [0.1], 0.8)
 
 
 def test_passthrough_yaml(zoo, tmp_path):
@@ -174,3 +180,156 @@ def test_errors(zoo, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["mergekit", _write(tmp_path, base), "--dry-run"])
     assert e.value.code == 0 and "planned peak RSS" in capsys.readouterr().out
+
+
+# ---- issue 18: mergekit parity, references from mergekit 0.1.5's documented semantics ----------------------------
+K_NORM = "model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"])
+def test_lambda_scales_the_merged_delta(zoo, tmp_path, method):
+    """lambda multiplies the merged task vector (density 1: no sparsification, so the result is exact)."""
+    doc = {"merge_method": method, "base_model": zoo["_pretrained_"], "parameters": {"lambda": 0.4},
+           "models": [{"model": zoo["ft0"], "parameters": {"weight": 0.7}},
+                      {"model": zoo["ft1"], "parameters": {"weight": 0.5}}]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got, base = load_sd(tmp_path / "o"), load_sd(zoo["_pretrained_"])
+    fts = [load_sd(zoo["ft0"]), load_sd(zoo["ft1"])]
+    for k in (K_NORM, "lm_head.weight"):
+        expect = base[k] + 0.4 * (0.7 * (fts[0][k] - base[k]) + 0.5 * (fts[1][k] - base[k]))
+        torch.testing.assert_close(got[k], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_lambda_and_exact_k(zoo, tmp_path):
+    doc = {"merge_method": "ties", "base_model": zoo["_pretrained_"], "parameters": {"lambda": 0.6, "density": 0.3},
+           "models": [{"model": zoo["ft0"], "parameters": {"weight": 0.5}},
+                      {"model": zoo["ft1"], "parameters": {"weight": 0.8}}]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got, base = load_sd(tmp_path / "o"), load_sd(zoo["_pretrained_"])
+    fts = [load_sd(zoo["ft0"]), load_sd(zoo["ft1"])]
+    for k in (K_NORM, "model.norm.weight"):
+        expect = _naive_ties(base[k].double(), [f[k].double() for f in fts], [0.5, 0.8], [0.3, 0.3], True, lam=0.6)
+        torch.testing.assert_close(got[k].double(), expect, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_bf16_keeps_exactly_k(tmp_path_factory, tmp_path, method):
+    """bf16 task vectors have many tied magnitudes; mergekit still keeps exactly k entries per tensor."""
+    z = save_zoo(tmp_path_factory.mktemp("bf"), "llama", n=1, dtype=torch.bfloat16)
+    doc = {"merge_method": method, "base_model": z["_pretrained_"], "dtype": "float32",
+           "parameters": {"density": 0.2, **({"gamma": 0.01} if method == "breadcrumbs" else {})},
+           "models": [{"model": z["ft0"], "parameters": {"weight": 1.0}}]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got, base, ft = load_sd(tmp_path / "o"), load_sd(z["_pretrained_"]), load_sd(z["ft0"])
+    for k in (K_NORM, "model.embed_tokens.weight"):
+        tau = ft[k].float() - base[k].float()
+        assert tau.abs().unique().numel() < 0.5 * tau.numel()  # ties are common
+        n = tau.numel()
+        if method == "ties":
+            keep = _mk_order(tau.abs().reshape(-1).tolist(), True)[:max(1, int(0.2 * n))]
+        else:  # breadcrumbs: ascending sort, drop the n_bot smallest and the int(gamma n) largest
+            target, n_top = int(0.2 * n), int(0.01 * n)
+            n_bot = max(0, n - target - n_top)
+            keep = _mk_order(tau.abs().reshape(-1).tolist(), False)[n_bot:n_bot + target]
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[keep] = True
+        expect = (base[k].float().reshape(-1) + tau.reshape(-1) * mask).reshape(tau.shape)
+        torch.testing.assert_close(got[k], expect, rtol=0, atol=1e-7, msg=k)
+        assert int(((got[k] - base[k].float()) != 0).sum()) == len(keep)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_rescale_matches_the_l1_norm(zoo, tmp_path, method):
+    """mergekit 0.1.5 rescale: each sparsified task vector is scaled back to its L1 norm (not by 1/p)."""
+    p = {"weight": 1.0, "density": 0.3, **({"epsilon": [{"filter": "mlp", "value": 0.25}, {"value": 0.05}]}
+                                           if method == "della_linear" else {})}
+    doc = {"merge_method": method, "base_model": zoo["_pretrained_"], "models": [{"model": zoo["ft0"], "parameters": p}]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got, base, ft = load_sd(tmp_path / "o"), load_sd(zoo["_pretrained_"]), load_sd(zoo["ft0"])
+    kept = total = 0
+    for k in (K_NORM, "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        d, tau = got[k].double() - base[k].double(), ft[k].double() - base[k].double()
+        assert float(d.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+        kept, total = kept + int((d != 0).sum()), total + d.numel()
+    assert abs(kept / total - 0.3) < 0.05
+
+
+def test_della_and_breadcrumbs_parameters_per_model(zoo):
+    plan = load_mergekit_config({"merge_method": "della", "base_model": zoo["_pretrained_"],
+                                 "models": [{"model": zoo["ft0"], "parameters": {"weight": 1, "density": 0.5,
+                                                                                 "epsilon": 0.1}},
+                                            {"model": zoo["ft1"], "parameters": {"weight": 1, "density": 0.5,
+                                                                                 "epsilon": [0.0, 0.4]}}]})
+    assert plan.method.extras("model.layers.1.mlp.up_proj.weight", ["ft0", "ft1"])[1] == [0.1, pytest.approx(0.4)]
+    with pytest.raises(ConfigError, match="model 'ft1'"):  # density + epsilon >= 1 for ft1 only
+        load_mergekit_config({"merge_method": "della", "base_model": zoo["_pretrained_"],
+                              "models": [{"model": zoo["ft0"], "parameters": {"weight": 1, "density": 0.5}},
+                                         {"model": zoo["ft1"], "parameters": {"weight": 1, "density": 0.7,
+                                                                              "epsilon": 0.3}}]})
+    plan = load_mergekit_config({"merge_method": "breadcrumbs", "base_model": zoo["_pretrained_"],
+                                 "models": [{"model": zoo["ft0"], "parameters": {"weight": 1, "gamma": 0.05}},
+                                            {"model": zoo["ft1"], "parameters": {"weight": 1}}]})
+    assert plan.method.extras("lm_head.weight", ["ft0", "ft1"])[0] == [0.05, 0.01]
+
+
+def test_passthrough_scale_and_last_slice_head(zoo, tmp_path):
+    """scale multiplies a slice's tensors (t per slice); the final norm and lm_head come from the last slice's model."""
+    doc = {"merge_method": "passthrough",
+           "slices": [{"sources": [{"model": zoo["ft0"], "layer_range": [0, 2]}]},
+                      {"sources": [{"model": zoo["ft1"], "layer_range": [0, 2],
+                                    "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                             {"filter": "mlp", "value": [0.5, 1.5]},
+                                                             {"value": 1.0}]}}]}]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "p")]) == 0
+    got, f0, f1 = load_sd(tmp_path / "p"), load_sd(zoo["ft0"]), load_sd(zoo["ft1"])
+    assert torch.equal(got["model.layers.1.self_attn.o_proj.weight"], f0["model.layers.1.self_attn.o_proj.weight"])
+    assert not got["model.layers.2.self_attn.o_proj.weight"].any()
+    torch.testing.assert_close(got["model.layers.2.mlp.up_proj.weight"], 0.5 * f1["model.layers.0.mlp.up_proj.weight"])
+    torch.testing.assert_close(got["model.layers.3.mlp.up_proj.weight"], 1.5 * f1["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["model.embed_tokens.weight"], f0["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], f1["model.norm.weight"])
+    assert torch.equal(got["lm_head.weight"], f1["lm_head.weight"])
+
+
+def test_karcher_without_base_and_with_base_listed(zoo, tmp_path):
+    from fusion_bench.kernels.merging.karcher import karcher_mean
+
+    sds = {n: load_sd(zoo[n]) for n in ("_pretrained_", "ft0", "ft1")}
+    for i, (doc_base, names) in enumerate([(None, ["ft0", "ft1"]), (zoo["_pretrained_"], ["_pretrained_", "ft0", "ft1"])]):
+        doc = {"merge_method": "karcher", "models": [{"model": zoo[n]} for n in names]}
+        if doc_base:
+            doc["base_model"] = doc_base
+        assert main([_write(tmp_path, doc), str(tmp_path / f"k{i}")]) == 0
+        got = load_sd(tmp_path / f"k{i}")
+        torch.testing.assert_close(got[K_NORM], karcher_mean([sds[n][K_NORM] for n in names]), rtol=1e-5, atol=1e-6)
+
+
+def test_model_stock_mergekit_formula(zoo, tmp_path):
+    doc = {"merge_method": "model_stock", "base_model": zoo["_pretrained_"],
+           "models": [{"model": zoo[f"ft{i}"]} for i in range(3)]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "ms")]) == 0
+    got, b = load_sd(tmp_path / "ms"), load_sd(zoo["_pretrained_"])[K_NORM].double().reshape(-1)
+    ws = [load_sd(zoo[f"ft{i}"])[K_NORM].double().reshape(-1) for i in range(3)]
+    taus = [w - b for w in ws]
+    cos = sum(float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm())) for i, j in [(0, 1), (0, 2), (1, 2)]) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    expect = t * sum(ws) / 3 + (1 - t) * b
+    torch.testing.assert_close(got[K_NORM].double().reshape(-1), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_refusals_like_mergekit(zoo, tmp_path_factory):
+    with pytest.raises(ConfigError, match="not in 'models'.*weight"):
+        load_mergekit_config({"merge_method": "linear", "base_model": zoo["_pretrained_"],
+                              "models": [{"model": zoo["ft0"], "parameters": {"weight": 1.0}}]})
+    # with a global weight mergekit averages the base too
+    plan = load_mergekit_config({"merge_method": "linear", "base_model": zoo["_pretrained_"],
+                                 "parameters": {"weight": 1.0}, "models": [{"model": zoo["ft0"]}]})
+    assert len(plan.pool.names) == 2
+    z = save_zoo(tmp_path_factory.mktemp("voc"), "llama", n=2, vocabs=[96, 104])
+    doc = {"merge_method": "ties", "base_model": z["_pretrained_"],
+           "models": [{"model": z[f"ft{i}"], "parameters": {"weight": 1.0, "density": 0.5}} for i in range(2)]}
+    with pytest.raises(ConfigError, match="vocabularies differ.*tokenizer_source"):
+        load_mergekit_config(doc)
+    load_mergekit_config({**doc, "tokenizer_source": "base"})
+    with pytest.raises(ConfigError, match="nuslerp"):
+        load_mergekit_config({**doc, "merge_method": "nuslerp"})
