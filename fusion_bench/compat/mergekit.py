@@ -5,8 +5,8 @@
 Accepted keys: ``models`` (each ``model`` + ``parameters``), ``base_model``, ``merge_method``,
 ``parameters`` (global), ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer.source``,
 ``slices`` (``passthrough`` only). Parameters may be scalars, layer gradients (lists of numbers,
-interpolated over the layers: t = i / (L - 1) for layer i of L, t = 0 for the embeddings and t = 1
-for the tensors after the layers, as mergekit) or lists of ``{filter, value}`` (the first entry
+interpolated over the layers: t = i / (L - 1) for layer i of L, t = 0 outside the layers, as
+mergekit >= 0.1.2) or lists of ``{filter, value}`` (the first entry
 whose filter is absent, ``*`` or a substring of the tensor name wins). A model's own parameters win
 over the global ones.
 
@@ -17,17 +17,19 @@ mergekit           fusion_bench
 =================  ==========================================================================
 linear             :class:`MergekitLinear` (weighted average; ``normalize`` default true)
 task_arithmetic    ``generalized_task_arithmetic`` sparsification none, no consensus
-ties               ... magnitude (k = floor(density n) per tensor, ties kept), consensus sum, normalize
-dare_ties          ... random (DARE, 1/density rescale), consensus sum
+ties               ... magnitude (exactly k = max(1, int(density n)) per tensor, mergekit's sort), consensus sum
+dare_ties          ... random (DARE, L1-norm rescale), consensus sum
 dare_linear        ... random, no consensus
-breadcrumbs(_ties) ... breadcrumbs (gamma outliers removed), [consensus sum]
-della(_linear)     ... della (MagPrune per row, 1/p rescale), [consensus sum, normalize], lambda
+breadcrumbs(_ties) ... breadcrumbs (exactly int(density n), per-model gamma), [consensus sum]
+della(_linear)     ... della (MagPrune per row, per-model epsilon, L1 rescale), [consensus sum, normalize]
 slerp              :class:`MergekitSlerp` (fusion_bench's SLERP kernel, per-tensor ``t``)
-karcher            ``karcher_mean`` (max_iter, tol)
-passthrough        ``passthrough`` (slices of layer ranges)
+karcher            ``karcher_mean`` (max_iter, tol; base_model optional, an input when given)
+passthrough        ``passthrough`` (slices of layer ranges, ``scale``, head from the last slice)
+model_stock        :class:`MergekitModelStock` (mergekit's clamp and singularity rule, filter_wise)
 =================  ==========================================================================
 
-Computation is in float32 (float64 for float64 inputs) whatever ``dtype`` says; the output is
+Every generalized task arithmetic method takes ``lambda`` (per tensor). Computation is in float32 (float64
+for float64 inputs; task vectors rounded to a bfloat16/float16 ``dtype`` first, as mergekit forms them); the output is
 written in ``out_dtype`` (else ``dtype``, else the base model's dtype). Random masks come from
 fusion_bench's per-tensor seeded generators, not mergekit's global RNG, so DARE/DELLA merges are
 equal in distribution, not bit for bit.
