@@ -202,14 +202,19 @@ def run_fusion_bench(cfg: Path, out: Path) -> tuple[bool, str]:
         return False, str(e).splitlines()[0]
 
 
-def bf16_ulps(diff: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |diff| in units of the bfloat16 spacing at the larger of |a|, |b|."""
-    mag = torch.maximum(a.abs(), b.abs()).clamp_min(2.0 ** -126)
+def bf16_ulps(diff: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None) -> float:
+    """max |diff| in units of the bfloat16 spacing at the larger of |a|, |b| (and |base|: mergekit adds the merged
+    delta to the base in bfloat16, so where they cancel the rounding is that of the base's magnitude)."""
+    mag = torch.maximum(a.abs(), b.abs())
+    if base is not None and base.shape == a.shape:
+        mag = torch.maximum(mag, base.abs())
+    mag = mag.clamp_min(2.0 ** -126)
     ulp = torch.pow(2.0, torch.floor(torch.log2(mag)) - 7)
     return float((diff / ulp).max()) if diff.numel() else 0.0
 
 
-def compare_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool, str]:
+def compare_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                  base: dict[str, torch.Tensor] | None = None) -> tuple[bool, str]:
     if set(a) != set(b):
         return False, f"tensor names differ: only mergekit {sorted(set(a) - set(b))[:3]}, only fusion_bench {sorted(set(b) - set(a))[:3]}"
     worst, worst_key, worst_ulps, ok = 0.0, "", 0.0, True
@@ -223,7 +228,7 @@ def compare_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tup
         d = (xd - yd).abs()
         m = float(d.max()) if d.numel() else 0.0
         if x.dtype == torch.bfloat16:
-            u = bf16_ulps(d, xd, yd)
+            u = bf16_ulps(d, xd, yd, base[k].double() if base and k in base else None)
             worst_ulps = max(worst_ulps, u)
             bad = u > 1.0
         else:
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                 base_path = doc.get("base_model")
                 ok, msg = compare_random(load_sd(base_path), a, b)
             else:
-                ok, msg = compare_exact(a, b)
+                bp = doc.get("base_model")
+                ok, msg = compare_exact(a, b, load_sd(bp) if bp and doc.get("dtype") == "bfloat16" else None)
             line = f"{'PASS' if ok else 'FAIL':8} {name}  {msg}"
         print(line, flush=True)
         results.append(line)
