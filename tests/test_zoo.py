@@ -336,3 +336,37 @@ def test_build_gives_the_same_bytes_whatever_the_thread_setting(tiny_zoo, tmp_pa
     theirs = json.loads((other.root / "manifest.json").read_text())["entries"]
     trained = [n for n in mine if not n.startswith("data/")]
     assert trained and {n: theirs[n]["content_hash"] for n in trained} == {n: mine[n]["content_hash"] for n in trained}
+
+
+def test_default_lambda_recorded_and_verify_against_reference(tiny_zoo, monkeypatch, tmp_path):
+    """The build records task arithmetic's scaling factor chosen on the validation split (the grid's best
+    average validation accuracy, recomputed here); `zoo verify` compares every entry with the reference build's
+    content hashes and names the ones that differ."""
+    from fusion_bench.benchmark import zoo as Z
+    from fusion_bench.benchmark.leaderboard import select_scaling_factor
+    from fusion_bench.methods import get_method_class
+    from fusion_bench.modelpool import build_modelpool
+    from fusion_bench.taskpool.base import build_taskpool
+
+    zoo, _ = tiny_zoo
+    zoo.build(progress=False, log=lambda s: None)
+    run = zoo.default_run()
+    assert run is not None and run["split"] == "validation" and run["grid"] == list(Z.DEFAULT_LAMBDA_GRID)
+    cfg = {"type": "clip_zoo", "scale": "tiny", "root": str(zoo.root), "build": False}
+    sel = select_scaling_factor(get_method_class("task_arithmetic"), build_modelpool(cfg),
+                                build_taskpool({**cfg, "split": "validation"}), Z.DEFAULT_LAMBDA_GRID)
+    assert run["scaling_factor"] == sel["scaling_factor"]
+    assert json.loads((zoo.root / "manifest.json").read_text())["default_run"]["scaling_factor"] == sel["scaling_factor"]
+
+    manifest = json.loads((zoo.root / "manifest.json").read_text())["entries"]
+    ref = {name: m["content_hash"] for name, m in manifest.items()}
+    ref["finetuned/" + zoo.tasks[0]] = "0" * 64
+    ref_file = tmp_path / "zoo_reference.json"
+    ref_file.write_text(json.dumps({"tiny": {"entries": ref}}))
+    monkeypatch.setattr(Z, "REFERENCE_FILE", ref_file)
+    lines: list[str] = []
+    assert Z.verify(zoo, lines.append) == 0
+    differ = [ln for ln in lines if "DIFFERS" in ln]
+    assert len(differ) == 1 and differ[0].startswith("finetuned/" + zoo.tasks[0])
+    assert any("1 entries differ" in ln for ln in lines)
+    assert sum("same as the reference build" in ln for ln in lines) == len(ref) - 1

@@ -72,6 +72,10 @@ class ZooScale:
         "help": "corrupted test splits: these names of tasks.CORRUPTIONS, or the first N of them (None: all, 0: none)"})
 
 
+#: the default run's coefficient, chosen at the end of a build on the validation split (``default_run.json``)
+DEFAULT_RUN = "default_run.json"
+DEFAULT_LAMBDA_GRID: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
 #: torch threads of a CLIP zoo build. The trained weights depend on the thread count (reductions split
 #: differently), so it is fixed: a build gives the same bytes whatever torch's default on the machine, the
 #: user's OMP/torch setting or the machine load (measured: the tiny zoo built with 1 and 2 threads differs
@@ -338,9 +342,51 @@ class Zoo:
                 times[name] = {"status": "built", "build_time_s": round(dt, 2), **stats}
                 log(f"zoo: built {name} in {dt:.1f}s")
                 bars.advance(overall)
+            beat.current = "default λ"
+            times[DEFAULT_RUN] = self._select_default_lambda(log)
             total = time.perf_counter() - t_all
             self._write_manifest(times, total)
         return {"root": str(self.root), "entries": times, "total_time_s": round(total, 2)}
+
+    # the default run's coefficient ---------------------------------------------------------------
+    def default_run(self) -> dict[str, Any] | None:
+        """The recorded choice of task arithmetic's scaling factor for this zoo (``default_run.json``), or None."""
+        try:
+            return json.loads((self.root / DEFAULT_RUN).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _default_run_key(self) -> str:
+        """Changes when any entry's content changes (the choice is then made again)."""
+        return _key("default_run", ZOO_VERSION, DEFAULT_LAMBDA_GRID,
+                    *[content_hash((read_entry(p) or {}).get("files", {})) for _, p in self.entries()])
+
+    def _select_default_lambda(self, log: Callable[[str], None]) -> dict[str, Any]:
+        """Choose task arithmetic's scaling factor for the default run on the validation split (best average
+        accuracy over :data:`DEFAULT_LAMBDA_GRID`, ties to the smaller), and record it in ``default_run.json``."""
+        key = self._default_run_key()
+        old = self.default_run()
+        if old is not None and old.get("key") == key:
+            return {"status": "cached", "scaling_factor": old["scaling_factor"]}
+        from fusion_bench.benchmark.leaderboard import select_scaling_factor
+        from fusion_bench.methods import get_method_class
+        from fusion_bench.modelpool import build_modelpool
+        from fusion_bench.taskpool.base import build_taskpool
+
+        t0 = time.perf_counter()
+        pool = build_modelpool({"type": "clip_zoo", "scale": self.scale, "root": str(self.root), "build": False})
+        val = build_taskpool({"type": "clip_zoo", "scale": self.scale, "root": str(self.root), "build": False,
+                              "split": "validation"})
+        sel = select_scaling_factor(get_method_class("task_arithmetic"), pool, val, DEFAULT_LAMBDA_GRID)
+        doc = {"method": "task_arithmetic", "scaling_factor": sel["scaling_factor"], "split": "validation",
+               "grid": sel["grid"], "validation_average": {str(k): v for k, v in sel["validation_average"].items()},
+               "key": key}
+        with atomic_file(self.root / DEFAULT_RUN, "w") as f:
+            json.dump(doc, f, indent=2)
+        dt = time.perf_counter() - t0
+        log(f"zoo: default run's task-arithmetic scaling factor on validation: {sel['scaling_factor']:g} "
+            f"(grid {', '.join(f'{v:g}' for v in sel['grid'])}; {dt:.1f}s)")
+        return {"status": "built", "build_time_s": round(dt, 2), "scaling_factor": sel["scaling_factor"]}
 
     def _remove_stale_temporaries(self) -> None:
         """Delete half-written entries a killed build left: only fusion_bench temporaries of processes
@@ -353,7 +399,9 @@ class Zoo:
             meta = read_entry(path) or {}
             entries[name] = {"content_hash": content_hash(meta.get("files", {})), "key": meta.get("key"),
                              "build_time_s": meta.get("build_time_s"), "stats": meta.get("stats", {})}
+        run = self.default_run() or {}
         doc = {"zoo_version": ZOO_VERSION, "scale": self.scale, "settings": self._spec_dict(), "entries": entries,
+               "default_run": {k: run.get(k) for k in ("method", "scaling_factor", "split", "grid")} if run else None,
                "last_build": {"total_time_s": round(total, 2),
                               "entries": {k: v.get("status") for k, v in times.items()}}}
         with atomic_file(self.root / MANIFEST, "w") as f:
@@ -541,6 +589,60 @@ class _Bars:
             self._p.advance(task)
 
 
+#: content hashes of the reference build behind the documented tables (docs/benchmark.md), per scale
+REFERENCE_FILE = Path(__file__).with_name("zoo_reference.json")
+
+
+def reference_build(scale: str) -> dict[str, Any] | None:
+    """The reference build of ``scale``: {"entries": {name: content hash}, "default_run": {...}} or None."""
+    try:
+        return json.loads(REFERENCE_FILE.read_text()).get(scale)
+    except (OSError, ValueError):
+        return None
+
+
+def shipped_default_lambda() -> float | None:
+    """The scaling factor of the default run's method config (config/method/zoo_task_arithmetic.yaml)."""
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "config" / "method" / "zoo_task_arithmetic.yaml"
+    try:
+        return float(yaml.safe_load(path.read_text())["scaling_factor"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def verify(zoo: Zoo, out: Callable[[str], None]) -> int:
+    """``fusion_bench zoo verify``: every entry's own hashes, then its content against the reference build
+    behind the documented tables, and the recorded default coefficient against the shipped default run.
+    Returns 1 when an entry is damaged or missing, else 0 (differences from the reference are reported)."""
+    ref = reference_build(zoo.scale) or {}
+    ref_entries = ref.get("entries", {})
+    bad = differ = 0
+    for name, why in zoo.status().items():
+        line = f"{name:28s} {'ok' if why is None else why}"
+        if why is None and name in ref_entries:
+            mine = content_hash((read_entry(zoo.root / name) or {}).get("files", {}))
+            same = mine == ref_entries[name]
+            differ += not same
+            line += ("  (same as the reference build)" if same else
+                     f"  (DIFFERS from the reference build: {mine[:12]} vs {ref_entries[name][:12]})")
+        out(line)
+        bad += why is not None
+    if ref_entries:
+        out(f"reference build ({zoo.scale}): " + ("every entry matches" if not differ and not bad else
+                                                  f"{differ} entries differ, {bad} damaged or missing"))
+    else:
+        out(f"no reference hashes are recorded for scale '{zoo.scale}' ({REFERENCE_FILE.name})")
+    run = zoo.default_run()
+    shipped = shipped_default_lambda()
+    if run is not None and zoo.scale == "full" and shipped is not None:
+        lam = float(run["scaling_factor"])
+        out(f"default run: this zoo's validated scaling factor {lam:g}, the shipped default run uses {shipped:g}"
+            + ("" if lam == shipped else f" (they differ: run `fusion_bench method.scaling_factor={lam:g}`)"))
+    return 1 if bad else 0
+
+
 def ensure_zoo(scale: str = "full", root: str | os.PathLike | None = None, build: bool = True,
                log: Callable[[str], None] | None = None) -> Zoo:
     """The zoo of ``scale`` at ``root``, built first when incomplete (unless ``build=False``, which raises)."""
@@ -583,11 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         print(zoo.root)
         return 0
     if args.action == "verify":
-        bad = 0
-        for name, why in zoo.status().items():
-            print(f"{name:28s} {'ok' if why is None else why}")
-            bad += why is not None
-        return 1 if bad else 0
+        return verify(zoo, print)
     try:
         rep = zoo.build(force=args.force, threads=args.threads or BUILD_THREADS)
     except FusionBenchError:
