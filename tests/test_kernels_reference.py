@@ -50,10 +50,24 @@ def ref_threshold(values: list[float], k: int) -> float:
     return sorted((abs(v) for v in values), reverse=True)[k - 1]
 
 
-def ref_ties_entries(taus: list[np.ndarray], thresholds: list[float], election: str, merge: str) -> np.ndarray:
-    """TIES Algorithm 1 (Yadav et al. 2023) entry by entry, from already-formed task vectors."""
+def ref_top_k(values, k: int) -> list[bool]:
+    """The paper's top-k% trim, exactly k entries: sort the entries by (magnitude descending, position
+    ascending) and keep the first k, so among equal magnitudes the lower flat index wins."""
+    order = sorted(range(len(values)), key=lambda j: (-abs(float(values[j])), j))
+    keep = [False] * len(values)
+    for j in order[:max(k, 0)]:
+        keep[j] = True
+    return keep
+
+
+def ref_ties_entries(taus: list[np.ndarray], thresholds: list[float] | None, election: str, merge: str,
+                     masks: list[list[bool]] | None = None) -> np.ndarray:
+    """TIES Algorithm 1 (Yadav et al. 2023) entry by entry, from already-formed task vectors; the trim keeps
+    the entries of ``masks`` or, without masks, |tau| >= the threshold (every tie)."""
     n, p = len(taus), taus[0].size
-    trimmed = [[taus[i][j] if abs(taus[i][j]) >= thresholds[i] else 0.0 for j in range(p)] for i in range(n)]
+    if masks is None:
+        masks = [[abs(taus[i][j]) >= thresholds[i] for j in range(p)] for i in range(n)]
+    trimmed = [[taus[i][j] if masks[i][j] else 0.0 for j in range(p)] for i in range(n)]
     out = np.zeros(p)
     for j in range(p):
         col = [trimmed[i][j] for i in range(n)]
@@ -74,8 +88,7 @@ def ref_ties_entries(taus: list[np.ndarray], thresholds: list[float], election: 
 def ref_ties_tensor(base, tensors, density, lam, election="mass", merge="mean"):
     taus = _taus32(base, tensors)
     k = ref_keep_count(taus[0].size, density)
-    thr = [ref_threshold(list(t), k) for t in taus]
-    merged = ref_ties_entries(taus, thr, election, merge)
+    merged = ref_ties_entries(taus, None, election, merge, masks=[ref_top_k(t, k) for t in taus])
     return base.double().numpy().reshape(-1) + lam * merged
 
 
@@ -135,11 +148,15 @@ def test_ties_edge_cases():
     a[0, 0] = 0.5
     out = T.ties_merge(base, [base + a, base - a], density=1.0, scaling_factor=1.0)
     assert torch.equal(out, base)
-    # ties in magnitude at the threshold are all kept: k = 1 of 4 equal magnitudes keeps all 4
+    # ties in magnitude at the threshold: exactly k kept, lower flat index first (k = 1 of 4 equal: the first)
     b = torch.zeros(4)
     t1 = torch.tensor([1.0, -1.0, 1.0, 1.0])
     out = T.ties_merge(b, [t1], density=0.25, scaling_factor=1.0)
-    assert torch.equal(out, t1)
+    assert torch.equal(out, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    out = T.ties_merge(b, [torch.tensor([0.5, -1.0, 1.0, 1.0])], density=0.5, scaling_factor=1.0)
+    assert torch.equal(out, torch.tensor([0.0, -1.0, 1.0, 0.0]))
+    # with explicit thresholds and no tie ends every tie is kept (FusionBench's >= rule)
+    assert torch.equal(T.ties_merge(b, [t1], thresholds=[1.0], scaling_factor=1.0), t1)
     # density 1.0, agreeing signs: the plain mean; disagreeing minority dropped
     t = [torch.tensor([1.0, 2.0, -1.0]), torch.tensor([3.0, -1.0, -3.0]), torch.tensor([2.0, -2.0, 1.0])]
     out = T.ties_merge(torch.zeros(3), t, density=1.0, scaling_factor=1.0)
@@ -268,12 +285,71 @@ def test_ties_method_global_trim_matches_reference(density):
         assert got_thr == dict(zip(names, thr))  # exact: the k-th largest value itself
     else:  # keep everything: any threshold at or below the smallest magnitude is the same trim
         assert all(got_thr[n] <= t for n, t in zip(names, thr))
-    merged = ref_ties_entries([flat[n] for n in names], thr, "mass", "mean")
+    merged = ref_ties_entries([flat[n] for n in names], None, "mass", "mean",
+                              masks=[ref_top_k(flat[n], k) for n in names])
     want = np.concatenate([base[k].double().numpy().reshape(-1) for k in keys]) + 0.5 * merged
     sd = res.model.state_dict()
     got = np.concatenate([sd[k].double().numpy().reshape(-1) for k in keys])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert torch.equal(sd["pos"], base["pos"])
+
+
+def _bf16_tied_pool(seed=0):
+    """bf16 checkpoints whose task vectors take few distinct magnitudes (many ties at any threshold)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"z.weight": (24, 16), "a.weight": (32, 20), "m.bias": (40,)}  # names not in sorted order
+    base = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+    models = {"_pretrained_": base}
+    for m in range(3):
+        models[f"m{m}"] = {k: (v.float() + torch.randint(-3, 4, v.shape, generator=g) * 0.125).to(torch.bfloat16)
+                           for k, v in base.items()}
+    return models
+
+
+def _flat_taus_sorted(models, name):
+    """A model's task vector over the whole model, tensors in name order (the tie-break's order), float32."""
+    base = models["_pretrained_"]
+    return torch.cat([(models[name][k].float() - base[k].float()).reshape(-1) for k in sorted(base)])
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("density", [0.2, 0.37])
+def test_ties_exact_k_on_bf16_ties(scope, density):
+    """bf16 task vectors with massive ties: exactly k entries survive the trim (k = round(density n) per model
+    over the whole model, or per tensor), chosen as the naive reference chooses them; the whole merge equals
+    the reference; the streaming engine (row blocks) gives the same bytes."""
+    models = _bf16_tied_pool()
+    base = models["_pretrained_"]
+    names = ["m0", "m1", "m2"]
+    flat_k = ref_keep_count(sum(v.numel() for v in base.values()), density)
+    ties_at_thr = [int((_flat_taus_sorted(models, n).abs() == ref_threshold(_flat_taus_sorted(models, n).tolist(),
+                                                                            flat_k)).sum()) for n in names]
+    assert max(ties_at_thr) > 50  # the test data does tie massively at the threshold
+    # the trim alone (lambda = 1, sum of one model): exactly k non-zero entries
+    for n in names:
+        res = build_method("ties_merging", density=density, scaling_factor=1.0, trim_scope=scope,
+                           merge_func="sum").run(ModelPool({"_pretrained_": base, n: models[n]}))
+        sd = res.model.state_dict()
+        kept = {k: int(((sd[k].float() - base[k].float()) != 0).sum()) for k in base}
+        nz = {k: int(((models[n][k].float() - base[k].float()) != 0).sum()) for k in base}
+        if scope == "global":
+            assert sum(kept.values()) == min(flat_k, sum(nz.values()))
+        else:
+            assert all(kept[k] == min(ref_keep_count(base[k].numel(), density), nz[k]) for k in base)
+    # the merge against the naive reference (bf16 results: compare after rounding the reference to bf16)
+    res = build_method("ties_merging", density=density, scaling_factor=0.5, trim_scope=scope).run(ModelPool(models))
+    sd = res.model.state_dict()
+    keys = sorted(base)
+    if scope == "global":
+        flat = [_flat_taus_sorted(models, n).double().numpy() for n in names]
+        merged = ref_ties_entries(flat, None, "mass", "mean", masks=[ref_top_k(f, flat_k) for f in flat])
+        want = torch.cat([base[k].double().reshape(-1) for k in keys]) + 0.5 * torch.from_numpy(merged)
+    else:
+        want = torch.cat([torch.from_numpy(ref_ties_tensor(base[k], [models[n][k] for n in names], density, 0.5))
+                          for k in keys])
+    got = torch.cat([sd[k].reshape(-1) for k in keys])
+    assert torch.equal(got, want.to(torch.bfloat16))
+    from fusion_bench.engine.streaming import merge_to_folder  # noqa: F401  (streaming equality: test_streaming)
 
 
 def test_ties_method_global_trim_sampled_path(monkeypatch):

@@ -23,17 +23,30 @@ def _desc_magnitudes(t: torch.Tensor) -> list[float]:
     return sorted((abs(float(x)) for x in t.reshape(-1)), reverse=True)
 
 
+def _ranked(t: torch.Tensor) -> list[int]:
+    """Flat indices by magnitude descending, ties by flat index ascending (the kernels' tie-break)."""
+    flat = t.reshape(-1).tolist()
+    return sorted(range(len(flat)), key=lambda j: (-abs(flat[j]), j))
+
+
+def _keep_ranks(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    keep = set(_ranked(t)[r0:r1])
+    flat = t.reshape(-1).tolist()
+    return torch.tensor([flat[j] if j in keep else 0.0 for j in range(len(flat))]).reshape(t.shape)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.37, 0.5, 0.99, 1.0])
 def test_magnitude_sparsify_naive(density):
     tau = _rand((7, 5), 1)
     tau[0, :3] = 0.25  # ties
+    tau[2, 1] = -0.25
+    tau[4, 4] = 0.25
     n = tau.numel()
     k = int(density * n)
-    mags = _desc_magnitudes(tau)
-    thr = mags[k - 1] if k > 0 else math.inf
-    expect = torch.tensor([[float(x) if (abs(float(x)) >= thr or density >= 1) else 0.0 for x in row] for row in tau])
+    expect = tau.clone() if density >= 1 else _keep_ranks(tau, 0, k)
     got = K.sparsify(tau, "magnitude", density)
     assert torch.equal(got, expect)
+    assert int((got != 0).sum()) == (n if density >= 1 else k)
 
 
 @pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.05), (0.8, 0.3), (0.3, 0.0)])
@@ -44,18 +57,38 @@ def test_breadcrumbs_sparsify_naive(density, gamma):
     top = math.floor(gamma * n)
     if n - keep - top < 0:  # not enough entries: remove fewer outliers
         top = n - keep
-    mags = _desc_magnitudes(tau)
-    hi = mags[top - 1] if top > 0 else math.inf
-    lo = mags[top + keep - 1] if keep > 0 else math.inf
-    expect = torch.zeros_like(tau)
-    for i in range(6):
-        for j in range(6):
-            a = abs(float(tau[i, j]))
-            if lo <= a < hi:
-                expect[i, j] = tau[i, j]
+    expect = _keep_ranks(tau, top, top + keep)
     got = K.sparsify(tau, "breadcrumbs", density, gamma=gamma)
     assert torch.equal(got, expect)
     assert int((got != 0).sum()) == keep
+    # the older rule (tie_break='all'): lo <= |tau| < hi, the same here (no ties)
+    mags = _desc_magnitudes(tau)
+    hi = mags[top - 1] if top > 0 else math.inf
+    lo = mags[top + keep - 1] if keep > 0 else math.inf
+    assert torch.equal(K.sparsify(tau, "breadcrumbs", density, thresholds=(lo, hi)), expect)
+
+
+@pytest.mark.parametrize("method,density,gamma", [("magnitude", 0.2, 0.0), ("magnitude", 0.55, 0.0),
+                                                  ("breadcrumbs", 0.5, 0.1), ("breadcrumbs", 0.3, 0.25)])
+def test_exact_k_on_bf16_ties(method, density, gamma):
+    """bf16 task vectors with few distinct magnitudes: exactly the rule's number of entries, the naive ranks;
+    row blocks (with the whole tensor's band) give the same entries."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(30, 17, generator=g).to(torch.bfloat16)
+    ft = (base.float() + torch.randint(-2, 3, base.shape, generator=g) * 0.0625).to(torch.bfloat16)
+    tau = ft.float() - base.float()
+    n = tau.numel()
+    mags = _desc_magnitudes(tau)
+    keep = math.floor(density * n)
+    top = min(math.floor(gamma * n), n - keep)
+    assert sum(m == mags[top + keep - 1] for m in mags) > 20  # massive ties at the lower bound
+    expect = _keep_ranks(tau, top, top + keep)
+    got = K.sparsify(tau, method, density, gamma=gamma)
+    assert torch.equal(got, expect) and int((got != 0).sum()) == int((expect != 0).sum())
+    assert int((got != 0).sum()) == keep - sum(1 for j in _ranked(tau)[top:top + keep] if tau.reshape(-1)[j] == 0)
+    band = K.magnitude_band(tau, method, density, gamma)
+    blocks = [K.sparsify(tau[r:r + 7], method, density, band=band, offset=r * 17) for r in range(0, 30, 7)]
+    assert torch.equal(torch.cat(blocks), expect)
 
 
 @pytest.mark.parametrize("rescale", [True, False])
@@ -182,7 +215,7 @@ def test_methods_match_kernel_composition():
     names = ["a", "b", "c"]
     m = build_method({"name": "model_breadcrumbs", "density": 0.7, "gamma": 0.05, "scaling_factor": 0.4})
     got = m.merge_tensor("k", base, ts, names)
-    taus = [K.sparsify(t - base, "breadcrumbs", 0.7, gamma=0.05) for t in ts]
+    taus = [_keep_ranks(t - base, 3, 3 + 44) for t in ts]  # n_top = int(0.05 * 64) = 3, int(0.7 * 64) = 44 kept
     expect = base + 0.4 * sum(taus)
     torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
     from fusion_bench.utils import seeded_generator
@@ -227,3 +260,41 @@ def test_kth_largest_bracket_miss_falls_back():
     vals = sorted(x.tolist(), reverse=True)
     ks = [10, n // 2, n - size - 5]
     assert K.kth_largest_abs_diff(x, None, ks) == [vals[k - 1] for k in ks]
+
+
+@pytest.mark.parametrize("opts", [{"name": "ties_merging", "density": 0.2},
+                                  {"name": "ties_merging", "density": 0.2, "trim_scope": "tensor"},
+                                  {"name": "ties_merging", "density": 0.3, "zero_vote": "majority"},
+                                  {"name": "dare_ties_merging", "density": 0.3, "sparsity_ratio": 0.3},
+                                  {"name": "model_breadcrumbs", "density": 0.6, "gamma": 0.05},
+                                  {"name": "generalized_task_arithmetic", "sparsification": "magnitude",
+                                   "density": 0.3, "consensus": "sum"}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_exact_k_streaming_equals_in_memory_bf16(tmp_path, opts):
+    """bf16 checkpoints tie massively at the trim thresholds: the streaming engine (row blocks, tensors in
+    its own order) keeps the same entries as the in-memory engine, bit for bit."""
+    from fusion_bench.engine.streaming import merge_to_folder
+    from fusion_bench.modelpool import build_modelpool
+    from tests.test_streaming_helpers import load_sd, save_zoo
+
+    zoo = save_zoo(tmp_path / "zoo", "llama", n=3, dtype=torch.bfloat16)
+    ref = build_method(dict(opts)).run(build_modelpool({"type": "causal_lm", "models": zoo})).model.state_dict()
+    out = tmp_path / "merged"
+    merge_to_folder(build_method(dict(opts)), build_modelpool({"type": "causal_lm", "models": zoo}), out,
+                    block_elements=200, max_shard_size="20KB")
+    got = load_sd(out)
+    for k, v in got.items():
+        assert torch.equal(v, ref[k]), k
+    if opts["name"] == "ties_merging" and "zero_vote" not in opts:  # the trim alone keeps exactly k
+        one = {"_pretrained_": zoo["_pretrained_"], "ft0": zoo["ft0"]}
+        m = build_method({**opts, "merge_func": "sum", "scaling_factor": 1.0})
+        sd = m.run(build_modelpool({"type": "causal_lm", "models": one})).model.state_dict()
+        base, ft = load_sd(zoo["_pretrained_"]), load_sd(zoo["ft0"])
+        keys = [k for k in base if base[k].is_floating_point()]
+        kept = {k: int((sd[k].float() != base[k].float()).sum()) for k in keys}
+        nz = {k: int((ft[k].float() != base[k].float()).sum()) for k in keys}
+        if opts.get("trim_scope") == "tensor":
+            assert all(kept[k] == min(math.floor(0.2 * base[k].numel() + 0.5), nz[k]) for k in keys)
+        else:
+            total = sum(base[k].numel() for k in keys)
+            assert sum(kept.values()) == min(math.floor(0.2 * total + 0.5), sum(nz.values()))

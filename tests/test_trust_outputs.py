@@ -498,3 +498,27 @@ def test_zoo_builds_remove_only_dead_fusion_bench_temporaries(tmp_path):
     stale.mkdir()
     remove_stale_in(tmp_path)
     assert user.read_text() == "mine" and mine_alive.is_dir() and not stale.exists()
+
+
+def test_per_task_results_are_saved_as_one_folder(toy, tmp_path):
+    """A one-model-per-task result (EMR) given merged_model_path writes every task's model under that folder,
+    atomically and marked as ours (a second run without overwrite is refused); each file holds the method's
+    model for that task."""
+    from safetensors.torch import load_file
+
+    from fusion_bench.methods import build_method
+    from fusion_bench.modelpool import build_modelpool
+
+    out = tmp_path / "per_task"
+    rep = run(toy["pool"], method={"name": "emr_merging"}, merged_model_path=str(out))
+    assert rep["result_kind"] == "per_task" and set(rep["per_task_model_paths"]) == {"a", "b"}
+    ref = build_method({"name": "emr_merging"}).run(build_modelpool(toy["pool"])).models
+    for task in ("a", "b"):
+        got = load_file(str(out / f"{task}.safetensors"))
+        want = ref[task].state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    assert (out / ".fusion_bench_output").exists()
+    with pytest.raises(OutputExistsError):
+        run(toy["pool"], method={"name": "emr_merging"}, merged_model_path=str(out))
+    rep = run(toy["pool"], method={"name": "simple_ensemble"}, merged_model_path=str(tmp_path / "ens"))
+    assert rep["merged_model_path"] is None and "nothing was saved" in rep["merged_model_path_note"]

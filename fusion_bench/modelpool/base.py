@@ -476,6 +476,29 @@ class ModelPool:
             _write_or_explain(lambda: save_file(sd, str(tmp), metadata=safetensors_metadata("merged model")), path)
         return path
 
+    def save_models(self, models: Mapping[str, nn.Module], path: str | os.PathLike, *, overwrite: bool = False,
+                    overwrite_hint: str = "overwrite=True") -> dict[str, Path]:
+        """Save a one-model-per-task result atomically as one folder: ``path/<task>/`` (``save_pretrained``, with
+        the task model's tokenizer/processor) for Hugging Face models, ``path/<task>.safetensors`` otherwise.
+        The same guards as :meth:`save_model` apply to ``path``. Returns task -> written path."""
+        from safetensors.torch import save_file
+
+        path = Path(os.path.expanduser(str(path)))
+        guard = {"overwrite": overwrite, "inputs": self.input_paths(), "what": "per-task models", "hint": overwrite_hint}
+        out: dict[str, Path] = {}
+        with output_dir(path, **guard) as tmp:
+            for task, model in models.items():
+                if hasattr(model, "save_pretrained"):
+                    _write_or_explain(lambda m=model, t=task: m.save_pretrained(tmp / t), path)
+                    self._save_extras(tmp / task, task if task in self._entries else None)
+                    out[task] = path / task
+                else:
+                    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+                    _write_or_explain(lambda sd=sd, t=task: save_file(
+                        sd, str(tmp / f"{t}.safetensors"), metadata=safetensors_metadata("per-task model")), path)
+                    out[task] = path / f"{task}.safetensors"
+        return out
+
     def _save_extras(self, folder: Path, name: str | None) -> None:
         src_name = name or self.base_name()
         tok = self.config.tokenizer

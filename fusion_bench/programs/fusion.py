@@ -147,7 +147,7 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
         merges = isinstance(method, TensorwiseMerge) or (method.uses_data and method.family == "merging")
         found = check_run(cfg, method, modelpool, taskpool, merges=merges, log=log)
         plan.update({k: v for k, v in found.items() if k not in plan})
-        targets = output_targets(cfg, modelpool, streaming)
+        targets = output_targets(cfg, modelpool, streaming, per_task=_declares_per_task(method))
         check_outputs(targets, cfg, modelpool)  # the outputs: may be written (not created, not locked)
         if targets:
             plan["checked"].append("output(s) may be written: " + ", ".join(str(t[0]) for t in targets))
@@ -158,7 +158,7 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
         log(json.dumps(plan, indent=2, default=str))
         return {"dry_run": True, "plan": plan}
 
-    targets = output_targets(cfg, modelpool, streaming)
+    targets = output_targets(cfg, modelpool, streaming, per_task=_declares_per_task(method))
     check_outputs(targets, cfg, modelpool)  # before any work: no hour of merging lost to this error
     with ExitStack() as stack:  # one run at a time per destination, for the whole run
         for dest, what, _kind in targets:
@@ -166,14 +166,21 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
         return _run_checked(cfg, config, method, modelpool, taskpool, streaming, log)
 
 
-def output_targets(cfg: ProgramConfig, modelpool, streaming: bool) -> list[tuple[Path, str, str]]:
+def _declares_per_task(method) -> bool:
+    return getattr(method, "result_kind", None) == "per_task"
+
+
+def output_targets(cfg: ProgramConfig, modelpool, streaming: bool, per_task: bool = False) -> list[tuple[Path, str, str]]:
     """The run's outputs ``(path, what, 'dir' | 'file')``: the merged model (where
-    :meth:`ModelPool.save_model` will put it) and the report."""
+    :meth:`ModelPool.save_model` will put it; a folder of per-task models for one-model-per-task methods,
+    see :meth:`ModelPool.save_models`) and the report."""
     out: list[tuple[Path, str, str]] = []
     if cfg.merged_model_path:
         p = Path(os.path.expanduser(str(cfg.merged_model_path)))
         if streaming:
             out.append((p, "merged model folder", "dir"))
+        elif per_task:
+            out.append((p, "per-task models", "dir"))
         else:
             base = modelpool.base_name()
             kind = modelpool.kind(base)
@@ -244,6 +251,18 @@ def _run_checked(cfg: ProgramConfig, config, method, modelpool, taskpool, stream
                                     overwrite_hint=OVERWRITE_HINT)
         report["merged_model_path"] = str(path)
         log(f"merged model saved to {path}")
+    elif cfg.merged_model_path and result.kind == "per_task":
+        paths = modelpool.save_models(result.models, cfg.merged_model_path, overwrite=cfg.overwrite,
+                                      overwrite_hint=OVERWRITE_HINT)
+        report["merged_model_path"] = str(Path(os.path.expanduser(str(cfg.merged_model_path))))
+        report["per_task_model_paths"] = {t: str(p) for t, p in paths.items()}
+        log(f"{len(paths)} per-task models saved under {report['merged_model_path']} (one per task: the task id "
+            "chooses the model)")
+    elif cfg.merged_model_path and result.kind == "ensemble":
+        report["merged_model_path"] = None
+        report["merged_model_path_note"] = ("an output ensemble has no merged weights: its members are the pool's "
+                                            "models, nothing was saved")
+        log(f"merged_model_path={cfg.merged_model_path}: {report['merged_model_path_note']}")
     if cfg.evaluate:
         with measure() as em:
             report["evaluation"] = evaluate_result(result, taskpool)

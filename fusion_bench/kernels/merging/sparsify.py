@@ -4,14 +4,19 @@ A task vector tau_i = theta_i - theta_0 is sparsified (some entries set to 0, th
 possibly rescaled), weighted by w_i, optionally filtered by a sign consensus, summed and
 optionally normalised, then added to the base. Sparsifications (one tensor at a time):
 
-- ``magnitude`` (TIES trim, Yadav et al. NeurIPS 2023 as in mergekit): keep |tau| >= the k-th
-  largest |tau| with k = floor(density * n) (mergekit's k); every entry tied with the threshold
-  is kept (mergekit keeps exactly k, choosing among ties by an unstable sort).
+Entries are ranked by magnitude, descending, ties in magnitude by flat index, ascending (the lower
+index ranks first); the magnitude methods keep a range of ranks, so exactly as many entries as the
+rule says (:func:`rank_band`):
+
+- ``magnitude`` (TIES trim, Yadav et al. NeurIPS 2023 as in mergekit): keep ranks [0, k) with
+  k = floor(density * n) (mergekit's k).
 - ``breadcrumbs`` (Model Breadcrumbs, Davari & Belilovsky 2023): remove the n_top = floor(gamma * n)
   largest magnitudes (outliers) and the smallest ones so that floor(density * n) entries stay
-  (n_top shrinks when density + gamma > 1): keep lo <= |tau| < hi with lo = the
-  (n_top + floor(density * n))-th largest and hi = the n_top-th largest (hi = +inf when n_top = 0).
-  Ties at lo are kept, ties at hi removed.
+  (n_top shrinks when density + gamma > 1): keep ranks [n_top, n_top + floor(density * n)).
+
+(:func:`magnitude_thresholds` + :func:`band_keep` give the older rule that keeps every entry tied at
+the lower bound and removes every entry tied at the upper one: ``tie_break='all'``; mergekit's own
+choice among ties is :func:`mergekit_kept`.)
 - ``random`` (DARE, Yu et al. ICML 2024): keep entry j when u_j >= 1 - density, u = torch.rand
   from the caller's generator (the draw of :func:`fusion_bench.kernels.merging.dare.dare_mask`); kept
   entries are divided by density when ``rescale``.
@@ -39,6 +44,7 @@ from collections.abc import Sequence
 import torch
 
 from fusion_bench.kernels.merging.dare import dare_mask
+from fusion_bench.kernels.merging import ties as T
 from fusion_bench.kernels.merging.ties import KthLargestSelector
 
 #: elements per chunk when streaming |a - b| through the radix selector
@@ -181,6 +187,63 @@ def magnitude_thresholds(tau_or_theta: torch.Tensor, base: torch.Tensor | None, 
     raise ValueError(f"no magnitude thresholds for sparsification {method!r}")
 
 
+#: a kept rank range of one tensor: (lo, hi, windows): entries with lo < |tau| < hi, plus, for each window
+#: (value, start, end), the entries with |tau| == value at flat index in [start, end)
+Band = tuple[float, float, tuple[tuple[float, int, int], ...]]
+
+
+def rank_band(tau: torch.Tensor, r0: int, r1: int, base: torch.Tensor | None = None) -> Band:
+    """The entries of ranks [r0, r1) of |tau - base| (``base=None``: of |tau|) as a :data:`Band`.
+
+    Ranks: magnitude descending, ties by flat index ascending. Two exact order statistics (the
+    (r0 + 1)-th and r1-th largest), one counting pass, and, only when a boundary value's ties are split,
+    one pass that locates the split (chunk by chunk: memory is the inputs plus one chunk).
+    """
+    n = tau.numel()
+    r0, r1 = max(r0, 0), min(r1, n)
+    if r1 <= r0:
+        return math.inf, math.inf, ()
+    dt = torch.float64 if tau.dtype == torch.float64 else torch.float32
+    hi_v, lo_v = kth_largest_abs_diff(tau, base, [r0 + 1, r1])
+    windows = []
+    for v in ((hi_v,) if lo_v == hi_v else (hi_v, lo_v)):
+        gt, eq = T.magnitude_counts(tau, v, base, dt)
+        a, b = max(r0 - gt, 0), min(r1 - gt, eq)  # ordinals [a, b) of the kept entries among those == v
+        if v == 0.0 or (a == 0 and b == eq):
+            windows.append((v, 0, n))
+            continue
+        (first, last), _ = T.tie_positions(tau, v, [a, b - 1], base, dt)
+        windows.append((v, int(first), int(last) + 1))
+    return lo_v, hi_v, tuple(windows)
+
+
+def rank_band_mask(tau: torch.Tensor, band: Band, offset: int = 0) -> torch.Tensor:
+    """Mask of the entries of ``band`` in ``tau``, a block whose first entry has flat index ``offset``."""
+    lo, hi, windows = band
+    dt = torch.float64 if tau.dtype == torch.float64 else torch.float32
+    a = tau.abs().to(dt)
+    m = (a > lo) & (a < hi)
+    fm, fa = m.view(-1), a.reshape(-1)
+    n = fm.numel()
+    for v, start, end in windows:
+        s, e = max(start - offset, 0), min(end - offset, n)
+        if s < e:
+            fm[s:e] |= fa[s:e] == v
+    return m
+
+
+def magnitude_band(tau: torch.Tensor, method: str, density: float, gamma: float = 0.01) -> Band:
+    """The kept :data:`Band` of one task vector for ``magnitude`` (ranks [0, k)) or ``breadcrumbs`` (ranks
+    [n_top, n_top + n_keep)), see the module docstring."""
+    n = tau.numel()
+    if method == "magnitude":
+        return rank_band(tau, 0, magnitude_k(n, density))
+    if method == "breadcrumbs":
+        n_top, n_keep = breadcrumbs_counts(n, density, gamma)
+        return rank_band(tau, n_top, n_top + n_keep)
+    raise ValueError(f"no magnitude band for sparsification {method!r}")
+
+
 def band_mask(tau: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Entries with lo <= |tau| < hi."""
     a = tau.abs()
@@ -275,7 +338,7 @@ def della_keep_prob(tau: torch.Tensor, density: float, epsilon: float) -> torch.
 
 def sparsify(tau: torch.Tensor, method: str, density: float, *, rescale: bool = False,
              generator: torch.Generator | None = None, thresholds: tuple[float, float] | None = None,
-             gamma: float = 0.01, epsilon: float = 0.15) -> torch.Tensor:
+             gamma: float = 0.01, epsilon: float = 0.15, band: Band | None = None, offset: int = 0) -> torch.Tensor:
     """Sparsify one task vector (see the module docstring for each method's exact rule).
 
     Args:
@@ -285,15 +348,20 @@ def sparsify(tau: torch.Tensor, method: str, density: float, *, rescale: bool = 
         density: fraction of entries kept (expected fraction for random methods); >= 1 keeps all.
         rescale: random methods: divide kept entries by their keep probability.
         generator: random methods: the source of the uniforms.
-        thresholds: magnitude methods: (lo, hi) of the whole tensor (default: computed on ``tau``).
+        thresholds: magnitude methods, ties all kept: keep lo <= |tau| < hi (from :func:`magnitude_thresholds`).
+        band: magnitude methods: the whole tensor's :data:`Band` (default: :func:`magnitude_band` of ``tau``).
+        offset: with ``band``: flat index of the first entry of ``tau`` (a row block) in the whole tensor.
         gamma: breadcrumbs: fraction of largest magnitudes removed.
         epsilon: della: half-width of the keep probabilities around density.
     """
     if method == "none" or density >= 1.0:
         return tau
     if method in ("magnitude", "breadcrumbs"):
-        lo, hi = thresholds if thresholds is not None else magnitude_thresholds(tau, None, method, density, gamma)
-        return band_keep(tau, lo, hi)
+        if thresholds is not None:
+            return band_keep(tau, *thresholds)
+        if band is None:
+            band = magnitude_band(tau, method, density, gamma)
+        return tau * rank_band_mask(tau, band, offset)
     if generator is None:
         raise ValueError(f"sparsification {method!r} needs a seeded generator")
     if method == "random":

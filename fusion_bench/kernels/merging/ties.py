@@ -4,14 +4,16 @@ Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" 
 
 Variant implemented (:func:`ties_merge`), for task vectors tau_i = theta_i - theta_0:
 
-1. **Trim**: keep the entries of tau_i whose magnitude is at least the magnitude threshold of
-   model i, set the others to 0. The threshold is the k-th largest |tau_i| with
+1. **Trim**: keep exactly the k largest |tau_i| of model i, set the others to 0, with
    ``k = keep_count(n, density)`` = round-half-up(density * n) over the n entries in scope: one
    tensor (``trim_scope='tensor'``, as mergekit) or the whole flattened task vector of the model
-   (``'global'``, as the paper and FusionBench; the caller computes it with
-   :class:`KthLargestSelector`, tensor by tensor). **Ties in magnitude**: every entry equal to the
-   threshold is kept, so slightly more than k entries survive when magnitudes tie at the
-   threshold; the result never depends on the order of entries. k = 0 keeps nothing.
+   (``'global'``, as the paper and FusionBench; the caller finds the threshold with
+   :class:`KthLargestSelector`, tensor by tensor). The threshold T is the k-th largest |tau_i|:
+   every entry with |tau_i| > T is kept; **ties in magnitude** at T are kept lower flat index first
+   until k entries are kept (:func:`exact_k_cut`; in the global scope the tensors are taken in the
+   sorted order of their names, then by flat index). Without that tie-break (``tie_ends`` omitted
+   with explicit thresholds, FusionBench's ``>=`` rule) every entry tied at T is kept. k = 0 keeps
+   nothing.
 2. **Elect** the sign per entry: ``'mass'`` (paper): gamma = sgn(sum_i trimmed tau_i);
    ``'count'``: gamma = sgn(sum_i sgn(trimmed tau_i)). When the vote is exactly 0 the elected
    sign is 0 and (as in the paper's Algorithm 1, where A^p = {t : sgn(tau_t^p) = gamma^p}) no
@@ -212,6 +214,8 @@ class KthLargestSelector:
         self._bin_shift = [0] * m
         self._above = [0] * m
         self._seen = [0] * m
+        # per stream, once found: (entries equal to the answer that the top k holds, entries equal to it)
+        self._ties: list[tuple[int, int] | None] = [None] * m
 
     @property
     def done(self) -> bool:
@@ -342,6 +346,7 @@ class KthLargestSelector:
         sh = self._bin_shift[s]
         if sh == 0:
             self._result[s] = self._pattern_value(self._lo[s] + j)
+            self._ties[s] = (kk - (int(ge[j + 1]) if j + 1 < ge.size else 0), int(fine[j]))
             return
         # the bin of 2^sh patterns holding the answer is known: one radix pass over its low bits
         self._remaining[s] = kk - (int(ge[j + 1]) if j + 1 < ge.size else 0)
@@ -361,6 +366,7 @@ class KthLargestSelector:
         self._prefix[s] = d if prefix is None else (prefix << self._dbits[s]) | d
         if self._rshift[s] == 0:
             self._result[s] = self._pattern_value(self._prefix[s])
+            self._ties[s] = (self._remaining[s], int(self._hist[s][d]))
         else:
             self._rshift[s] -= 16
             self._dbits[s] = 16
@@ -395,6 +401,13 @@ class KthLargestSelector:
             raise RuntimeError("KthLargestSelector.values() called before the last pass")
         return [float(r) for r in self._result]
 
+    def tie_counts(self) -> list[tuple[int, int] | None]:
+        """Per stream (take, tied): of the ``tied`` values whose magnitude equals the k-th largest, the top k
+        holds ``take`` (1 <= take <= tied); None where the answer needed no selection (k <= 0, k > count)."""
+        if not self.done:
+            raise RuntimeError("KthLargestSelector.tie_counts() called before the last pass")
+        return list(self._ties)
+
 
 def kth_largest_abs(values: torch.Tensor, k: int) -> float:
     """Exact k-th largest magnitude |x| of a tensor of finite floats (+inf for k <= 0, 0.0 for k > numel).
@@ -425,13 +438,98 @@ def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
     return kth_largest_abs(tau, keep_count(tau.numel(), density))
 
 
+# ----------------------------------------------------------------------------------------------
+# exactly k: the tie-break among entries of equal magnitude
+# ----------------------------------------------------------------------------------------------
+#: entries per step when scanning for tied magnitudes
+TIE_CHUNK = 1 << 18
+
+
+def _abs_chunks(x: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype):
+    """(start, |x - base| of entries [start, start + TIE_CHUNK)) in ``dtype``, the difference formed as the
+    selection forms it (both operands converted to ``dtype`` first)."""
+    fx = x.reshape(-1)
+    fb = base.reshape(-1) if base is not None else None
+    n = fx.numel()
+    for s in range(0, n, TIE_CHUNK):
+        e = min(n, s + TIE_CHUNK)
+        v = fx[s:e].to(dtype, copy=True)
+        if fb is not None:
+            v.sub_(fb[s:e].to(dtype))
+        yield s, v.abs_()
+
+
+def magnitude_counts(x: torch.Tensor, value: float, base: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+    """(number of |x - base| > value, number equal to it), in ``dtype`` chunk by chunk."""
+    gt = eq = 0
+    for _, a in _abs_chunks(x, base, dtype):
+        gt += int(torch.count_nonzero(a > value))
+        eq += int(torch.count_nonzero(a == value))
+    return gt, eq
+
+
+def tie_positions(x: torch.Tensor, value: float, ordinals: Sequence[int], base: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[list[int | None], int]:
+    """Flat indices of the entries with |x - base| == ``value`` whose 0-based ordinals among those entries (in
+    flat order) are ``ordinals`` (None for an ordinal past the last one), and how many such entries there are."""
+    out: list[int | None] = [None] * len(ordinals)
+    seen = 0
+    for s, a in _abs_chunks(x, base, dtype):
+        eq = a == value
+        c = int(torch.count_nonzero(eq))
+        want = [j for j, o in enumerate(ordinals) if seen <= o < seen + c]
+        if want:
+            idx = torch.nonzero(eq).reshape(-1)
+            for j in want:
+                out[j] = s + int(idx[ordinals[j] - seen])
+        seen += c
+    return out, seen
+
+
+def exact_k_cut(tau: torch.Tensor, k: int, threshold: float | None = None) -> tuple[float, int]:
+    """(threshold T, tie end E) of the top-k trim of one task vector that keeps **exactly** k entries.
+
+    T is the k-th largest |tau|; every entry with |tau| > T is kept, and of the entries with |tau| == T
+    those at flat index < E (lower flat index first): E is one past the flat index of the (k - #{|tau| > T})-th
+    of them (E = numel when all of them fit). k <= 0 gives (+inf, 0), T = 0 (fewer than k non-zero entries)
+    gives (0, numel): the zeros kept or not change nothing. Magnitudes in float32 (float64 for float64).
+    """
+    n = tau.numel()
+    dtype = torch.float64 if tau.dtype == torch.float64 else torch.float32
+    t = kth_largest_abs(tau, k) if threshold is None else threshold
+    if not 0.0 < t < math.inf:
+        return t, (0 if t == math.inf else n)
+    gt, eq = magnitude_counts(tau, t, dtype=dtype)
+    take = k - gt
+    if take >= eq:
+        return t, n
+    pos, _ = tie_positions(tau, t, [take - 1], dtype=dtype)
+    return t, int(pos[0]) + 1
+
+
 def trim(tau: torch.Tensor, density: float | None = None, threshold: float | None = None) -> torch.Tensor:
-    """Keep the entries with |tau| >= threshold (default: the top-``density`` threshold of ``tau``)."""
+    """Top-``density`` trim keeping exactly k = keep_count(n, density) entries (ties in magnitude: lower flat
+    index first); with ``threshold`` instead, keep every entry with |tau| >= threshold (ties all kept)."""
     if threshold is None:
         if density is None:
             raise ValueError("trim needs density or threshold")
-        threshold = magnitude_threshold(tau, density)
+        t, end = exact_k_cut(tau, keep_count(tau.numel(), density))
+        return trim_to(tau, t, end)
     return torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype))
+
+
+def trim_to(tau: torch.Tensor, threshold: float, end: int | None = None, offset: int = 0) -> torch.Tensor:
+    """Entries with |tau| > threshold, and those equal to it at flat index < ``end`` (None: all of them), of
+    a block whose first entry has flat index ``offset``."""
+    a = tau.abs()
+    keep = a >= threshold
+    if end is not None and 0.0 < threshold < math.inf:
+        flat = keep.view(-1)
+        cut = max(end - offset, 0)
+        if cut < flat.numel():
+            flat[cut:] &= a.reshape(-1)[cut:] != threshold
+    return torch.where(keep, tau, torch.zeros((), dtype=tau.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,8 +574,10 @@ def _shrink_level(threshold: float, dtype: torch.dtype) -> float:
 
 def _sign_merge_range(flats: Sequence[torch.Tensor], flat_base: torch.Tensor, out: torch.Tensor, lo: int, hi: int,
                       levels: list[float] | None, scaling_factor: float, sign_election: str, merge: str,
-                      subtract: bool, zero_sign: float = 0.0) -> None:
-    """Entries [lo, hi) of the sign merge, in chunks of at most CHUNK entries per model.
+                      subtract: bool, zero_sign: float = 0.0,
+                      cuts: Sequence[tuple[float, int] | None] | None = None) -> None:
+    """Entries [lo, hi) of the sign merge, in chunks of at most CHUNK entries per model. ``cuts[i]`` =
+    (threshold, end): entries of model i equal in magnitude to the threshold at flat index >= end are dropped.
 
     Every torch op works on one chunk of one model (< 32768 entries: below torch's parallel grain
     size), so the ops run serially in the calling thread without thread-pool barriers.
@@ -506,6 +606,10 @@ def _sign_merge_range(flats: Sequence[torch.Tensor], flat_base: torch.Tensor, ou
                     row.zero_()
                 elif levels[i] > 0.0:
                     torch.ops.aten.hardshrink.out(row, levels[i], out=row)  # |x| >= threshold kept
+                cut = cuts[i] if cuts is not None else None
+                if cut is not None and cut[1] < stop and levels[i] != math.inf:  # ties past the end: dropped
+                    seg = row[max(cut[1] - start, 0):]
+                    seg.masked_fill_(seg.abs() == cut[0], 0.0)
             if sign_election == "mass":
                 vote.add_(row)
             else:
@@ -532,7 +636,8 @@ def _sign_merge_range(flats: Sequence[torch.Tensor], flat_base: torch.Tensor, ou
 
 def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thresholds: Sequence[float] | None,
                         scaling_factor: float, sign_election: SignElection, merge: DisjointMerge,
-                        transform=None, zero_sign: float = 0.0) -> torch.Tensor:
+                        transform=None, zero_sign: float = 0.0,
+                        tie_ends: Sequence[int | None] | None = None) -> torch.Tensor:
     """theta_0 + lambda * disjoint_merge(elect(trimmed taus)), computed in flat chunks.
 
     Same arithmetic as :func:`elect_sign` + :func:`disjoint_merge`, arranged for speed: chunks stay
@@ -543,7 +648,8 @@ def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thr
     busy machine. ``transform(i, tau_i)`` (optional) replaces the whole task vector of model i
     before the trim (DARE uses it); it is applied to whole tensors, so random draws do not depend
     on the chunking. ``zero_sign`` (FusionBench): the elected sign where the vote is exactly 0
-    (default 0: such entries merge to 0).
+    (default 0: such entries merge to 0). ``tie_ends[i]`` (optional; None: keep every tie): of model i's
+    entries whose magnitude equals thresholds[i], only those at flat index < tie_ends[i] are kept.
     """
     if sign_election not in ("mass", "count"):
         raise ValueError(f"unknown sign election {sign_election!r}; use 'mass' or 'count'")
@@ -556,10 +662,14 @@ def _chunked_sign_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], thr
         flats = [transform(i, t - base).reshape(-1) for i, t in enumerate(tensors)]
     else:
         flats = [t.reshape(-1) for t in tensors]
-    levels = None
+    levels = cuts = None
     if thresholds is not None:
         levels = [_shrink_level(float(t), base.dtype) if math.isfinite(t) else math.inf for t in thresholds]
-    args = (levels, scaling_factor, sign_election, merge, transform is None, zero_sign)
+        if tie_ends is not None:
+            if len(tie_ends) != len(thresholds):
+                raise ValueError(f"got {len(tie_ends)} tie ends for {len(thresholds)} thresholds")
+            cuts = [None if e is None or e >= numel else (float(t), int(e)) for t, e in zip(thresholds, tie_ends)]
+    args = (levels, scaling_factor, sign_election, merge, transform is None, zero_sign, cuts)
     parallel_ranges(numel, lambda a, z: _sign_merge_range(flats, flat_base, out, a, z, *args))
     return out.reshape(base.shape)
 
@@ -581,12 +691,12 @@ def parallel_ranges(numel: int, fn) -> list:
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, density: float = 0.2,
                scaling_factor: float = 0.3, thresholds: Sequence[float] | None = None,
                sign_election: SignElection = "mass", merge: DisjointMerge = "mean",
-               zero_sign: float = 0.0) -> torch.Tensor:
+               zero_sign: float = 0.0, tie_ends: Sequence[int | None] | None = None) -> torch.Tensor:
     """TIES-merging of one tensor: trim, elect sign, disjoint merge, add to the base.
 
     Paper: Yadav et al., NeurIPS 2023 (see the module docstring for the exact variant: trim keeps
-    |tau_i| >= the k-th largest magnitude, ties at the threshold kept; sign by total mass; mean
-    over agreeing non-zero entries; a zero vote gives 0).
+    exactly the k largest |tau_i|, ties in magnitude broken by lower flat index; sign by total mass;
+    mean over agreeing non-zero entries; a zero vote gives 0).
 
     Args:
         base: theta_0 (float32/float64).
@@ -595,27 +705,35 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, density: 
             per-tensor trim: k = keep_count(numel, density) largest magnitudes of this tensor).
         scaling_factor: lambda.
         thresholds: per-model magnitude thresholds (e.g. whole-model thresholds of the global
-            trim); entries with |tau_i| >= thresholds[i] are kept. Overrides ``density``.
+            trim); entries with |tau_i| >= thresholds[i] are kept (see ``tie_ends``). Overrides ``density``.
         sign_election: 'mass' (paper) or 'count'.
         merge: 'mean' (paper), 'sum' or 'max'.
         zero_sign: the sign elected where the vote is exactly 0 (0: the paper; FusionBench: see
             :func:`fusionbench_zero_sign`).
+        tie_ends: with ``thresholds``: of the entries with |tau_i| == thresholds[i], keep only those at flat
+            index < tie_ends[i] (from :func:`exact_k_cut`; None or omitted: keep them all).
     """
     if thresholds is None:
         k = keep_count(base.numel(), density)
-        thresholds = [kth_largest_abs(t - base, k) for t in tensors]
+        cuts = [exact_k_cut(t - base, k) for t in tensors]
+        thresholds = [c[0] for c in cuts]
+        tie_ends = [c[1] for c in cuts]
     elif len(thresholds) != len(tensors):
         raise ValueError(f"ties_merge got {len(thresholds)} thresholds for {len(tensors)} tensors")
-    return _chunked_sign_merge(base, tensors, thresholds, scaling_factor, sign_election, merge, zero_sign=zero_sign)
+    return _chunked_sign_merge(base, tensors, thresholds, scaling_factor, sign_election, merge, zero_sign=zero_sign,
+                               tie_ends=tie_ends)
 
 
-def vote_sign_total(taus: Sequence[torch.Tensor], thresholds: Sequence[float], sign_election: SignElection = "mass") -> int:
+def vote_sign_total(taus: Sequence[torch.Tensor], thresholds: Sequence[float], sign_election: SignElection = "mass",
+                    tie_ends: Sequence[int | None] | None = None) -> int:
     """sum_j sgn(vote_j) over the entries of one tensor: the vote of the trimmed task vectors ``taus``
-    (entries with |tau_i| >= thresholds[i] kept). Summed over all tensors it gives FusionBench's majority
-    sign (``resolve_zero_signs``: sgn of the sum of the elected signs of the whole flattened model)."""
+    (entries with |tau_i| >= thresholds[i] kept, ties only below ``tie_ends[i]`` when given). Summed over all
+    tensors it gives FusionBench's majority sign (``resolve_zero_signs``: sgn of the sum of the elected signs
+    of the whole flattened model)."""
     vote = None
-    for t, thr in zip(taus, thresholds):
-        kept = torch.where(t.abs() >= thr, t, torch.zeros((), dtype=t.dtype))
+    ends = list(tie_ends) if tie_ends is not None else [None] * len(taus)
+    for t, thr, end in zip(taus, thresholds, ends):
+        kept = trim_to(t, thr, end)
         v = kept if sign_election == "mass" else kept.sign()
         vote = v if vote is None else vote + v
     return int(vote.sign().sum()) if vote is not None else 0

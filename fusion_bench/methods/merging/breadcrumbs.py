@@ -29,7 +29,8 @@ class ModelBreadcrumbs(GeneralizedTaskArithmetic):
 
     Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
     Masks" (2023). Variant: per tensor, the n_top = floor(gamma n) largest |tau| and the smallest are
-    removed so that floor(density n) stay (ties at the lower bound kept, at the upper removed);
+    removed so that exactly floor(density n) stay (ranks [n_top, n_top + floor(density n)) by magnitude,
+    ties in magnitude ranked by lower flat index first);
     theta = theta_0 + lambda * sum_i w_i mask_i tau_i (consensus=sum adds TIES sign election, as
     mergekit's breadcrumbs_ties).
 
@@ -40,6 +41,6 @@ class ModelBreadcrumbs(GeneralizedTaskArithmetic):
     name = "model_breadcrumbs"
     config_class: ClassVar = BreadcrumbsConfig
     summary = "Model Breadcrumbs: per-tensor magnitude band (drop outliers and small entries), then task arithmetic."
-    variant = ("Davari & Belilovsky 2023: keep lo <= |tau| < hi per tensor, hi = n_top-th largest (n_top = "
-               "floor(gamma n)), lo = (n_top + floor(density n))-th largest; theta = theta_0 + lambda sum_i w_i "
+    variant = ("Davari & Belilovsky 2023: per tensor keep exactly the magnitude ranks [n_top, n_top + floor(density n)) "
+               "(n_top = floor(gamma n) outliers removed; ties in magnitude: lower flat index ranks first); theta = theta_0 + lambda sum_i w_i "
                "mask_i tau_i (optional TIES sign consensus).")

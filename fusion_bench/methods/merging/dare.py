@@ -177,7 +177,8 @@ class DareTiesMerging(TiesMerging):
     summary = "DARE on each task vector, then TIES trim, sign election and disjoint merge (FusionBench dare/ties_merging)."
     variant = ("Yu et al. 2024 (DARE) + Yadav et al. 2023 (TIES), FusionBench's DareTiesMerging: tau~_i = DARE(tau_i) "
                "(u < p dropped, 1/(1-p) rescale, seeded per tensor and model); then ties_merging on the tau~_i: trim to "
-               "|tau~_i| >= the k-th largest magnitude (keep_rule, trim_scope), sign by mass or count (zero_vote), "
+               "its k largest magnitudes (keep_rule=round: exactly k, ties by lower flat index; fusionbench: |tau~_i| >= the "
+               "k-th largest; trim_scope), sign by mass or count (zero_vote), "
                "disjoint merge_func; theta = theta_0 + lambda * merged.")
     merge_block = None  # whole tensors: the DARE masks are drawn once per tensor and model
 
@@ -208,11 +209,12 @@ class DareTiesMerging(TiesMerging):
         c = self.config
         if c.trim_scope == "global":
             thresholds = self._global_thresholds(names)
+            ends = self._global_tie_ends(key, names)
             if base.dtype != self._threshold_dtype:
                 base, tensors = base.to(self._threshold_dtype), [t.to(self._threshold_dtype) for t in tensors]
         taus = self._taus(key, base, tensors, names, base.dtype)
         if c.trim_scope == "tensor":
-            k = self._keep(base.numel())
-            thresholds = [KT.kth_largest_abs(t, k) for t in taus]
+            cuts = [self._cut(t) for t in taus]
+            thresholds, ends = [t for t, _ in cuts], [e for _, e in cuts]
         return KT._chunked_sign_merge(base, tensors, thresholds, c.scaling_factor, c.sign_election, c.merge_func,
-                                      transform=lambda i, tau: taus[i], zero_sign=self._zero_sign)
+                                      transform=lambda i, tau: taus[i], zero_sign=self._zero_sign, tie_ends=ends)

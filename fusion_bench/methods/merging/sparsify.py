@@ -57,9 +57,11 @@ class GTAConfig(TensorwiseConfig):
                                help="With rescale: 'probability' divides each kept entry by its keep probability (DARE, "
                                "DELLA papers); 'l1' scales each sparsified task vector back to its L1 norm (mergekit "
                                "0.1.5, for every sparsification).")
-    tie_break: str = option("all", choices=("all", "mergekit"),
-                            help="magnitude/breadcrumbs: 'all' keeps every entry tied at a threshold; 'mergekit' keeps "
-                            "exactly mergekit's k entries, chosen among ties by torch's default sort as mergekit does.")
+    tie_break: str = option("index", choices=("index", "all", "mergekit"),
+                            help="magnitude/breadcrumbs among entries of equal magnitude: 'index' keeps exactly the "
+                            "rule's number of entries, lower flat index first; 'all' keeps every entry tied at the "
+                            "lower bound (and drops every one tied at the upper); 'mergekit' keeps exactly mergekit's "
+                            "k entries, chosen among ties by torch's default sort as mergekit does.")
     task_vector_dtype: str | None = option(None, choices=(None, "float32", "bfloat16", "float16"),
                                            help="Round each task vector theta_i - theta_0 to this dtype before "
                                            "sparsifying (mergekit forms it in its 'dtype'); None: exact.")
@@ -98,8 +100,9 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
     config_class: ClassVar = GTAConfig
     requires_pretrained = True
     summary = "Sparsify (magnitude/breadcrumbs/DARE/DELLA), weight, sign consensus, sum (mergekit's family)."
-    variant = ("mergekit generalized task arithmetic: tau~_i = sparsify(theta_i - theta_0) (magnitude: |tau| >= "
-               "k-th largest, k = floor(density n), ties kept; breadcrumbs: band without the gamma outliers; "
+    variant = ("mergekit generalized task arithmetic: tau~_i = sparsify(theta_i - theta_0) (magnitude: exactly the "
+               "k = floor(density n) largest |tau|; breadcrumbs: exactly floor(density n) entries below the "
+               "floor(gamma n) outliers; ties in magnitude by lower flat index (tie_break); "
                "random: u >= 1 - density; della: row-rank keep probability), / keep probability when rescale; "
                "consensus sum/count elects +1 where the vote >= 0; delta = sum_i w_i tau~_i m_i [/ sum_i w_i m_i]; "
                "theta = theta_0 + lambda delta.")
@@ -162,6 +165,8 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
             if c.tie_break == "mergekit":
                 lo, hi, ties = stat["kept"]
                 out = tau * K.kept_mask(tau, lo, hi, ties, offset)
+            elif c.tie_break == "index":
+                out = tau * K.rank_band_mask(tau, stat["rank_band"], offset)
             else:
                 out = K.sparsify(tau, c.sparsification, density, thresholds=stat["band"])
             return out.mul_(stat["scale"]) if stat.get("scale") is not None else out
@@ -187,6 +192,9 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
             if c.tie_break == "mergekit":
                 out["kept"] = K.mergekit_kept(tau, c.sparsification, density, gamma)
                 kept = K.kept_mask(tau, *out["kept"])
+            elif c.tie_break == "index":
+                out["rank_band"] = K.magnitude_band(tau, c.sparsification, density, gamma)
+                kept = K.rank_band_mask(tau, out["rank_band"]) if self._l1() else None
             else:
                 out["band"] = K.magnitude_thresholds(tau, None, c.sparsification, density, gamma)
                 kept = K.band_mask(tau, *out["band"]) if self._l1() else None
