@@ -177,3 +177,38 @@ def test_order_beside_fusionbench():
     md = to_markdown(doc)
     assert "Kendall's tau +0.67" in md and "| 1 | regmean | 0.70 | regmean | 0.81 |" in md
     assert order_vs_fusionbench({**doc, "rows": rows[-1:]}) is None
+
+
+def test_combine_leaderboards(tmp_path):
+    """Runs of one zoo and test set combine into one table: rows united (a later run replaces the same method),
+    the gain kept recomputed from the shared reference rows, the grids named; other zoos or test sets refused."""
+    from fusion_bench.benchmark.leaderboard import FINETUNED_ROW, PRETRAINED_ROW, combine_leaderboards
+
+    def row(method, kind, acc, **extra):
+        return {"method": method, "kind": kind, "accuracy": {"a": acc, "b": acc}, "average": acc, "normalized": 1.0,
+                "data": "none", **extra}
+
+    refs = [row(PRETRAINED_ROW, "reference", 0.2), row(FINETUNED_ROW, "reference", 0.8)]
+    zoo = {"track": "text", "scale": "tiny", "variant": "full", "max_samples": 10, "corruption": None}
+
+    def write(name, rows, grid, **zoo_extra):
+        d = tmp_path / name
+        d.mkdir()
+        doc = {"zoo": {**zoo, **zoo_extra}, "tasks": ["a", "b"], "rows": refs + rows, "skipped": {"x": "why"},
+               "tune": {"option": "scaling_factor", "grid": grid, "split": "validation"},
+               "evaluation_time_one_model_s": 0.1, "total_time_s": 5.0}
+        (d / "leaderboard.json").write_text(json.dumps(doc))
+        return d
+
+    one = write("one", [row("task_arithmetic", "merging", 0.5), row("simple_average", "merging", 0.4)], [0.1, 1.0])
+    two = write("two", [row("task_arithmetic", "merging", 0.6), row("iso_c", "merging", 0.7)], [0.1, 2.0])
+    doc = combine_leaderboards([one, two], tmp_path / "out")
+    by = {r["method"]: r for r in doc["rows"]}
+    assert set(by) == {PRETRAINED_ROW, FINETUNED_ROW, "task_arithmetic", "simple_average", "iso_c"}
+    assert by["task_arithmetic"]["average"] == 0.6  # the later run's row
+    assert by["iso_c"]["gain_kept"] == pytest.approx((0.7 - 0.2) / (0.8 - 0.2))
+    assert doc["tune"]["grids"] == [[0.1, 1.0], [0.1, 2.0]] and doc["total_time_s"] == 10.0
+    assert (tmp_path / "out" / "leaderboard.md").exists() and doc["targets"]
+    other = write("other", [], [0.1], max_samples=20)
+    with pytest.raises(ConfigError, match="max_samples"):
+        combine_leaderboards([one, other], tmp_path / "out2")

@@ -340,6 +340,56 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     return doc
 
 
+def combine_leaderboards(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """One table from leaderboard runs of the same zoo and test set (e.g. methods run in parallel, or re-run
+    with another grid): rows are united, a later run's row replaces an earlier one of the same method, the
+    reference rows must agree, and the derived columns (gain kept, order, targets) are recomputed."""
+    docs = []
+    for d in dirs:
+        path = Path(d) / "leaderboard.json"
+        try:
+            docs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"leaderboard --combine: cannot read {path} ({e}); give folders written by "
+                              "`fusion_bench leaderboard --out`.") from None
+    base = docs[0]
+    same = ("track", "scale", "variant", "max_samples", "corruption")
+    refs = {r["method"]: r for r in base["rows"] if r["kind"] == "reference"}
+    for d, doc in zip(dirs[1:], docs[1:]):
+        for k in same:
+            if doc["zoo"].get(k) != base["zoo"].get(k):
+                raise ConfigError(f"leaderboard --combine: {d} has zoo {k}={doc['zoo'].get(k)!r}, {dirs[0]} has "
+                                  f"{base['zoo'].get(k)!r}; combine runs of one zoo and test set only.")
+        if doc["tasks"] != base["tasks"]:
+            raise ConfigError(f"leaderboard --combine: {d} evaluated tasks {doc['tasks']}, {dirs[0]} {base['tasks']}.")
+        for r in doc["rows"]:
+            if r["kind"] == "reference" and r["method"] in refs and r["accuracy"] != refs[r["method"]]["accuracy"]:
+                raise ConfigError(f"leaderboard --combine: the '{r['method']}' row of {d} differs from {dirs[0]}'s "
+                                  "(another zoo or test subsample); combine runs of one zoo and test set only.")
+    rows: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for doc in docs:
+        for r in doc["rows"]:
+            rows[r["method"]] = r
+        skipped.update(doc.get("skipped", {}))
+    grids = []
+    for doc in docs:
+        g = (doc.get("tune") or {}).get("grid")
+        if g is not None and g not in grids:
+            grids.append(g)
+    combined = {**base, "rows": list(rows.values()), "skipped": {k: v for k, v in skipped.items() if k not in rows},
+                "tune": ({"option": TUNED_OPTION, "grid": grids[0] if len(grids) == 1 else None, "grids": grids,
+                          "split": "validation"} if grids else None),
+                "total_time_s": round(sum(d.get("total_time_s", 0) for d in docs), 2),
+                "combined_from": [str(d) for d in dirs]}
+    add_gain_kept(combined)
+    combined["order_vs_fusionbench"] = order_vs_fusionbench(combined)
+    if base["zoo"].get("track") == "text":
+        combined["targets"] = quality_targets(combined)
+    write_outputs(combined, Path(out))
+    return combined
+
+
 def add_gain_kept(doc: dict[str, Any]) -> None:
     """Each row's share of the fine-tuning gain kept: (avg - pretrained avg) / (fine-tuned avg - pretrained avg)."""
     refs = {r["method"]: r["average"] for r in doc["rows"] if r["kind"] == "reference"}
@@ -495,8 +545,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
     if any(r.get("tuned") for r in doc["rows"]):
         tn = doc.get("tune") or {}
         note.append("")
+        grid = (f"the grid {tn.get('grid')}" if tn.get("grid") is not None else
+                "the grid of the row's run (" + "; ".join(str(g) for g in tn.get("grids", [])) + ")")
         note.append(f"Rows marked (λ=...) are tuned: {TUNED_OPTION} was chosen on the validation split (best average "
-                    f"validation accuracy over the grid {tn.get('grid')}, ties to the smaller value), then the "
+                    f"validation accuracy over {grid}, ties to the smaller value), then the "
                     "method was run once more with it and evaluated on the test split; merge time is that final "
                     "run's. The other methods use their defaults.")
     if doc.get("order_vs_fusionbench"):
@@ -596,7 +648,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated scaling_factor values for --tune (implies --tune; default "
                     + ",".join(f"{v:g}" for v in DEFAULT_TUNE_GRID) + ")")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                    help="combine these leaderboard output folders (same zoo and test set) into one table in --out; "
+                    "runs nothing")
     args = ap.parse_args(argv)
+    if args.combine:
+        doc = combine_leaderboards(args.combine, args.out)
+        print(to_markdown(doc))
+        print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png)")
+        return 0
     if args.threads:
         import torch
 

@@ -248,7 +248,8 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
         _, dens = self.params(key, names)
         gammas, epss, _ = self.extras(key, names)
         i = names.index(name)
-        return self._stat(key, self._tau(tensor, base), name, dens[i], gammas[i], epss[i])
+        cd = self.compute_dtype(base.dtype)  # the engine passes the checkpoint dtype; merge_block gets cd
+        return self._stat(key, self._tau(tensor.to(cd), base.to(cd)), name, dens[i], gammas[i], epss[i])
 
     def begin_blocks(self, key: str, shape: tuple[int, ...], names: list[str]) -> list[torch.Generator | None]:
         self._block_names = list(names)
