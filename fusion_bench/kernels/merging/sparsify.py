@@ -43,8 +43,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fusion_bench.kernels.merging.dare import dare_mask
 from fusion_bench.kernels.merging import ties as T
+from fusion_bench.kernels.merging.dare import dare_mask
 from fusion_bench.kernels.merging.ties import KthLargestSelector
 
 #: elements per chunk when streaming |a - b| through the radix selector
