@@ -333,3 +333,84 @@ def test_refusals_like_mergekit(zoo, tmp_path_factory):
     load_mergekit_config({**doc, "tokenizer_source": "base"})
     with pytest.raises(ConfigError, match="nuslerp"):
         load_mergekit_config({**doc, "merge_method": "nuslerp"})
+
+
+def _ref_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """SLERP of the flattened tensors (mergekit: linear interpolation when |cos| > 0.9995)."""
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    cos = float(a64 @ b64 / (a64.norm() * b64.norm()))
+    if abs(cos) > 0.9995:
+        out = (1 - t) * a64 + t * b64
+    else:
+        om = math.acos(cos)
+        out = math.sin((1 - t) * om) / math.sin(om) * a64 + math.sin(t * om) / math.sin(om) * b64
+    return out.reshape(a.shape)
+
+
+def test_slerp_slices_with_several_sources(zoo, tmp_path):
+    """mergekit's gradient-SLERP recipe written with slices: in each slice t runs over the slice's own layers
+    (one-layer slice: t = 1), a slice's parameters win over the global ones, the embeddings use the first
+    slice's parameters and the final norm / lm_head the last slice's, at t = 0."""
+    a, b = zoo["ft0"], zoo["ft1"]
+    doc = {"merge_method": "slerp", "base_model": a, "dtype": "float32",
+           "slices": [{"sources": [{"model": a, "layer_range": [0, 1]}, {"model": b, "layer_range": [0, 1]}],
+                       "parameters": {"t": [{"filter": "mlp", "value": 0.3}]}},
+                      {"sources": [{"model": a, "layer_range": [1, 2]}, {"model": b, "layer_range": [1, 2]}]}],
+           "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.8]}, {"value": 0.6}]}}
+    assert main([_write(tmp_path, doc), str(tmp_path / "s")]) == 0
+    got, sa, sb = load_sd(tmp_path / "s"), load_sd(a), load_sd(b)
+
+    def t_of(key: str) -> float:
+        if ".layers.0." in key:  # slice 0 (one layer: t = 1); its own filter first, then the global ones
+            return 0.3 if "mlp" in key else (0.8 if "self_attn" in key else 0.6)
+        if ".layers.1." in key:  # slice 1 (one layer: t = 1): the global setting
+            return 0.8 if "self_attn" in key else 0.6
+        return 0.6  # embeddings (slice 0's filter does not match), final norm, lm_head (last slice): global, t = 0
+
+    for k in sa:
+        torch.testing.assert_close(got[k].double(), _ref_slerp(sa[k], sb[k], t_of(k)), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_linear_slices_per_slice_source_parameters(zoo, tmp_path):
+    """A source's parameters apply within its slice: weights differ by slice; embeddings from the first slice's
+    weights, final norm / lm_head from the last slice's."""
+    a, b = zoo["ft0"], zoo["ft1"]
+    doc = {"merge_method": "linear", "dtype": "float32",
+           "slices": [{"sources": [{"model": a, "layer_range": [0, 1], "parameters": {"weight": 1.0}},
+                                   {"model": b, "layer_range": [0, 1], "parameters": {"weight": 3.0}}]},
+                      {"sources": [{"model": a, "layer_range": [1, 2], "parameters": {"weight": [2.0, 9.0]}},
+                                   {"model": b, "layer_range": [1, 2]}],
+                       "parameters": {"weight": 6.0}}]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "l")]) == 0
+    got, sa, sb = load_sd(tmp_path / "l"), load_sd(a), load_sd(b)
+    for k in sa:
+        # slice 1 has one layer: t = 1, weight of a = 9; outside the layers t = 0, weight of a = 2
+        wa, wb = (1.0, 3.0) if (".layers.0." in k or "embed_tokens" in k) else \
+            ((9.0, 6.0) if ".layers.1." in k else (2.0, 6.0))
+        torch.testing.assert_close(got[k], (wa * sa[k] + wb * sb[k]) / (wa + wb), rtol=1e-6, atol=1e-6)
+
+
+def test_slices_refusals(zoo):
+    a, b = zoo["ft0"], zoo["ft1"]
+
+    def doc(slices, **kw):
+        return {"merge_method": "slerp", "base_model": a, "parameters": {"t": 0.5}, "slices": slices, **kw}
+
+    def two(r0, r1):
+        return {"sources": [{"model": a, "layer_range": r0}, {"model": b, "layer_range": r1}]}
+
+    with pytest.raises(ConfigError, match=r"slices\[0\]: the sources' layer ranges differ"):
+        load_mergekit_config(doc([two([0, 2], [0, 1])]))
+    with pytest.raises(ConfigError, match=r"slices\[1\] has layer_range \[0, 2\].*passthrough"):
+        load_mergekit_config(doc([two([0, 2], [0, 2]), two([0, 2], [0, 2])]))
+    with pytest.raises(ConfigError, match=r"cover layers \[0, 1\) but the models have 2"):
+        load_mergekit_config(doc([two([0, 1], [0, 1])]))
+    with pytest.raises(ConfigError, match=r"slices\[0\] does not list base_model"):
+        load_mergekit_config(doc([{"sources": [{"model": b, "layer_range": [0, 2]},
+                                               {"model": zoo["ft2"], "layer_range": [0, 2]}]}]))
+    with pytest.raises(ConfigError, match="either 'models' or 'slices'"):
+        load_mergekit_config(doc([two([0, 2], [0, 2])], models=[{"model": a}]))
+    with pytest.raises(ConfigError, match=r"slices\[0\]\.parameters\.normalize"):
+        load_mergekit_config({"merge_method": "linear", "parameters": {"weight": 1.0},
+                              "slices": [{**two([0, 2], [0, 2]), "parameters": {"normalize": False}}]})

@@ -4,7 +4,8 @@
 
 Accepted keys: ``models`` (each ``model`` + ``parameters``), ``base_model``, ``merge_method``,
 ``parameters`` (global), ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer.source``,
-``slices`` (``passthrough`` only). Parameters may be scalars, layer gradients (lists of numbers,
+``slices`` (``passthrough``; for the other methods, several sources per slice when the layers stay in
+place: per-slice parameters and depth t, as mergekit). Parameters may be scalars, layer gradients (lists of numbers,
 interpolated over the layers: t = i / (L - 1) for layer i of L, t = 0 outside the layers, as
 mergekit >= 0.1.2) or lists of ``{filter, value}`` (the first entry
 whose filter is absent, ``*`` or a substring of the tensor name wins). A model's own parameters win
@@ -93,6 +94,8 @@ PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "t": (-10.0, True, 10.0, True, "the interpolation parameter, as fusion_bench's slerp t"),
 }
 _BOOL_PARAMETERS = ("int8_mask", "normalize", "rescale", "filter_wise")
+#: global parameters mergekit also reads from a slice's ``parameters`` that fusion_bench evaluates per tensor
+SLICE_GLOBAL_PARAMETERS = ("t", "lambda")
 
 
 def _range_text(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
@@ -151,7 +154,11 @@ def validate_parameters(method_name: str, global_params: Mapping[str, Any],
     for where, params in model_params.items():
         if not isinstance(params, Mapping):
             raise ConfigError(f"mergekit {where} must be a mapping of parameter names to values, got {params!r}.")
+        slice_level = bool(re.fullmatch(r"slices\[\d+\]\.parameters", where))
         for k, v in params.items():
+            if k in global_only and slice_level and k in SLICE_GLOBAL_PARAMETERS:
+                _check_leaves(k, v, f"{where}.{k}")
+                continue
             if k in global_only:
                 raise ConfigError(f"mergekit parameter '{where}.{k}' is read by mergekit only from the top-level "
                                   f"'parameters' for {method_name} (a per-model value would be ignored); move it there.")
@@ -245,6 +252,111 @@ class ParameterResolver:
         return {"gamma": [float(self.value("gamma", key, n, default=0.01)) for n in names],
                 "epsilon": [float(self.value("epsilon", key, n, default=0.15)) for n in names],
                 "lambda": float(self.value("lambda", key, None, default=1.0))}
+
+
+@dataclass
+class SliceDef:
+    """One output slice of a multi-source ``slices`` merge whose layers stay in place: layers [start, end)."""
+    start: int
+    end: int
+    source_params: dict[str, dict[str, Any]]  # model path -> that source's parameters
+    params: dict[str, Any]
+    index: int
+
+
+class SliceParameterResolver(ParameterResolver):
+    """mergekit's parameter lookup for ``slices`` with several sources: in layer i of the slice [start, end)
+    holding it, t = (i - start) / (end - start - 1) (1 for a one-layer slice), and a parameter is read from
+    that slice's source of the model, then the slice's ``parameters``, then the global ones; tensors before
+    the layers use the first slice, those after the layers (final norm, output head) the last, with t = 0."""
+
+    def __init__(self, entries: list[ModelEntry], global_params: dict[str, Any], num_layers: int,
+                 slices: list[SliceDef]):
+        super().__init__(entries, global_params, num_layers)
+        self.slices = slices
+
+    def _where(self, key: str) -> tuple[SliceDef, float]:
+        m = LAYER_RX.search(key)
+        if m is None:
+            from fusion_bench.methods.merging.passthrough import _before_layers
+
+            return (self.slices[0] if _before_layers(key) else self.slices[-1]), 0.0
+        i = int(m.group(1))
+        for sl in self.slices:
+            if sl.start <= i < sl.end:
+                n = sl.end - sl.start
+                return sl, ((i - sl.start) / (n - 1) if n > 1 else 1.0)
+        raise ConfigError(f"tensor '{key}' is in layer {i}, which no slice covers; cover every layer in 'slices'.")
+
+    def value(self, name: str, key: str, model: str | None, default: Any = None, required: bool = False) -> Any:
+        sl, t = self._where(key)
+        scopes = []
+        if model is not None and model in self.by_name:
+            scopes.append((f"slices[{sl.index}].sources[{self.by_name[model].path}].parameters",
+                           sl.source_params.get(self.by_name[model].path) or {}))
+        scopes += [(f"slices[{sl.index}].parameters", sl.params), ("parameters", self.global_params)]
+        for where, params in scopes:
+            if name in params:
+                v = evaluate_setting(key, params[name], t, f"{where}.{name}")
+                if v is not None:
+                    return v
+        if required:
+            raise ConfigError(f"mergekit parameter '{name}' is missing for model '{model}' (tensor '{key}'); add "
+                              f"parameters: {{{name}: ...}} to that slice source, the slice or the global parameters.")
+        return default
+
+
+def _slices_in_place(cfg: Mapping[str, Any], method_name: str, base_path: str | None
+                     ) -> tuple[list[dict[str, Any]], list[SliceDef]]:
+    """``slices`` with several sources for a merge method (mergekit merges, in output layer j of slice s, layer
+    range_m[0] + (j - first layer of s) of every source m) as ``models`` + per-slice parameters. Supported when
+    the layers stay in place: every slice has the same source models, all with the slice's layer range, and the
+    slices tile [0, L) in order; anything else is refused naming the slice."""
+    raw = cfg.get("slices") or []
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("'slices' must be a list of {sources: [...]} mappings.")
+    defs: list[SliceDef] = []
+    models: list[str] | None = None
+    expect = 0
+    for i, sl in enumerate(raw):
+        srcs = sl.get("sources") or []
+        if not srcs:
+            raise ConfigError(f"slices[{i}] has no sources; give each slice its sources.")
+        paths, ranges, sparams = [], set(), {}
+        for j, src in enumerate(srcs):
+            path = _model_ref(src.get("model"), f"slices[{i}].sources[{j}].model")
+            lr = src.get("layer_range")
+            if not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) for x in lr):
+                raise ConfigError(f"slices[{i}].sources[{j}].layer_range must be [start, end] (integers).")
+            if path in sparams:
+                raise ConfigError(f"slices[{i}] lists model '{path}' twice; give each model once per slice.")
+            paths.append(path)
+            ranges.add(tuple(lr))
+            sparams[path] = dict(src.get("parameters") or {})
+        if len(ranges) != 1:
+            raise ConfigError(f"slices[{i}]: the sources' layer ranges differ ({sorted(ranges)}); with "
+                              f"merge_method={method_name} fusion_bench merges slices whose sources share one layer "
+                              "range (layers kept in place).")
+        (start, end), = ranges
+        if start != expect or end <= start:
+            raise ConfigError(f"slices[{i}] has layer_range [{start}, {end}] but the slices must tile the layers in "
+                              f"order from 0 (next expected start {expect}); moving, repeating or dropping layers is "
+                              f"supported only by merge_method=passthrough.")
+        expect = end
+        if models is None:
+            models = paths
+        elif sorted(paths) != sorted(models):
+            raise ConfigError(f"slices[{i}] merges models {paths}, slices[0] merges {models}; with "
+                              f"merge_method={method_name} every slice must merge the same models.")
+        if base_path is not None and base_path not in paths:
+            raise ConfigError(f"slices[{i}] does not list base_model '{base_path}' among its sources; mergekit merges "
+                              "only a slice's sources: add the base model to every slice.")
+        defs.append(SliceDef(start, end, sparams, dict(sl.get("parameters") or {}), i))
+    n_layers = _num_layers(models[0]) if Path(models[0]).exists() else expect
+    if expect != n_layers:
+        raise ConfigError(f"the slices cover layers [0, {expect}) but the models have {n_layers}; cover every layer "
+                          "(dropping layers is supported only by merge_method=passthrough).")
+    return [{"model": m} for m in models], defs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,9 +682,13 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         if any("scale" in p for sp in slice_params for p in sp[:2]) or "scale" in gparams:
             method.tensor_scale = scale
         return MergekitPlan(method, pool, method_name, notes)
+    slice_defs: list[SliceDef] | None = None
     if cfg.get("slices"):
-        raise ConfigError(f"'slices' is supported only with merge_method=passthrough, not {method_name}; use 'models'.")
-    raw_models = cfg.get("models") or []
+        if cfg.get("models"):
+            raise ConfigError("Give either 'models' or 'slices', not both (as mergekit).")
+        raw_models, slice_defs = _slices_in_place(cfg, method_name, base_path)
+    else:
+        raw_models = cfg.get("models") or []
     if not raw_models:
         raise ConfigError("The mergekit config has no 'models'.")
     for i, m in enumerate(raw_models):
@@ -610,7 +726,11 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
                                   "too and needs its weight; list it in 'models' with a weight, give a global "
                                   "parameters.weight, or drop base_model.")
     ref_path = base_path or entries[0].path
-    resolver = ParameterResolver(entries, gparams, _num_layers(ref_path) if Path(ref_path).exists() else 1)
+    n_layers = _num_layers(ref_path) if Path(ref_path).exists() else 1
+    if slice_defs is not None:
+        resolver: ParameterResolver = SliceParameterResolver(entries, gparams, n_layers, slice_defs)
+    else:
+        resolver = ParameterResolver(entries, gparams, n_layers)
     if method_name == "linear":
         method: Any = MergekitLinear(resolver, normalize=bool(gparams.get("normalize", True)))
         if method.normalize:  # refuse a (near) zero weight sum on any tensor before any work
