@@ -169,6 +169,24 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                                       "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                                            {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
                                                            {"value": 0.5}]}})
+    add("slerp-two-slices", {"merge_method": "slerp", "base_model": L["ft0"], "dtype": "float32",
+                             "slices": [{"sources": [{"model": L["ft0"], "layer_range": [0, 2]},
+                                                     {"model": L["ft1"], "layer_range": [0, 2]}],
+                                         "parameters": {"t": [{"filter": "mlp", "value": [0.2, 0.9]}]}},
+                                        {"sources": [{"model": L["ft0"], "layer_range": [2, 4]},
+                                                     {"model": L["ft1"], "layer_range": [2, 4]}]}],
+                             "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.4}]}})
+    add("linear-slices-per-source-weight", {
+        "merge_method": "linear", "dtype": "float32",
+        "slices": [{"sources": [{"model": L["ft0"], "layer_range": [0, 1], "parameters": {"weight": 1.0}},
+                                {"model": L["ft1"], "layer_range": [0, 1], "parameters": {"weight": 3.0}}]},
+                   {"sources": [{"model": L["ft0"], "layer_range": [1, 4], "parameters": {"weight": [2.0, 9.0]}},
+                                {"model": L["ft1"], "layer_range": [1, 4]}],
+                    "parameters": {"weight": 6.0}}]})
+    add("slerp-slices-moved-layers", {"merge_method": "slerp", "base_model": L["ft0"], "dtype": "float32",
+                                      "slices": [{"sources": [{"model": L["ft0"], "layer_range": [0, 2]},
+                                                              {"model": L["ft1"], "layer_range": [2, 4]}]}],
+                                      "parameters": {"t": 0.5}})
     add("nuslerp", {"merge_method": "nuslerp", "dtype": "float32",
                     "models": [{"model": L["ft0"], "parameters": {"weight": 0.6}},
                                {"model": L["ft1"], "parameters": {"weight": 0.4}}]})
