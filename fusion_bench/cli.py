@@ -35,17 +35,16 @@ SUBCOMMANDS = {
 def register_method_configs() -> None:
     """Put one config node per registered method into Hydra's ConfigStore (group ``method``)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from fusion_bench.config_schema import to_plain
     from fusion_bench.methods import get_method_class, list_methods
-
-    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     for name in list_methods():
         cls = get_method_class(name)
         node = OmegaConf.create({"name": name, **to_plain(cls.config_class())})
-        for key, value in node.items():
+        for value in node.values():
             if OmegaConf.is_dict(value):  # free-form mapping options (e.g. base_options) take new keys
                 OmegaConf.set_struct(value, False)
         cs.store(group="method", name=name, node=node, provider="fusion_bench")

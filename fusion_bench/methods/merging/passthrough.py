@@ -21,7 +21,6 @@ from fusion_bench.errors import ConfigError, ModelMismatchError, did_you_mean
 from fusion_bench.io.checkpoint import read_json_object
 from fusion_bench.methods.base import FusionMethod, FusionResult, register_method
 
-
 _EMBEDDING_RX = re.compile(r"(^|\.)(embed_tokens|embed_in|embeddings|word_embeddings|wte|wpe|embed_positions)\.")
 
 
