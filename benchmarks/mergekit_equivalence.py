@@ -193,6 +193,21 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
     add("multislerp", {"merge_method": "multislerp", "dtype": "float32", "models": three(L, weight=[0.5, 0.3, 0.2])})
     add("sce", {"merge_method": "sce", "base_model": L["base"], "dtype": "float32",
                 "parameters": {"select_topk": 0.5}, "models": three(L)})
+    add("nuslerp-base-row-wise", {"merge_method": "nuslerp", "base_model": L["base"], "dtype": "float32",
+                                  "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                                  "models": [{"model": L["ft0"], "parameters": {"weight": [0.2, 0.9]}},
+                                             {"model": L["ft1"], "parameters": {"weight": 0.5}}]})
+    add("nuslerp-per-vector", {"merge_method": "nuslerp", "dtype": "float32",
+                               "parameters": {"nuslerp_flatten": False},
+                               "models": [{"model": L["ft1"], "parameters": {"weight": 1.0}},
+                                          {"model": L["ft2"], "parameters": {"weight": 3.0}}]})
+    add("multislerp-base", {"merge_method": "multislerp", "base_model": L["base"], "dtype": "float32",
+                            "parameters": {"normalize_weights": False, "eps": 1e-6},
+                            "models": three(L, weight=[0.5, [0.1, 0.6], 0.2])})
+    add("sce-topk-filters", {"merge_method": "sce", "base_model": L["base"], "dtype": "float32",
+                             "parameters": {"select_topk": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.3}]},
+                             "models": [{"model": L["base"]}, *three(L)]})
+    add("sce-no-selection", {"merge_method": "sce", "base_model": Q["base"], "dtype": "float32", "models": three(Q)})
     return out
 
 

@@ -331,8 +331,8 @@ def test_refusals_like_mergekit(zoo, tmp_path_factory):
     with pytest.raises(ConfigError, match="vocabularies differ.*tokenizer_source"):
         load_mergekit_config(doc)
     load_mergekit_config({**doc, "tokenizer_source": "base"})
-    with pytest.raises(ConfigError, match="nuslerp"):
-        load_mergekit_config({**doc, "merge_method": "nuslerp"})
+    with pytest.raises(ConfigError, match="nearswap"):
+        load_mergekit_config({**doc, "merge_method": "nearswap"})
 
 
 def _ref_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -414,3 +414,145 @@ def test_slices_refusals(zoo):
     with pytest.raises(ConfigError, match=r"slices\[0\]\.parameters\.normalize"):
         load_mergekit_config({"merge_method": "linear", "parameters": {"weight": 1.0},
                               "slices": [{**two([0, 2], [0, 2]), "parameters": {"normalize": False}}]})
+
+
+# --- nuslerp, multislerp, sce (mergekit 0.1.5 semantics, references in float64 from the formulas) ---------
+K_EMB = "model.embed_tokens.weight"
+F64 = torch.float64
+
+
+def _ref_nuslerp_vec(a: list[float], b: list[float], t: float) -> list[float]:
+    """SLERP of two vectors: angle between the unit directions (norms clamped at 1e-7), lerp when colinear."""
+    na = max(math.sqrt(sum(x * x for x in a)), 1e-7)
+    nb = max(math.sqrt(sum(x * x for x in b)), 1e-7)
+    cos = max(-1.0, min(1.0, sum(x / na * y / nb for x, y in zip(a, b))))
+    if 1 - cos * cos <= 1e-16:
+        return [(1 - t) * x + t * y for x, y in zip(a, b)]
+    th = math.acos(cos)
+    return [(math.sin((1 - t) * th) * x + math.sin(t * th) * y) / math.sin(th) for x, y in zip(a, b)]
+
+
+def _ref_nuslerp(v0: torch.Tensor, v1: torch.Tensor, t: float, flatten: bool, row_wise: bool) -> torch.Tensor:
+    a, b = v0.double(), v1.double()
+    if flatten or a.dim() == 1:  # a 1-D tensor is one vector either way
+        return torch.tensor(_ref_nuslerp_vec(a.reshape(-1).tolist(), b.reshape(-1).tolist(), t), dtype=F64).reshape(a.shape)
+    if row_wise and a.dim() == 2:  # vectors along dim 0: the columns
+        cols = [_ref_nuslerp_vec(a[:, j].tolist(), b[:, j].tolist(), t) for j in range(a.shape[1])]
+        return torch.tensor(cols, dtype=F64).T
+    rows = [_ref_nuslerp_vec(a[i].tolist(), b[i].tolist(), t) for i in range(a.shape[0])]
+    return torch.tensor(rows, dtype=F64)
+
+
+@pytest.mark.parametrize("opts", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp(zoo, tmp_path, opts, with_base):
+    doc = {"merge_method": "nuslerp", "parameters": dict(opts),
+           "models": [{"model": zoo["ft0"], "parameters": {"weight": [0.2, 0.8]}},
+                      {"model": zoo["ft1"], "parameters": {"weight": 0.6}}]}
+    if with_base:
+        doc["base_model"] = zoo["_pretrained_"]
+        doc["models"].insert(0, {"model": zoo["_pretrained_"]})  # listed base: not one of the two models
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got = load_sd(tmp_path / "o")
+    sds = {n: load_sd(zoo[n]) for n in ("_pretrained_", "ft0", "ft1")}
+    for key in (K_NORM, K_EMB, "model.norm.weight"):
+        w0 = 0.2 + 0.6 * _t_of(key)
+        t = 0.6 / (w0 + 0.6)
+        b = sds["_pretrained_"][key].double() if with_base else 0
+        expect = b + _ref_nuslerp(sds["ft0"][key] - b, sds["ft1"][key] - b, t,
+                                  opts.get("nuslerp_flatten", True), opts.get("nuslerp_row_wise", False))
+        torch.testing.assert_close(got[key].double(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_nuslerp_kernel_colinear_and_zero_weights():
+    from fusion_bench.kernels.merging.nuslerp import nuslerp
+
+    a = torch.randn(4, 5)
+    torch.testing.assert_close(nuslerp(a, 2 * a, 0.25), 1.25 * a)  # colinear: linear interpolation
+    with pytest.raises(ConfigError, match="exactly two"):
+        load_mergekit_config({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}]})
+
+
+def _ref_multislerp(xs: list[list[float]], w: list[float], normalize: bool, eps: float) -> list[float]:
+    if len(xs) == 1:
+        return xs[0]
+    if normalize:
+        w = [x / sum(w) for x in w]
+    norms = [math.sqrt(sum(v * v for v in x)) for x in xs]
+    units = [[v / (nm + eps) for v in x] for x, nm in zip(xs, norms)]
+    mean = [sum(wi * u[j] for wi, u in zip(w, units)) for j in range(len(xs[0]))]
+    mn = math.sqrt(sum(v * v for v in mean))
+    mean = [v / mn for v in mean]
+    tang = [0.0] * len(mean)
+    for wi, u in zip(w, units):
+        d = sum(a * b for a, b in zip(u, mean))
+        for j in range(len(mean)):
+            tang[j] += wi * (u[j] - d * mean[j])
+    tn = math.sqrt(sum(v * v for v in tang)) + eps
+    avg = sum(nm * wi for nm, wi in zip(norms, w))
+    return [avg * (m * math.cos(tn) + v * math.sin(tn) / tn) for m, v in zip(mean, tang)]
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp(zoo, tmp_path, with_base):
+    params = {"normalize_weights": False, "eps": 1e-6} if with_base else {}
+    doc = {"merge_method": "multislerp", "parameters": params,
+           "models": [{"model": zoo[f"ft{i}"], "parameters": {"weight": w}}
+                      for i, w in enumerate([0.5, [0.1, 0.7], 0.2])]}
+    if with_base:
+        doc["base_model"] = zoo["_pretrained_"]
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got = load_sd(tmp_path / "o")
+    sds = {n: load_sd(zoo[n]) for n in ("_pretrained_", "ft0", "ft1", "ft2")}
+    for key in (K_NORM, K_EMB):
+        w = [0.5, 0.1 + 0.6 * _t_of(key), 0.2]
+        b = sds["_pretrained_"][key].double().reshape(-1) if with_base else torch.zeros(sds["ft0"][key].numel(),
+                                                                                          dtype=torch.float64)
+        xs = [(sds[f"ft{i}"][key].double().reshape(-1) - b).tolist() for i in range(3)]
+        expect = torch.tensor(_ref_multislerp(xs, w, not with_base, 1e-6 if with_base else 1e-8), dtype=F64) + b
+        torch.testing.assert_close(got[key].double().reshape(-1), expect, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="sum to"):
+        load_mergekit_config({**doc, "parameters": {}, "models": [
+            {"model": zoo["ft0"], "parameters": {"weight": 1.0}}, {"model": zoo["ft1"], "parameters": {"weight": -1.0}}]})
+
+
+def _ref_sce(base: torch.Tensor, tensors: list[torch.Tensor], topk: float) -> torch.Tensor:
+    b = base.double().reshape(-1).tolist()
+    taus = [[x - y for x, y in zip(t.double().reshape(-1).tolist(), b)] for t in tensors]
+    n, m = len(taus), len(b)
+    if topk < 1:
+        var = []
+        for j in range(m):
+            mu = sum(tau[j] for tau in taus) / n
+            var.append(sum((tau[j] - mu) ** 2 for tau in taus) / n)
+        k = int(sum(v != 0 for v in var) * topk)
+        keep = set(sorted(range(m), key=lambda j: -var[j])[:k])
+        taus = [[x if j in keep else 0.0 for j, x in enumerate(tau)] for tau in taus]
+    ms = [sum(x * x for x in tau) / m for tau in taus]
+    w = [x / sum(ms) for x in ms] if abs(sum(ms)) >= 1e-6 else [1 / n] * n
+    out = []
+    for j in range(m):
+        elected = 1 if sum(tau[j] for tau in taus) >= 0 else -1
+        agree = [wi if ((tau[j] > 0) - (tau[j] < 0)) == elected else 0.0 for wi, tau in zip(w, taus)]
+        out.append(b[j] + sum(a * tau[j] for a, tau in zip(agree, taus)) / max(sum(agree), 1e-6))
+    return torch.tensor(out, dtype=F64).reshape(base.shape)
+
+
+@pytest.mark.parametrize("topk", [None, 0.3, [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.5}]])
+def test_sce(zoo, tmp_path, topk):
+    doc = {"merge_method": "sce", "base_model": zoo["_pretrained_"],
+           "models": [{"model": zoo[f"ft{i}"]} for i in range(3)]}
+    if topk is not None:
+        doc["parameters"] = {"select_topk": topk}
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got = load_sd(tmp_path / "o")
+    sds = {n: load_sd(zoo[n]) for n in ("_pretrained_", "ft0", "ft1", "ft2")}
+    for key in (K_NORM, "model.norm.weight"):
+        k = 1.0 if topk is None else (0.3 if isinstance(topk, float) else (0.1 + 0.8 * _t_of(key) if "mlp" in key
+                                                                             else 0.5))
+        expect = _ref_sce(sds["_pretrained_"][key], [sds[f"ft{i}"][key] for i in range(3)], k)
+        torch.testing.assert_close(got[key].double(), expect, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="select_topk"):
+        load_mergekit_config({**doc, "parameters": {"select_topk": 1.5}})
+    with pytest.raises(ConfigError, match="needs base_model"):
+        load_mergekit_config({k: v for k, v in doc.items() if k != "base_model"})

@@ -27,6 +27,9 @@ slerp              :class:`MergekitSlerp` (fusion_bench's SLERP kernel, per-tens
 karcher            ``karcher_mean`` (max_iter, tol; base_model optional, an input when given)
 passthrough        ``passthrough`` (slices of layer ranges, ``scale``, head from the last slice)
 model_stock        :class:`MergekitModelStock` (mergekit's clamp and singularity rule, filter_wise)
+nuslerp            :class:`MergekitNuSlerp` (two models, t = w_2 / (w_1 + w_2), flatten / row-wise, optional base)
+multislerp         :class:`MergekitMultiSlerp` (barycentric SLERP, normalize_weights, eps, optional base)
+sce                :class:`MergekitSCE` (select_topk by variance, mean-square weights, sign erase)
 =================  ==========================================================================
 
 Every generalized task arithmetic method takes ``lambda`` (per tensor). Computation is in float32 (float64
@@ -58,7 +61,9 @@ TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_
 UNSUPPORTED_KEYS = {"modules": "per-module merges", "chat_template": "chat template selection"}
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                "della_linear")
-SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough", "model_stock")
+SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough", "model_stock", "nuslerp", "multislerp", "sce")
+#: methods whose base_model is optional (without it the models themselves are interpolated)
+BASE_OPTIONAL = ("nuslerp", "multislerp")
 #: methods for which mergekit treats base_model as one of the merged inputs (slerp: the t = 0 end)
 BASE_IS_INPUT = ("linear", "karcher", "slerp")
 LAYER_RX = re.compile(r"\.layers\.(\d+)\.")
@@ -81,6 +86,9 @@ METHOD_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "karcher": (("max_iter", "tol"), ()),
     "passthrough": ((), ("scale",)),
     "model_stock": (("filter_wise",), ()),
+    "nuslerp": (("nuslerp_row_wise", "nuslerp_flatten"), ("weight",)),
+    "multislerp": (("normalize_weights", "eps"), ("weight",)),
+    "sce": (("int8_mask", "select_topk"), ()),
 }
 #: valid values of numeric parameters: (low, low inclusive, high, high inclusive, why)
 PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
@@ -92,10 +100,14 @@ PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "lambda": (-1e3, True, 1e3, True, "the scale of the merged task vector, as fusion_bench's scaling_factor"),
     "scale": (-1e3, True, 1e3, True, "the factor a passthrough tensor is multiplied by"),
     "t": (-10.0, True, 10.0, True, "the interpolation parameter, as fusion_bench's slerp t"),
+    "select_topk": (0.0, True, 1.0, True, "the fraction of the entries of largest variance kept"),
+    "eps": (0.0, True, 1.0, True, "the small constant added to norms"),
 }
-_BOOL_PARAMETERS = ("int8_mask", "normalize", "rescale", "filter_wise")
+_BOOL_PARAMETERS = ("int8_mask", "normalize", "rescale", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten",
+                    "normalize_weights")
 #: global parameters mergekit also reads from a slice's ``parameters`` that fusion_bench evaluates per tensor
-SLICE_GLOBAL_PARAMETERS = ("t", "lambda")
+SLICE_GLOBAL_PARAMETERS = ("t", "lambda", "select_topk", "eps", "nuslerp_row_wise", "nuslerp_flatten",
+                           "normalize_weights")
 
 
 def _range_text(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
@@ -475,6 +487,107 @@ class MergekitModelStock(TensorwiseMerge):
         return (t * avg + (1 - t) * b).reshape(shape)
 
 
+class MergekitNuSlerp(TensorwiseMerge):
+    """mergekit ``nuslerp``: SLERP of two models (or of their task vectors from base_model) at t = w_2 / (w_1 + w_2).
+
+    Paper: Shoemake 1985. Variant: :func:`fusion_bench.kernels.merging.nuslerp.nuslerp` (mergekit 0.1.5): t = 0.5
+    when |w_1 + w_2| < 1e-6; ``nuslerp_flatten`` (default true) takes one angle per tensor, else per vector
+    along the last dim or, with ``nuslerp_row_wise``, along dim 0; with a base, theta_0 + nuslerp(tau_1, tau_2).
+
+    Args:
+        resolver: the parameter resolver of the YAML.
+        has_base: whether base_model is given (the task vectors are interpolated).
+    """
+
+    name = "mergekit_nuslerp"
+    config_class: ClassVar = TensorwiseConfig
+    variant = "mergekit nuslerp: [theta_0 +] nuslerp(t = w_2 / (w_1 + w_2)) of the two models [task vectors]."
+    min_models = 2
+    max_models = 2
+
+    def __init__(self, resolver: ParameterResolver, has_base: bool):
+        super().__init__()
+        self.resolver = resolver
+        self.requires_pretrained = has_base
+
+    def merge_tensor(self, key, base, tensors, names):
+        from fusion_bench.kernels.merging.nuslerp import nuslerp
+
+        r = self.resolver
+        w = [float(r.value("weight", key, n, required=True)) for n in names]
+        total = sum(w)
+        t = 0.5 if abs(total) < 1e-6 else w[1] / total
+        opts = {"row_wise": bool(r.value("nuslerp_row_wise", key, None, default=False)),
+                "flatten": bool(r.value("nuslerp_flatten", key, None, default=True))}
+        if base is None:
+            return nuslerp(tensors[0], tensors[1], t, **opts)
+        return base + nuslerp(tensors[0] - base, tensors[1] - base, t, **opts)
+
+
+class MergekitMultiSlerp(TensorwiseMerge):
+    """mergekit ``multislerp``: barycentric SLERP of N models (or task vectors from base_model), weights w_i.
+
+    Reference: Goddard, "Multi-SLERP". Variant: :func:`fusion_bench.kernels.merging.nuslerp.multislerp` (mergekit
+    0.1.5): ``normalize_weights`` (default true; a (near) zero weight sum is refused), ``eps`` (default 1e-8).
+
+    Args:
+        resolver: the parameter resolver of the YAML.
+        has_base: whether base_model is given.
+    """
+
+    name = "mergekit_multislerp"
+    config_class: ClassVar = TensorwiseConfig
+    variant = "mergekit multislerp: tangent-space weighted mean of the directions, times the mean norm."
+
+    def __init__(self, resolver: ParameterResolver, has_base: bool):
+        super().__init__()
+        self.resolver = resolver
+        self.requires_pretrained = has_base
+
+    def weights(self, key: str, names: list[str]) -> list[float]:
+        w = [float(self.resolver.value("weight", key, n, required=True)) for n in names]
+        if len(w) > 1 and bool(self.resolver.value("normalize_weights", key, None, default=True)):
+            check_weights(w, f"the multislerp weights of tensor '{key}'", normalize=True,
+                          fix="change the weights or set parameters.normalize_weights: false")
+        return w
+
+    def merge_tensor(self, key, base, tensors, names):
+        from fusion_bench.kernels.merging.nuslerp import multislerp
+
+        r = self.resolver
+        try:
+            return multislerp(tensors, self.weights(key, names), base,
+                              normalize_weights=bool(r.value("normalize_weights", key, None, default=True)),
+                              eps=float(r.value("eps", key, None, default=1e-8)))
+        except ValueError as e:
+            raise ConfigError(f"mergekit multislerp, tensor '{key}': {e}.") from None
+
+
+class MergekitSCE(TensorwiseMerge):
+    """mergekit ``sce``: select by variance, calculate weights, erase minority signs, merge.
+
+    Paper: Wan et al. 2024 (FuseChat, arXiv 2408.07990). Variant: :func:`fusion_bench.kernels.merging.sce.sce`
+    (mergekit 0.1.5), ``select_topk`` per tensor (default 1: no selection).
+
+    Args:
+        resolver: the parameter resolver of the YAML.
+    """
+
+    name = "mergekit_sce"
+    config_class: ClassVar = TensorwiseConfig
+    variant = "mergekit sce: top-k variance mask, weights mean(tau^2) normalised, sign election, weighted mean."
+    requires_pretrained = True
+
+    def __init__(self, resolver: ParameterResolver):
+        super().__init__()
+        self.resolver = resolver
+
+    def merge_tensor(self, key, base, tensors, names):
+        from fusion_bench.kernels.merging.sce import sce
+
+        return sce(base, tensors, float(self.resolver.value("select_topk", key, None, default=1.0)))
+
+
 # ----------------------------------------------------------------------------------------------
 # YAML -> (method, pool)
 # ----------------------------------------------------------------------------------------------
@@ -706,7 +819,7 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
         name = _unique_name(path, taken)
         models[name] = path
         entries.append(ModelEntry(name, path, dict(m.get("parameters") or {})))
-    if method_name not in BASE_IS_INPUT and method_name != "linear" and base_path is None:
+    if method_name not in (*BASE_IS_INPUT, *BASE_OPTIONAL) and base_path is None:
         raise ConfigError(f"merge_method={method_name} needs base_model.")
     if method_name in BASE_IS_INPUT and base_path is not None:
         models.pop("_pretrained_", None)  # the base is one of the inputs, not a reference
@@ -741,6 +854,22 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
     elif method_name == "karcher":
         opts = {k: gparams[k] for k in ("max_iter", "tol") if k in gparams}
         method = build_method({"name": "karcher_mean", **opts})
+    elif method_name == "nuslerp":
+        if len(entries) != 2:
+            raise ConfigError(f"mergekit nuslerp merges exactly two models besides base_model, got {len(entries)} "
+                              f"({[e.path for e in entries]}); list two models.")
+        method = MergekitNuSlerp(resolver, base_path is not None)
+        for k in _tensor_keys(ref_path) or ["model.embed_tokens.weight"]:  # fail early on a missing weight
+            for e in entries:
+                resolver.value("weight", k, e.name, required=True)
+    elif method_name == "multislerp":
+        method = MergekitMultiSlerp(resolver, base_path is not None)
+        for k in _tensor_keys(ref_path) or ["model.embed_tokens.weight"]:
+            method.weights(k, [e.name for e in entries])
+    elif method_name == "sce":
+        method = MergekitSCE(resolver)
+        if "int8_mask" in gparams:
+            notes.append("int8_mask only changes mergekit's mask dtype; ignored")
     elif method_name == "model_stock":
         if len(entries) < 2:
             raise ConfigError(f"mergekit model_stock needs at least two models besides base_model, got {len(entries)}; "
@@ -854,4 +983,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["evaluate_setting", "depth_t", "load_mergekit_config", "main", "MergekitLinear", "MergekitSlerp",
-           "MergekitModelStock"]
+           "MergekitModelStock", "MergekitNuSlerp", "MergekitMultiSlerp", "MergekitSCE"]
