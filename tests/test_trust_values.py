@@ -239,8 +239,6 @@ def _mk(zoo, method="ties", params=None, gparams=None):
      "epsilon=0.5 is out of range: epsilon must be in [0, 0.5)"),
     (lambda z: _mk(z, "della", params={"weight": 1.0, "density": 0.2}, gparams={"epsilon": 0.3}),
      "mergekit della: density=0.2 with epsilon=0.3 (model 'ft0', tensor"),
-    (lambda z: _mk(z, "della", params={"weight": 1.0, "density": 0.5, "epsilon": [0.1, 0.2]}),
-     "fusion_bench applies one epsilon to every tensor"),
     (lambda z: {"merge_method": "slerp", "base_model": z["_pretrained_"], "parameters": {"t": float("nan")},
                 "models": [{"model": z["ft0"]}]}, "parameters.t=nan is not a finite number"),
     (lambda z: {"merge_method": "slerp", "base_model": z["_pretrained_"], "parameters": {"tt": 0.5},
@@ -250,8 +248,8 @@ def _mk(zoo, method="ties", params=None, gparams=None):
      "sum to 0, (near) zero: normalising would divide by zero; give weights with a clearly non-zero sum or set "
      "parameters.normalize: false"),
     (lambda z: {"merge_method": "passthrough", "slices": [{"sources": [{"model": z["ft0"], "layer_range": [0, 1],
-                                                                        "parameters": {"scale": 0.5}}]}]},
-     "'slices[0].sources[0].parameters.scale' (passthrough scaling) is not supported"),
+                                                                        "parameters": {"scale": "half"}}]}]},
+     "scale"),
     (lambda z: {"merge_method": "passthrough", "slices": [{"sources": [{"model": z["ft0"], "layer_rnge": [0, 1]}]}]},
      "Did you mean 'layer_range'?"),
 ])
@@ -295,10 +293,11 @@ def test_mergekit_valid_parameters_still_run(zoo, tmp_path):
 
     plan = load_mergekit_config(_mk(zoo, "della", params={"weight": 1.0, "density": 0.5},
                                     gparams={"lambda": 0.8, "normalize": True, "int8_mask": True, "epsilon": 0.1}))
-    assert plan.method.config.epsilon == 0.1 and plan.method.config.scaling_factor == 0.8
+    # gamma, epsilon and lambda are read per model and tensor (mergekit's semantics): (gammas, epsilons, lambda)
+    assert plan.method.extras("model.norm.weight", ["ft0"])[1:] == ([0.1], 0.8)
     plan = load_mergekit_config(_mk(zoo, "breadcrumbs", params={"weight": 1.0, "density": 0.9},
                                     gparams={"gamma": 0.02}))
-    assert plan.method.config.gamma == 0.02
+    assert plan.method.extras("model.norm.weight", ["ft0"])[0] == [0.02]
 
 
 # ----------------------------------------------------------------------------------------------
