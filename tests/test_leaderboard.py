@@ -212,3 +212,20 @@ def test_combine_leaderboards(tmp_path):
     other = write("other", [], [0.1], max_samples=20)
     with pytest.raises(ConfigError, match="max_samples"):
         combine_leaderboards([one, other], tmp_path / "out2")
+
+
+def test_spread_target_counts_one_model_merges_only():
+    """A one-model-per-task result (the task id chooses the model) is not a merge for the spread target."""
+    from fusion_bench.benchmark.leaderboard import FINETUNED_ROW, PRETRAINED_ROW, add_gain_kept, quality_targets
+
+    def row(method, kind, acc, **extra):
+        return {"method": method, "kind": kind, "accuracy": {"a": acc}, "average": acc, "normalized": 1.0,
+                "data": "none", **extra}
+
+    doc = {"tasks": ["a"], "rows": [row(PRETRAINED_ROW, "reference", 0.2), row(FINETUNED_ROW, "reference", 0.9),
+                                    row("task_arithmetic", "merging", 0.6, tuned={"scaling_factor": 0.3}),
+                                    row("simple_average", "merging", 0.5),
+                                    row("tall_mask_task_arithmetic", "merging", 0.9, needs_task_id=True)]}
+    add_gain_kept(doc)
+    spread = next(t for t in quality_targets(doc) if t["name"].startswith("spread"))
+    assert spread["value"] == pytest.approx(0.1) and "tall_mask" not in spread["detail"]
