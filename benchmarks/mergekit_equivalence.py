@@ -129,6 +129,17 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
         add(f"{m}-bf16-f32compute", {"merge_method": m, "base_model": B["base"], "dtype": "float32",
                                      "out_dtype": "bfloat16", "parameters": {"density": 0.2},
                                      "models": three(B, weight=[0.5, 0.3, 0.2])})
+    add("task_arithmetic-bf16-lambda", {"merge_method": "task_arithmetic", "base_model": B["base"],
+                                        "dtype": "bfloat16", "parameters": {"lambda": 0.7, "normalize": True},
+                                        "models": three(B, weight=[0.5, 0.3, 0.2])})
+    add("ties-bf16-no-dtype", {"merge_method": "ties", "base_model": B["base"], "parameters": {"density": 0.3},
+                               "models": three(B, weight=[1.0, 0.6, 0.3])})
+    add("breadcrumbs-bf16-out-f32", {"merge_method": "breadcrumbs", "base_model": B["base"], "dtype": "bfloat16",
+                                     "out_dtype": "float32", "parameters": {"density": 0.4, "gamma": 0.05},
+                                     "models": three(B, weight=[0.5, 0.3, 0.2])})
+    add("ties-bf16-rescale", {"merge_method": "ties", "base_model": B["base"], "dtype": "bfloat16",
+                                       "parameters": {"density": 0.3, "rescale": True},
+                                       "models": three(B, weight=[0.5, 0.3, 0.2])})
     # 6. random methods, by statistics (one model: the sparsified task vector itself)
     for m in ("dare_linear", "dare_ties", "della_linear", "della"):
         p = {"weight": 1.0, "density": 0.3}

@@ -164,7 +164,7 @@ def test_errors(zoo, tmp_path, capsys):
     with pytest.raises(ConfigError, match="Did you mean 'merge_method'"):
         load_mergekit_config({**base, "merge_methd": "ties"})
     with pytest.raises(ConfigError, match="not supported"):
-        load_mergekit_config({**base, "merge_method": "nuslerp"})
+        load_mergekit_config({**base, "merge_method": "ram"})
     with pytest.raises(ConfigError, match="union"):
         load_mergekit_config({**base, "tokenizer_source": "union"})
     with pytest.raises(ConfigError, match="'weight' is missing"):
@@ -556,3 +556,55 @@ def test_sce(zoo, tmp_path, topk):
         load_mergekit_config({**doc, "parameters": {"select_topk": 1.5}})
     with pytest.raises(ConfigError, match="needs base_model"):
         load_mergekit_config({k: v for k, v in doc.items() if k != "base_model"})
+
+
+def _bf(x: float) -> float:
+    """Round to bfloat16 the way a bfloat16 op does (the float32 result, rounded to nearest even)."""
+    return float(torch.tensor(x, dtype=torch.float32).to(torch.bfloat16))
+
+
+def _naive_ties_bf16(base, tensors, weights, density, lam):
+    """mergekit 0.1.5 ties with dtype bfloat16, per element, rounding after every step as mergekit computes:
+    delta_i = t_i - b; exactly-k trim; w_i rounded; w_i delta_i; vote = sum_i w_i delta_i; sum of agreeing
+    products / sum of agreeing w_i; times lambda; + b."""
+    b = base.float().reshape(-1).tolist()
+    ws = [_bf(w) for w in weights]
+    taus = []
+    for t in tensors:
+        tau = [_bf(x - y) for x, y in zip(t.float().reshape(-1).tolist(), b)]
+        k = max(1, int(density * len(tau)))
+        keep = set(_mk_order([abs(x) for x in tau], True)[:k])
+        taus.append([x if j in keep else 0.0 for j, x in enumerate(tau)])
+    out = []
+    for j in range(len(b)):
+        wd = [_bf(w * tau[j]) for w, tau in zip(ws, taus)]
+        elected = 1 if _bf(sum(wd)) >= 0 else -1
+        agree = [((x > 0) - (x < 0)) == elected for x in wd]
+        mixed = _bf(sum(x for x, a in zip(wd, agree) if a))
+        div = _bf(sum(w for w, a in zip(ws, agree) if a)) or 1.0
+        mixed = _bf(_bf(mixed / div) * lam)
+        out.append(_bf(b[j] + mixed))
+    return torch.tensor(out, dtype=torch.float32).reshape(base.shape)
+
+
+@pytest.mark.parametrize("dtype_key", [{"dtype": "bfloat16"}, {}, {"dtype": "bfloat16", "out_dtype": "float32"}])
+def test_gta_bf16_in_mergekit_order(tmp_path_factory, tmp_path, dtype_key):
+    z = save_zoo(tmp_path_factory.mktemp("bf"), "llama", n=3, dtype=torch.bfloat16)
+    w = [0.5, 0.3, 0.2]
+    doc = {"merge_method": "ties", "base_model": z["_pretrained_"], **dtype_key,
+           "parameters": {"density": 0.3, "lambda": 0.7},
+           "models": [{"model": z[f"ft{i}"], "parameters": {"weight": w[i]}} for i in range(3)]}
+    assert main([_write(tmp_path, doc), str(tmp_path / "o")]) == 0
+    got = load_sd(tmp_path / "o")
+    sds = {n: load_sd(z[n]) for n in ("_pretrained_", "ft0", "ft1", "ft2")}
+    for key in (K_NORM, "model.norm.weight"):
+        expect = _naive_ties_bf16(sds["_pretrained_"][key], [sds[f"ft{i}"][key] for i in range(3)], w, 0.3, 0.7)
+        assert got[key].dtype == (torch.float32 if "out_dtype" in dtype_key else torch.bfloat16)
+        assert torch.equal(got[key].float(), expect), key
+
+
+def test_own_gta_keeps_float32_compute():
+    from fusion_bench.methods import build_method
+
+    m = build_method({"name": "generalized_task_arithmetic", "sparsification": "magnitude", "density": 0.5})
+    assert m.compute_dtype(torch.bfloat16) == torch.float32

@@ -32,9 +32,10 @@ multislerp         :class:`MergekitMultiSlerp` (barycentric SLERP, normalize_wei
 sce                :class:`MergekitSCE` (select_topk by variance, mean-square weights, sign erase)
 =================  ==========================================================================
 
-Every generalized task arithmetic method takes ``lambda`` (per tensor). Computation is in float32 (float64
-for float64 inputs; task vectors rounded to a bfloat16/float16 ``dtype`` first, as mergekit forms them); the output is
-written in ``out_dtype`` (else ``dtype``, else the base model's dtype). Random masks come from
+Every generalized task arithmetic method takes ``lambda`` (per tensor) and computes, as mergekit, in ``dtype``
+(else the checkpoint dtype) in mergekit's order of operations (:class:`MergekitGTA`); the other methods compute
+in float32 (float64 for float64 inputs). The output is written in ``out_dtype`` (else ``dtype``, else the base
+model's dtype). Random masks come from
 fusion_bench's per-tensor seeded generators, not mergekit's global RNG, so DARE/DELLA merges are
 equal in distribution, not bit for bit.
 """
@@ -55,6 +56,7 @@ import torch
 from fusion_bench.checks import check_weights
 from fusion_bench.errors import ConfigError, did_you_mean
 from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge
+from fusion_bench.methods.merging.sparsify import GeneralizedTaskArithmetic
 
 TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "tokenizer", "slices", "name"}
@@ -487,6 +489,52 @@ class MergekitModelStock(TensorwiseMerge):
         return (t * avg + (1 - t) * b).reshape(shape)
 
 
+_HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+class MergekitGTA(GeneralizedTaskArithmetic):
+    """mergekit's generalized task arithmetic (task_arithmetic, ties, dare_*, breadcrumbs*, della*) in mergekit's
+    arithmetic: in the config's ``dtype`` (else the checkpoint dtype), in mergekit 0.1.5's order: theta_i - theta_0,
+    sparsify (L1 rescale factor rounded to the dtype), times the weights (rounded to the dtype), sign mask, sum
+    over the models, divide, times lambda, add to theta_0 (:func:`fusion_bench.kernels.merging.gta_order.
+    gta_merge_ordered`). fusion_bench's own ``generalized_task_arithmetic`` keeps computing in float32.
+
+    Args:
+        config: the :class:`GTAConfig` options.
+        mk_dtype: mergekit's ``dtype`` (None: the checkpoint dtype).
+    """
+
+    name = "mergekit_generalized_task_arithmetic"
+
+    def __init__(self, config=None, mk_dtype: torch.dtype | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.mk_dtype = mk_dtype
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.mk_dtype or dtype
+
+    def _stat(self, key, tau, name, density, gamma, epsilon):
+        out = super()._stat(key, tau, name, density, gamma, epsilon)
+        if out and out.get("scale") is not None and tau.dtype in (torch.bfloat16, torch.float16):
+            # mergekit divides the two L1 norms (each a 0-dim tensor of the dtype) in the dtype
+            out["scale"] = float((torch.tensor(out["scale"], dtype=torch.float32)).to(tau.dtype))
+        return out
+
+    def _merge(self, key, base, tensors, names, stats, generators, offset=0):
+        from fusion_bench.kernels.merging.gta_order import gta_merge_ordered
+
+        c = self.config
+        weights, dens = self.params(key, names)
+        gammas, epss, lam = self.extras(key, names)
+        taus = []
+        for i, t in enumerate(tensors):
+            st = stats[i] if stats is not None else None
+            g = generators[i] if generators is not None else None
+            taus.append(self._sparsify(key, t - base, names[i], dens[i], gammas[i], epss[i], st, g, offset))
+        return gta_merge_ordered(base, taus, weights, consensus=c.consensus, normalize=c.normalize,
+                                 scaling_factor=lam)
+
+
 class MergekitNuSlerp(TensorwiseMerge):
     """mergekit ``nuslerp``: SLERP of two models (or of their task vectors from base_model) at t = w_2 / (w_1 + w_2).
 
@@ -892,7 +940,7 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
             _check_della(resolver, keys, [e.name for e in entries])
         if "int8_mask" in gparams:
             notes.append("int8_mask only changes mergekit's mask dtype; ignored")
-        method = build_method({"name": "generalized_task_arithmetic", **opts})
+        method = MergekitGTA(opts, mk_dtype=_HALF.get(dtype))
         method.tensor_params = resolver.gta_params
         method.tensor_extras = resolver.gta_extras
         for e in entries:  # fail early on a missing weight
@@ -906,7 +954,7 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
 def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: list[str]):
     dtype = cfg.get("out_dtype") or cfg.get("dtype")
     if cfg.get("dtype") and cfg.get("out_dtype") and cfg["dtype"] != cfg["out_dtype"]:
-        notes.append(f"computation is in float32; output written as {cfg['out_dtype']}")
+        notes.append(f"computation in {cfg['dtype']} for the task-arithmetic family (float32 otherwise); output written as {cfg['out_dtype']}")
     tok = cfg.get("tokenizer_source")
     if isinstance(cfg.get("tokenizer"), Mapping):
         extra = set(cfg["tokenizer"]) - {"source"}
