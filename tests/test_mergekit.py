@@ -608,3 +608,78 @@ def test_own_gta_keeps_float32_compute():
 
     m = build_method({"name": "generalized_task_arithmetic", "sparsification": "magnitude", "density": 0.5})
     assert m.compute_dtype(torch.bfloat16) == torch.float32
+
+
+# --- mergekit-yaml command-line options ---------------------------------------------------------------------
+def _ta_doc(zoo, method="dare_linear"):
+    return {"merge_method": method, "base_model": zoo["_pretrained_"],
+            "models": [{"model": zoo[f"ft{i}"], "parameters": {"weight": 0.5, "density": 0.5}} for i in range(2)]}
+
+
+def test_cli_random_seed(zoo, tmp_path):
+    cfg = _write(tmp_path, _ta_doc(zoo))
+    outs = {}
+    for name, extra in [("d", []), ("s0", ["--random-seed", "0"]), ("s1", ["--random-seed", "1"]),
+                        ("s1b", ["--random-seed", "1"])]:
+        assert main([cfg, str(tmp_path / name), *extra]) == 0
+        outs[name] = load_sd(tmp_path / name)[K_NORM]
+    assert torch.equal(outs["s1"], outs["s1b"]) and torch.equal(outs["d"], outs["s0"])
+    assert not torch.equal(outs["s0"], outs["s1"])
+    with pytest.raises(ConfigError, match="random-seed"):
+        main([cfg, str(tmp_path / "neg"), "--random-seed", "-1"])
+
+
+def test_cli_allow_crimes(zoo, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(zoo["ft1"], other)
+    c = json.loads((other / "config.json").read_text())
+    c["architectures"] = ["MyLlamaForCausalLM"]
+    (other / "config.json").write_text(json.dumps(c))
+    doc = {"merge_method": "linear", "models": [{"model": zoo["ft0"], "parameters": {"weight": 1.0}},
+                                                 {"model": str(other), "parameters": {"weight": 1.0}}]}
+    cfg = _write(tmp_path, doc)
+    with pytest.raises(ConfigError, match="architectures differ.*--allow-crimes"):
+        main([cfg, str(tmp_path / "a")])
+    assert main([cfg, str(tmp_path / "a"), "--allow-crimes"]) == 0
+    got, f0, f1 = load_sd(tmp_path / "a"), load_sd(zoo["ft0"]), load_sd(zoo["ft1"])
+    torch.testing.assert_close(got[K_NORM], (f0[K_NORM] + f1[K_NORM]) / 2)
+    c["model_type"] = "mistral"
+    (other / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ConfigError, match="model_type"):
+        main([cfg, str(tmp_path / "b"), "--allow-crimes"])
+
+
+def test_cli_out_shard_size_and_tokenizer(zoo, tmp_path):
+    from fusion_bench.compat.mergekit import parse_mergekit_size
+
+    assert parse_mergekit_size("5B") == 5 * 10**9 and parse_mergekit_size("20K") == 20000
+    assert parse_mergekit_size("123") == 123
+    with pytest.raises(ConfigError, match="out-shard-size"):
+        parse_mergekit_size("5GiB")
+    cfg = _write(tmp_path, _ta_doc(zoo, "task_arithmetic"))
+    assert main([cfg, str(tmp_path / "one")]) == 0
+    assert main([cfg, str(tmp_path / "many"), "--out-shard-size", "20K", "--no-copy-tokenizer"]) == 0
+    one = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    many = sorted((tmp_path / "many").glob("*.safetensors"))
+    assert len(one) == 1 and len(many) > 1
+    a, b = load_sd(tmp_path / "one"), load_sd(tmp_path / "many")
+    assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
+    assert any(p.name.startswith("tokenizer") for p in (tmp_path / "one").iterdir())
+    assert not any(p.name.startswith(("tokenizer", "special_tokens")) for p in (tmp_path / "many").iterdir())
+    assert (tmp_path / "many" / "config.json").exists()
+
+
+def test_cli_execution_options_are_no_ops_and_refusals(zoo, tmp_path):
+    cfg = _write(tmp_path, _ta_doc(zoo, "ties"))
+    assert main([cfg, str(tmp_path / "plain")]) == 0
+    assert main([cfg, str(tmp_path / "opts"), "--lazy-unpickle", "--low-cpu-memory", "--cuda", "--no-read-to-gpu",
+                 "--quiet", "-v", "-v", "-j", "2", "--write-model-card", "--clone-tensors", "--safe-serialization",
+                 "--no-trust-remote-code", "--device", "cpu", "--async-write", "--write-threads", "2"]) == 0
+    a, b = load_sd(tmp_path / "plain"), load_sd(tmp_path / "opts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for flag in ("--trust-remote-code", "--unsafe-truncate-embeddings", "--no-safe-serialization"):
+        with pytest.raises(ConfigError, match=flag):
+            main([cfg, str(tmp_path / "r"), flag])

@@ -752,8 +752,15 @@ class MergekitPlan:
     notes: list[str]
 
 
-def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan:
-    """Translate a mergekit YAML (path or mapping) into a fusion_bench method and causal-LM pool."""
+def load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed: int | None = None,
+                         allow_crimes: bool = False) -> MergekitPlan:
+    """Translate a mergekit YAML (path or mapping) into a fusion_bench method and causal-LM pool.
+
+    Args:
+        config: the YAML file or its mapping.
+        random_seed: mergekit's ``--random-seed``: the seed of the random sparsifications (dare_*, della*).
+        allow_crimes: mergekit's ``--allow-crimes``: merge models whose architectures differ (tensors by name).
+    """
     import yaml
 
     from fusion_bench.methods import build_method
@@ -822,7 +829,7 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
             slices.append({"model": path_names[path], "layers": [int(lr[0]), int(lr[1])]})
             slice_params.append((dict(src.get("parameters") or {}), dict(s.get("parameters") or {}),
                                  int(lr[1]) - int(lr[0])))
-        pool = _make_pool(CausalLMPool, models, cfg, notes)
+        pool = _make_pool(CausalLMPool, models, cfg, notes, allow_crimes)
         # mergekit: tensors before the layers from the first slice's model, after the layers from the last's
         method = build_method({"name": "passthrough", "slices": slices, "non_layer_source": slices[0]["model"],
                                "post_layer_source": slices[-1]["model"]})
@@ -947,11 +954,38 @@ def load_mergekit_config(config: str | Path | Mapping[str, Any]) -> MergekitPlan
             resolver.gta_params("model.embed_tokens.weight", [e.name])
         for k in keys:  # and on a lambda out of range on any tensor
             resolver.gta_extras(k, [e.name for e in entries])
-    pool = _make_pool(CausalLMPool, models, cfg, notes)
+    if random_seed is not None and hasattr(method, "config") and hasattr(method.config, "seed"):
+        from fusion_bench.config_schema import SEED_RANGE
+
+        lo, hi = SEED_RANGE.get("ge", 0), SEED_RANGE.get("le", 2**63 - 1)
+        if not lo <= random_seed <= hi:
+            raise ConfigError(f"--random-seed {random_seed} is out of range [{lo}, {hi}].")
+        method.config.seed = int(random_seed)
+    pool = _make_pool(CausalLMPool, models, cfg, notes, allow_crimes)
     return MergekitPlan(method, pool, method_name, notes)
 
 
-def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: list[str]):
+def _architecture(path: str) -> tuple[Any, Any] | None:
+    f = Path(path) / "config.json"
+    if not f.exists():
+        return None
+    c = json.loads(f.read_text())
+    arch = c.get("architectures")
+    return (arch[0] if isinstance(arch, list) and arch else arch, c.get("model_type"))
+
+
+def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: list[str],
+               allow_crimes: bool = False):
+    archs = {n: a for n, p in models.items() if (a := _architecture(p)) is not None}
+    if len(set(archs.values())) > 1:
+        if not allow_crimes:
+            raise ConfigError(f"mergekit config: the models' architectures differ ({ {n: a[0] for n, a in archs.items()} }); "
+                              "mergekit refuses this without --allow-crimes; pass --allow-crimes to merge tensors by name.")
+        types = {a[1] for a in archs.values()}
+        if len(types) > 1:
+            raise ConfigError(f"--allow-crimes with models of different model_type ({sorted(map(str, types))}) is not "
+                              "supported by fusion_bench; merge models of one model_type.")
+        notes.append("--allow-crimes: architectures differ; tensors are merged by name (shapes must agree)")
     dtype = cfg.get("out_dtype") or cfg.get("dtype")
     if cfg.get("dtype") and cfg.get("out_dtype") and cfg["dtype"] != cfg["out_dtype"]:
         notes.append(f"computation in {cfg['dtype']} for the task-arithmetic family (float32 otherwise); output written as {cfg['out_dtype']}")
@@ -991,6 +1025,21 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
+def parse_mergekit_size(value: str) -> int:
+    """mergekit's --out-shard-size: an integer, or with a K/M/B suffix (10^3, 10^6, 10^9); compared, as mergekit
+    0.1.5's writer does, with the bytes of the tensors in a shard."""
+    v = str(value).strip()
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9}
+    try:
+        n = int(v[:-1]) * mult[v[-1].lower()] if v and v[-1].lower() in mult else int(v)
+    except ValueError:
+        raise ConfigError(f"--out-shard-size {value!r} is not a size; give an integer with an optional K, M or B "
+                          "suffix (e.g. 5B).") from None
+    if n <= 0:
+        raise ConfigError(f"--out-shard-size {value!r} must be positive.")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     """``fusion_bench mergekit CONFIG OUT_DIR``: run a mergekit YAML with the streaming engine."""
     from fusion_bench.engine.streaming import DEFAULT_BLOCK_ELEMENTS, merge_to_folder, plan_merge
@@ -1009,8 +1058,40 @@ def main(argv: list[str] | None = None) -> int:
                     "without it an existing OUT_DIR is refused before merging, and a folder fusion_bench did not write "
                     "or one holding an input model is never replaced")
     ap.add_argument("--no-overwrite", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    mk = ap.add_argument_group("mergekit-yaml options", "accepted with mergekit's meaning (docs/mergekit.md)")
+    mk.add_argument("--random-seed", type=int, help="seed of the random sparsifications (dare_*, della*)")
+    mk.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
+                    help="merge models whose architectures differ (tensors by name)")
+    mk.add_argument("--out-shard-size", help="largest output shard in bytes, K/M/B decimal suffixes as mergekit "
+                    "(5B = 5e9 bytes); overrides --max-shard-size")
+    mk.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                    help="copy the tokenizer files to the output (default: yes)")
+    refused = {"--trust-remote-code": "fusion_bench never runs model code from a checkpoint or the hub (configs are "
+               "data, docs/guarantees.md); the mergekit front end reads only tensors and config.json",
+               "--unsafe-truncate-embeddings": "dropping vocabulary rows is not supported; use tokenizer_source: base",
+               "--no-safe-serialization": "fusion_bench writes safetensors only"}
+    for flag in refused:
+        mk.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    # execution-only options of mergekit-yaml: accepted, no effect on the result (see docs/mergekit.md)
+    for flag in ("--lazy-unpickle", "--low-cpu-memory", "--cuda", "--read-to-gpu", "--multi-gpu", "--async-write",
+                 "--clone-tensors", "--write-model-card", "--quiet"):
+        mk.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                        help="mergekit execution option; no effect here")
+    for flag in ("--no-trust-remote-code", "--no-unsafe-truncate-embeddings", "--safe-serialization", "--gpu-rich"):
+        mk.add_argument(flag, action="store_true", help="accepted; no effect here")
+    for flag in ("--device", "--num-threads", "--write-threads", "--transformers-cache", "--lora-merge-cache",
+                 "--lora-merge-dtype"):
+        mk.add_argument(flag, help="mergekit execution option; no effect here")
+    mk.add_argument("-j", dest="num_threads", help=argparse.SUPPRESS)
+    mk.add_argument("-v", action="count", default=0, help="accepted; no effect here")
     args = ap.parse_args(argv)
-    plan = load_mergekit_config(args.config)
+    for flag, why in refused.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")):
+            raise ConfigError(f"mergekit option {flag} is not supported: {why}.")
+    max_shard: int | str = args.max_shard_size
+    if args.out_shard_size is not None:
+        max_shard = parse_mergekit_size(args.out_shard_size)
+    plan = load_mergekit_config(args.config, random_seed=args.random_seed, allow_crimes=args.allow_crimes)
     for n in plan.notes:
         print(f"note: {n}")
     if args.dry_run:
@@ -1023,8 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("Give --overwrite or --no-overwrite, not both.")
     # merge_to_folder checks OUT_DIR (exists? ours? an input?) before any merging and locks it
     info = merge_to_folder(plan.method, plan.pool, args.out_dir, block_elements=args.block_elements,
-                           max_shard_size=args.max_shard_size, prefetch=args.prefetch,
-                           overwrite=args.overwrite, overwrite_hint="--overwrite")
+                           max_shard_size=max_shard, prefetch=args.prefetch,
+                           overwrite=args.overwrite, overwrite_hint="--overwrite",
+                           copy_side_files=True if args.copy_tokenizer else "no_tokenizer")
     print(f"merged ({plan.merge_method}) into {info['output']}: {len(info['shards'])} shard(s), "
           f"{info['bytes_written'] / 2**20:.1f} MiB written in {info['merge_wall_time_s']:.2f} s")
     return 0

@@ -665,18 +665,19 @@ class _Runner:
         self.writer.write(job.key, final, row_start=row_start)
 
 
-def _copy_side_files(pool: ModelPool, plan: MergePlan, folder: Path) -> list[str]:
-    """config.json (updated), generation config and tokenizer files beside the weights."""
+def _copy_side_files(pool: ModelPool, plan: MergePlan, folder: Path, tokenizer: bool = True) -> list[str]:
+    """config.json (updated), generation config and (with ``tokenizer``) tokenizer files beside the weights."""
     copied: list[str] = []
     cfg_name = plan.config_from or pool.base_name()
     src = checkpoint_folder(pool, cfg_name) if cfg_name in pool else None
     if src is not None and src.is_dir():
         for f in sorted(src.iterdir()):
-            if f.is_file() and f.suffix in SIDE_FILE_SUFFIXES and not f.name.endswith(".index.json"):
+            if f.is_file() and f.suffix in SIDE_FILE_SUFFIXES and not f.name.endswith(".index.json") and (
+                    tokenizer or not f.name.startswith(TOKENIZER_FILE_PREFIXES)):
                 shutil.copy2(f, folder / f.name)
                 copied.append(f.name)
     tok = getattr(pool.config, "tokenizer", None)
-    if tok:
+    if tok and tokenizer:
         tp = Path(os.path.expanduser(str(tok)))
         if not tp.is_dir():
             from fusion_bench.modelpool.base import resolve_hf_path
@@ -752,7 +753,7 @@ def _progress(total: int, enabled: bool):
 def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
                     block_elements: int = DEFAULT_BLOCK_ELEMENTS, max_shard_size: int | str = "5GB",
                     prefetch: int = 1, overwrite: bool = False, progress: bool | None = None,
-                    copy_side_files: bool = True, threads: int | None = 1,
+                    copy_side_files: bool | str = True, threads: int | None = 1,
                     workers: int = DEFAULT_WORKERS, overwrite_hint: str = "overwrite=True") -> dict[str, Any]:
     """Merge ``pool`` with ``method`` tensor by tensor and write the result to ``out_dir``.
 
@@ -768,7 +769,8 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
             wrote it (it holds a ``.fusion_bench_output`` marker) and it holds no input of the merge. Without
             it an existing ``out_dir`` is refused before any work starts (see :mod:`fusion_bench.io.outputs`).
         progress: show a progress bar (default: when stderr is a terminal).
-        copy_side_files: copy config.json, generation_config.json and tokenizer files.
+        copy_side_files: copy config.json, generation_config.json and tokenizer files ("no_tokenizer": all but the
+            tokenizer files).
         threads: torch intra-op threads of the merging thread during the merge (None: unchanged).
             Default 1: the reader thread (I/O and dtype conversion) takes the other core, and
             single-threaded kernels avoid OpenMP hand-off costs on small blocks and busy machines.
@@ -837,7 +839,8 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
                 weight_map = writer.finish()
             finally:
                 writer.close()
-            side = _copy_side_files(pool, plan, tmp) if copy_side_files else []
+            side = _copy_side_files(pool, plan, tmp, tokenizer=copy_side_files != "no_tokenizer") \
+                if copy_side_files else []
             shards = sorted({v for v in weight_map.values()})
     finally:
         for r in readers.values():
