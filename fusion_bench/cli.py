@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "leaderboard": "fusion_bench.benchmark.leaderboard:main",
     "zoo": "fusion_bench.benchmark.zoo:main",
     "mergekit": "fusion_bench.compat.mergekit:main",
+    "extract-lora": "fusion_bench.compat.lora_extract:main",
 }
 
 
