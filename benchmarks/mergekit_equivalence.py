@@ -20,6 +20,11 @@ vector (mergekit's ``rescale`` matches it exactly). Each line reads
     REFUSED  name  fusion_bench's one-line reason (mergekit merges it)
     BOTH-REFUSE name  (mergekit and fusion_bench refuse it)
 
+The ``lora-*`` lines compare ``fusion_bench extract-lora`` with ``mergekit-extract-lora`` (found beside
+``--mergekit-bin``, or ``--extract-lora-bin``) module by module: the same modules as LoRA or saved whole,
+equal singular values of B A and equal reconstruction errors ||W_ft - W_base - B A|| (relative 1e-5;
+bfloat16: 2e-2), identical whole tensors, and fusion_bench's adapter loads in PEFT.
+
 This is a benchmark, not a CI test (CI has no mergekit): tests/test_mergekit.py checks the same
 behaviours against references written from mergekit's documented semantics.
 """
@@ -304,11 +309,161 @@ def compare_random(base: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b:
     return ok, f"per-tensor L1 rel diff {worst_l1:.2g}, kept {ka / n:.4f} vs {kb / n:.4f}"
 
 
+# ------------------------------------------------------------------------------------------------
+# fusion_bench extract-lora vs mergekit-extract-lora
+# ------------------------------------------------------------------------------------------------
+def lora_configs(z: dict[str, dict[str, str]]) -> list[tuple[str, str, str, list[str]]]:
+    """(name, fine-tuned model, base model, options shared by both tools)."""
+    L, B, Q, V = z["llama"], z["llama_bf16"], z["qwen2"], z["vocab"]
+    return [
+        ("lora-r4", L["ft0"], L["base"], ["--max-rank", "4"]),
+        ("lora-full-rank", L["ft0"], L["base"], ["--max-rank", "64"]),
+        ("lora-no-distribute-scale", L["ft1"], L["base"], ["--max-rank", "8", "--no-distribute-scale"]),
+        ("lora-sv-epsilon", L["ft0"], L["base"], ["--max-rank", "64", "--sv-epsilon", "0.2"]),
+        ("lora-embed-lora", L["ft0"], L["base"], ["--max-rank", "4", "--embed-lora"]),
+        ("lora-regex-skip", L["ft0"], L["base"], ["--max-rank", "4", "-i", "self_attn", "-e", r"layers\.1\.",
+                                                 "--skip-undecomposable"]),
+        # mergekit 0.1.5 crashes on --save-module when it adds a module itself (a tuple is appended to):
+        # --embed-lora and --skip-undecomposable leave nothing for it to add
+        ("lora-save-module", L["ft0"], L["base"], ["--max-rank", "4", "--save-module", "down_proj", "--embed-lora",
+                                                  "--skip-undecomposable"]),
+        ("lora-bf16", B["ft0"], B["base"], ["--max-rank", "4"]),
+        ("lora-vocab-embed-lora", V["ft2"], V["base"], ["--max-rank", "4", "--embed-lora"]),
+        ("lora-qwen2-qkv-bias", Q["ft0"], Q["base"], ["--max-rank", "4", "-i", "(q|k|v)_proj"]),
+        ("lora-qwen2", Q["ft0"], Q["base"], ["--max-rank", "4"]),
+    ]
+
+
+def _adapter(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {'delta': B A (as the weight's shape), 'bias': lora_B.bias} or {'weight', 'bias'} (saved whole)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    mods: dict[str, dict[str, torch.Tensor]] = {}
+    for k in t:
+        name = k.removeprefix("base_model.model.")
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B"):
+            if name.endswith(suffix):
+                mod = name.removesuffix(suffix)
+                m = mods.setdefault(mod, {"lora": True})
+                if suffix == ".lora_B.bias":
+                    m["bias"] = t[k].float()
+                elif "delta" not in m:
+                    if suffix.startswith(".lora_embedding"):
+                        m["delta"] = (t[f"{k[: -len(suffix)]}.lora_embedding_B"].float()
+                                      @ t[f"{k[: -len(suffix)]}.lora_embedding_A"].float()).T
+                    else:
+                        m["delta"] = (t[f"{k[: -len(suffix)]}.lora_B.weight"].float()
+                                      @ t[f"{k[: -len(suffix)]}.lora_A.weight"].float())
+                break
+        else:
+            mod, _, leaf = name.rpartition(".")
+            mods.setdefault(mod, {"lora": False})[leaf] = t[k].float()
+    return mods
+
+
+def compare_lora(mk: Path, fb: Path, ft: str, base: str) -> tuple[bool, str]:
+    """Per module: the same kind (LoRA or whole), equal singular values of B A, equal reconstruction error
+    ||W_ft - W_base - B A||_F, equal whole tensors; and fusion_bench's adapter loads in PEFT."""
+    a, b = _adapter(mk), _adapter(fb)
+    ft_sd, base_sd = load_sd(ft), load_sd(base)
+    bad, sv_diff, err_diff, whole_here, rank0 = [], 0.0, 0.0, [], []
+    for mod in sorted(set(a) | set(b)):
+        x, y = a.get(mod), b.get(mod)
+        if y is None and x is not None and x["lora"] and not x["delta"].any():
+            rank0.append(mod)  # mergekit writes a rank-0 LoRA (PEFT refuses r = 0); fusion_bench leaves it out
+            continue
+        if x is None or y is None:
+            bad.append(f"{mod} only in {'mergekit' if y is None else 'fusion_bench'}")
+            continue
+        if x["lora"] and not y["lora"] and "bias" in y and torch.equal(y["weight"], ft_sd[f"{mod}.weight"].float()):
+            whole_here.append(mod)  # a changed bias among unbiased targets (docs/mergekit.md)
+            continue
+        if x["lora"] != y["lora"]:
+            bad.append(f"{mod}: LoRA in one, whole in the other")
+            continue
+        if not x["lora"]:
+            for leaf in set(x) | set(y):
+                if leaf != "lora" and not (leaf in x and leaf in y and torch.equal(x[leaf], y[leaf])):
+                    bad.append(f"{mod}.{leaf} differs")
+            continue
+        w = (ft_sd[f"{mod}.weight"].float() - base_sd[f"{mod}.weight"].float())
+        sx, sy = torch.linalg.svdvals(x["delta"]), torch.linalg.svdvals(y["delta"])
+        scale = float(sx.max()) or 1.0
+        sv_diff = max(sv_diff, float((sx - sy).abs().max()) / scale)
+        ex, ey = float((w - x["delta"]).norm()), float((w - y["delta"]).norm())
+        err_diff = max(err_diff, abs(ex - ey) / max(float(w.norm()), 1e-12))
+        if ("bias" in x) != ("bias" in y) or ("bias" in x and not torch.allclose(x["bias"], y["bias"])):
+            bad.append(f"{mod}.bias differs")
+    tol = 2e-2 if any(v.dtype == torch.bfloat16 for v in ft_sd.values()) else 1e-5
+    if sv_diff > tol or err_diff > tol:
+        bad.append(f"singular values differ by {sv_diff:.2e}, reconstruction error by {err_diff:.2e} (relative)")
+    try:
+        import peft
+        from transformers import AutoModelForCausalLM
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            m = AutoModelForCausalLM.from_pretrained(base)
+            vocab = ft_sd["model.embed_tokens.weight"].shape[0]
+            if m.get_input_embeddings().weight.shape[0] != vocab:  # a larger vocabulary: resize the base first
+                m.resize_token_embeddings(vocab)
+            peft.PeftModel.from_pretrained(m, str(fb)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - reported as a FAIL line
+        bad.append(f"PEFT cannot load fusion_bench's adapter: {str(e).splitlines()[0][:120]}")
+    if bad:
+        return False, "; ".join(bad[:4]) + (f" (+{len(bad) - 4})" if len(bad) > 4 else "")
+    msg = f"{len(a)} modules, max rel diff: singular values {sv_diff:.1e}, reconstruction error {err_diff:.1e}"
+    if rank0:
+        msg += f"; {len(rank0)} module(s) with no singular value above sv_epsilon: mergekit writes rank 0, left out here"
+    if whole_here:
+        msg += f"; {len(whole_here)} biased module(s) saved whole here (mergekit: lora_B.bias, which PEFT ignores)"
+    return True, msg
+
+
+def run_lora_equivalence(bin_: str, z: dict[str, dict[str, str]], work: Path, only: list[str] | None) -> list[str]:
+    from fusion_bench.compat.lora_extract import main as fb_extract
+    from fusion_bench.errors import FusionBenchError
+
+    lines = []
+    for name, ft, base, opts in lora_configs(z):
+        if only and not any(o in name for o in only):
+            continue
+        d = work / "runs" / name
+        for sub in ("mk", "fb"):
+            if (d / sub).exists():
+                shutil.rmtree(d / sub)
+        d.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        p = subprocess.run([bin_, "--model", ft, "--base-model", base, "--out-path", str(d / "mk"), *opts],
+                           capture_output=True, text=True, env=env)
+        mk_msg = "" if p.returncode == 0 else ([ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
+                                               or [f"exit {p.returncode}"])[-1]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                fb_extract(["--model", ft, "--base-model", base, "--out-path", str(d / "fb"), *opts])
+            fb_msg = ""
+        except FusionBenchError as e:
+            fb_msg = str(e).splitlines()[0]
+        if mk_msg and fb_msg:
+            line = f"BOTH-REFUSE {name}  fusion_bench: {fb_msg} | mergekit: {mk_msg[:160]}"
+        elif mk_msg:
+            line = f"FAIL     {name}  mergekit refuses ({mk_msg[:160]}) but fusion_bench extracts"
+        elif fb_msg:
+            line = f"REFUSED  {name}  {fb_msg}"
+        else:
+            ok, msg = compare_lora(d / "mk", d / "fb", ft, base)
+            line = f"{'PASS' if ok else 'FAIL':8} {name}  {msg}"
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mergekit-bin", required=True, help="mergekit-yaml of a separate mergekit install")
     ap.add_argument("--only", action="append", help="run only configs whose name contains this (repeatable)")
     ap.add_argument("--keep", help="keep the zoos, configs and outputs in this folder")
+    ap.add_argument("--extract-lora-bin", help="mergekit-extract-lora (default: beside --mergekit-bin)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mk_equiv_"))
@@ -357,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
             line = f"{'PASS' if ok else 'FAIL':8} {name}  {msg}"
         print(line, flush=True)
         results.append(line)
+    lora_bin = args.extract_lora_bin or str(Path(args.mergekit_bin).with_name("mergekit-extract-lora"))
+    if Path(lora_bin).exists():
+        results += run_lora_equivalence(lora_bin, z, work, args.only)
+    else:
+        print("SKIPPED  lora-*  no mergekit-extract-lora beside --mergekit-bin (give --extract-lora-bin)")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
