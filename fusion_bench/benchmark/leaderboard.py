@@ -440,7 +440,7 @@ def order_markdown(order: dict[str, Any]) -> list[str]:
     tau = order["kendall_tau"]
     return [f"Order of the methods by gain kept, here and on FusionBench's CLIP-ViT-B/32 (8 tasks; Kendall's tau "
             f"{tau:+.2f}, 1 = the same order):", "",
-            "| rank | here | gain kept | FusionBench ViT-B/32 | gain kept |", "|---|---|---|---|---|",
+            "| rank | here | R (gain kept) | FusionBench ViT-B/32 | R |", "|---|---|---|---|---|",
             *[f"| {i + 1} | {a} | {here[a]:.2f} | {b} | {fb[b]:.2f} |"
               for i, (a, b) in enumerate(zip(order["here"], order["fusionbench"]))]]
 
