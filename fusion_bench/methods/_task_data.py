@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from fusion_bench.errors import ConfigError, ModelMismatchError, did_you_mean
+from fusion_bench.methods.base import FusionMethod
 
 if TYPE_CHECKING:
     from fusion_bench.modelpool.base import ModelPool
@@ -380,3 +381,15 @@ def data_used(split: str, labels_read: bool, used: Mapping[str, int]) -> dict[st
     """The ``data_used`` metadata of a data method (reported by the leaderboard)."""
     return {"split": split, "labels_read": labels_read, "examples_per_task": dict(used),
             "examples": int(sum(used.values()))}
+
+
+class TaskDataMethod(FusionMethod):
+    """Base of the methods that read each task's data (Fisher, RegMean, AdaMerging): the Python API's
+    ``adapter`` hook and the dry run's data check, written once."""
+
+    uses_data = True
+    #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
+    adapter: TaskDataAdapter | None = None
+
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        return check_task_data(self, modelpool, self.config.split)

@@ -17,12 +17,12 @@ from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.data.fisher import fisher_accumulate, fisher_finish
 from fusion_bench.methods._task_data import (
-    TaskDataAdapter,
+    TaskDataMethod,
     data_used,
     per_model_statistics,
     start_data_run,
 )
-from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
+from fusion_bench.methods.base import FusionResult, MethodConfig, register_method
 from fusion_bench.utils import count_parameters
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def per_example_squared_grads(classifier: nn.Module, params: dict[str, nn.Parame
 
 
 @register_method
-class FisherMerging(FusionMethod):
+class FisherMerging(TaskDataMethod):
     """Fisher merging: average parameters weighted by each model's diagonal Fisher information.
 
     Matena & Raffel, NeurIPS 2022, "Merging models with Fisher weighting", diagonal Fisher variant:
@@ -134,14 +134,6 @@ class FisherMerging(FusionMethod):
     variant = ("Matena & Raffel 2022, diagonal Fisher: F_i = mean_n (grad log p(y_n|x_n))^2 per example on task i's "
                "train split, y_n = the model's prediction (or true label); optional global L2 normalisation of F_i; "
                "theta = sum_i (F_i+eps) theta_i / sum_i (F_i+eps); no Fisher -> simple average.")
-
-    #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
-    adapter: TaskDataAdapter | None = None
-
-    def check_ready(self, modelpool: ModelPool) -> list[str]:
-        from fusion_bench.methods._task_data import check_task_data
-
-        return check_task_data(self, modelpool, self.config.split)
 
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()

@@ -15,12 +15,12 @@ from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.data.regmean import regmean_accumulate, regmean_solve
 from fusion_bench.methods._task_data import (
-    TaskDataAdapter,
+    TaskDataMethod,
     data_used,
     per_model_statistics,
     start_data_run,
 )
-from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
+from fusion_bench.methods.base import FusionResult, MethodConfig, register_method
 from fusion_bench.utils import count_parameters
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def linear_grams(classifier: nn.Module, model: nn.Module, inputs: torch.Tensor, 
 
 
 @register_method
-class RegMean(FusionMethod):
+class RegMean(TaskDataMethod):
     """RegMean: each linear layer merged by the closed-form regression on the models' layer inputs.
 
     Jin et al., ICLR 2023, "Dataless knowledge fusion by merging weights of language models": for
@@ -131,14 +131,6 @@ class RegMean(FusionMethod):
     variant = ("Jin et al. 2023: W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T per nn.Linear (and transformers Conv1D), G_i = X_i^T X_i on task i's "
                "train inputs, off-diagonals scaled by reduce_non_diagonal_ratio; other tensors (and biases unless "
                "include_bias) simple-averaged.")
-
-    #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
-    adapter: TaskDataAdapter | None = None
-
-    def check_ready(self, modelpool: ModelPool) -> list[str]:
-        from fusion_bench.methods._task_data import check_task_data
-
-        return check_task_data(self, modelpool, self.config.split)
 
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()

@@ -14,8 +14,14 @@ from torch import nn
 
 from fusion_bench.config_schema import SEED_RANGE, option
 from fusion_bench.errors import ConfigError, ModelMismatchError
-from fusion_bench.methods._task_data import TaskDataAdapter, TaskExamples, check_tasks, make_adapter, progress
-from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
+from fusion_bench.methods._task_data import (
+    TaskDataMethod,
+    TaskExamples,
+    check_tasks,
+    make_adapter,
+    progress,
+)
+from fusion_bench.methods.base import FusionResult, MethodConfig, register_method
 from fusion_bench.utils import count_parameters, resolve_device, seeded_generator
 
 if TYPE_CHECKING:
@@ -84,7 +90,7 @@ def merge_params(base: dict[str, torch.Tensor], vectors: dict[str, list[torch.Te
 
 
 @register_method
-class AdaMerging(FusionMethod):
+class AdaMerging(TaskDataMethod):
     """AdaMerging: task-arithmetic coefficients learned by minimising prediction entropy on unlabeled test data.
 
     Yang et al., ICLR 2024, "AdaMerging: adaptive model merging for multi-task learning":
@@ -113,14 +119,6 @@ class AdaMerging(FusionMethod):
     variant = ("Yang et al. 2024: theta = theta_0 + sum_i lambda_i(^k) tau_i, lambdas (init 0.3; per task or per task "
                "and parameter tensor) minimise the summed mean prediction entropy on unlabeled test batches of every "
                "task with Adam for a fixed number of steps; functional_call forward.")
-
-    #: Python API: set to a TaskDataAdapter to supply data/classifiers for other model families
-    adapter: TaskDataAdapter | None = None
-
-    def check_ready(self, modelpool: ModelPool) -> list[str]:
-        from fusion_bench.methods._task_data import check_task_data
-
-        return check_task_data(self, modelpool, self.config.split)
 
     def run(self, modelpool: ModelPool) -> FusionResult:
         t0 = time.perf_counter()
