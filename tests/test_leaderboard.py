@@ -209,6 +209,10 @@ def test_combine_leaderboards(tmp_path):
     assert by["iso_c"]["gain_kept"] == pytest.approx((0.7 - 0.2) / (0.8 - 0.2))
     assert doc["tune"]["grids"] == [[0.1, 1.0], [0.1, 2.0]] and doc["total_time_s"] == 10.0
     assert (tmp_path / "out" / "leaderboard.md").exists() and doc["targets"]
+    before = (one / "leaderboard.json").read_text()
+    with pytest.raises(ConfigError, match="one of the runs being combined"):
+        combine_leaderboards([one, two], one)
+    assert (one / "leaderboard.json").read_text() == before  # the input is left as it was
     other = write("other", [], [0.1], max_samples=20)
     with pytest.raises(ConfigError, match="max_samples"):
         combine_leaderboards([one, other], tmp_path / "out2")

@@ -344,6 +344,11 @@ def combine_leaderboards(dirs: Sequence[str | Path], out: str | Path) -> dict[st
     """One table from leaderboard runs of the same zoo and test set (e.g. methods run in parallel, or re-run
     with another grid): rows are united, a later run's row replaces an earlier one of the same method, the
     reference rows must agree, and the derived columns (gain kept, order, targets) are recomputed."""
+    out_dir = Path(out).expanduser().resolve()
+    clash = [str(d) for d in dirs if Path(d).expanduser().resolve() == out_dir]
+    if clash:
+        raise ConfigError(f"leaderboard --combine: --out {out} is one of the runs being combined ({clash[0]}); its "
+                          "tables would be replaced. Give a new folder with --out.")
     docs = []
     for d in dirs:
         path = Path(d) / "leaderboard.json"
