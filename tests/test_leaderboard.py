@@ -220,7 +220,12 @@ def test_combine_leaderboards(tmp_path):
 
 def test_spread_target_counts_one_model_merges_only():
     """A one-model-per-task result (the task id chooses the model) is not a merge for the spread target."""
-    from fusion_bench.benchmark.leaderboard import FINETUNED_ROW, PRETRAINED_ROW, add_gain_kept, quality_targets
+    from fusion_bench.benchmark.leaderboard import (
+        FINETUNED_ROW,
+        PRETRAINED_ROW,
+        add_gain_kept,
+        quality_targets,
+    )
 
     def row(method, kind, acc, **extra):
         return {"method": method, "kind": kind, "accuracy": {"a": acc}, "average": acc, "normalized": 1.0,
