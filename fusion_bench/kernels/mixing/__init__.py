@@ -1,0 +1,1 @@
+"""Pure tensor math of the mixing family (weight-ensembling MoE, rank-one MoE, SMILE, upcycling)."""

@@ -1,0 +1,1 @@
+"""Mixing / upscaling: the result is a different, usually larger model (MoE layers, more layers)."""
