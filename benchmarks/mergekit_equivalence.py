@@ -80,6 +80,23 @@ def build_zoo(root: Path, family: str, dtype: torch.dtype, n: int = 3, big_vocab
     return paths
 
 
+def build_adapter(base: str, out: Path, seed: int, **lora_kw) -> str:
+    """A PEFT LoRA adapter of ``base`` with seeded random A and B (PEFT initialises B to zero)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(base)
+    cfg = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], **lora_kw})
+    pm = peft.get_peft_model(m, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.save_pretrained(str(out))
+    return str(out)
+
+
 def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
     """(name, mergekit YAML as a mapping, comparison kind: exact | random)."""
     L, B, Q, V = z["llama"], z["llama_bf16"], z["qwen2"], z["vocab"]
@@ -224,11 +241,33 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                              "parameters": {"select_topk": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.3}]},
                              "models": [{"model": L["base"]}, *three(L)]})
     add("sce-no-selection", {"merge_method": "sce", "base_model": Q["base"], "dtype": "float32", "models": three(Q)})
+    # LoRA references (mergekit applies the adapter with PEFT first)
+    A = z["adapters"]
+    add("lora-ref-models", {"merge_method": "task_arithmetic", "base_model": L["base"], "dtype": "float32",
+                            "models": [{"model": f"{L['ft0']}+{A['llama_ft0']}", "parameters": {"weight": 0.6}},
+                                       {"model": L["ft1"], "parameters": {"weight": 0.4}}]})
+    add("lora-ref-base-rslora-patterns", {"merge_method": "ties", "base_model": f"{L['base']}+{A['llama_base']}",
+                                          "dtype": "float32", "parameters": {"density": 0.5},
+                                          "models": three(L, weight=[0.5, 0.3, 0.2])})
+    add("lora-ref-slices-dict", {"merge_method": "passthrough", "dtype": "float32",
+                                 "slices": [{"sources": [{"model": {"model": L["ft0"], "lora": A["llama_ft0"]},
+                                                          "layer_range": [0, 2]}]},
+                                            {"sources": [{"model": L["ft1"], "layer_range": [2, 4]}]}]})
+    add("lora-ref-embed-modules-to-save", {"merge_method": "linear", "dtype": "float32",
+                                           "models": [{"model": f"{L['ft1']}+{A['llama_embed']}",
+                                                       "parameters": {"weight": 0.7}},
+                                                      {"model": L["ft2"], "parameters": {"weight": 0.3}}]})
+    add("lora-ref-bf16", {"merge_method": "task_arithmetic", "base_model": B["base"], "dtype": "bfloat16",
+                          "models": [{"model": f"{B['ft0']}+{A['bf16_ft0']}", "parameters": {"weight": 0.5}},
+                                     {"model": B["ft1"], "parameters": {"weight": 0.5}}]})
+    add("lora-ref-qwen2-bias", {"merge_method": "linear", "dtype": "float32",
+                                "models": [{"model": f"{Q['ft0']}+{A['qwen2_bias']}", "parameters": {"weight": 1.0}},
+                                           {"model": Q["ft1"], "parameters": {"weight": 1.0}}]})
     return out
 
 
 def run_mergekit(bin_: str, cfg: Path, out: Path, seed: int | None = None) -> tuple[bool, str]:
-    cmd = [bin_, str(cfg), str(out), "--quiet"]
+    cmd = [bin_, str(cfg), str(out), "--quiet", "--lora-merge-cache", str(out.parent / "mk_lora_cache")]
     if seed is not None:
         cmd += ["--random-seed", str(seed)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -476,6 +515,20 @@ def main(argv: list[str] | None = None) -> int:
         if not (root / "ft2").exists():
             build_zoo(root, fam, dt, big_vocab=big)
         z[name] = {k: str(root / k) for k in ("base", "ft0", "ft1", "ft2")}
+    ad = work / "zoo" / "adapters"
+    specs = {"llama_ft0": (z["llama"]["ft0"], 11, {}),
+             "llama_base": (z["llama"]["base"], 12, {"use_rslora": True, "rank_pattern": {"down_proj": 2},
+                                                     "alpha_pattern": {"v_proj": 3}}),
+             "llama_embed": (z["llama"]["ft1"], 13, {"target_modules": ["q_proj", "embed_tokens"],
+                                                     "modules_to_save": ["lm_head"]}),
+             "bf16_ft0": (z["llama_bf16"]["ft0"], 14, {}),
+             "qwen2_bias": (z["qwen2"]["ft0"], 15, {"target_modules": ["q_proj", "k_proj"], "lora_bias": True})}
+    z["adapters"] = {}
+    for name, (base, seed, kw) in specs.items():
+        if not (ad / name / "adapter_config.json").exists():
+            with contextlib.redirect_stderr(io.StringIO()):
+                build_adapter(base, ad / name, seed, **kw)
+        z["adapters"][name] = str(ad / name)
     results = []
     for name, doc, kind in configs(z):
         if args.only and not any(o in name for o in args.only):

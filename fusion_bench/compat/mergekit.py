@@ -705,19 +705,80 @@ def _check_della(resolver: ParameterResolver, keys: list[str], models: list[str]
                                   "density +- epsilon must lie in (0, 1), as mergekit requires; lower epsilon.")
 
 
+class _LoraContext:
+    """Where ``MODEL+LORA`` references are materialised during one :func:`load_mergekit_config` call."""
+
+    def __init__(self, cache: str | None, dtype: str | None):
+        self.cache = cache
+        self.dtype = dtype
+        self.done: dict[tuple[str, str], str] = {}
+        self.notes: list[str] = []
+
+    def folder(self, model: str, lora: str) -> str:
+        key = (model, lora)
+        if key in self.done:
+            return self.done[key]
+        import atexit
+        import binascii
+        import tempfile
+
+        from fusion_bench.compat.lora_apply import apply_lora
+
+        for what, p in (("model", model), ("LoRA adapter", lora)):
+            if not Path(p).is_dir():
+                raise ConfigError(f"{what} '{p}' of '{model}+{lora}' is not a local folder; give local folders (hub "
+                                  "ids are not downloaded).")
+        if self.cache:
+            root = Path(self.cache)
+        else:
+            root = Path(tempfile.mkdtemp(prefix="fb_lora_merge_"))
+            atexit.register(lambda r=root: __import__("shutil").rmtree(r, ignore_errors=True))
+        def uid(p: str) -> str:
+            return f"{Path(p).resolve().name}_{binascii.crc32(str(Path(p).resolve()).encode())}"
+        out = root / f"{uid(model)}_{uid(lora)}{'_' + self.dtype if self.dtype else ''}"
+        stamp = json.dumps({"model": _fingerprint(model), "lora": _fingerprint(lora), "dtype": self.dtype},
+                           sort_keys=True)
+        marker = out / ".fusion_bench_lora_merge.json"
+        if not (marker.is_file() and marker.read_text() == stamp):
+            if out.exists():
+                if not marker.is_file():
+                    raise ConfigError(f"--lora-merge-cache: {out} exists and was not written by fusion_bench; remove "
+                                      "it or choose another cache folder.")
+                import shutil
+
+                shutil.rmtree(out)
+            info = apply_lora(model, lora, out, self.dtype)
+            marker.write_text(stamp)
+            self.notes.append(f"LoRA '{lora}' applied to '{model}' ({info['lora_modules']} LoRA tensor(s), "
+                              f"{info['whole']} whole) in {out}")
+            if info["ignored"]:
+                self.notes.append(f"LoRA '{lora}': tensors {info['ignored'][:3]} are not in modules_to_save; "
+                                  "ignored (as PEFT)")
+        self.done[key] = str(out)
+        return str(out)
+
+
+def _fingerprint(path: str) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a folder's files: a cached LoRA merge is reused only when
+    neither input changed."""
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(path).iterdir() if f.is_file())
+
+
+_LORA: _LoraContext | None = None
+
+
 def _model_ref(ref: Any, where: str) -> str:
+    """The local path of a mergekit model reference: ``MODEL``, ``MODEL+LORA`` or ``{model: ..., lora: ...}``
+    (the LoRA is applied to the model first, as mergekit does; fusion_bench/compat/lora_apply.py)."""
+    from fusion_bench.compat.lora_apply import split_model_ref
+
     if isinstance(ref, Mapping):
-        if "model" in ref and isinstance(ref["model"], (str, Mapping)):
-            return _model_ref(ref["model"], where)
-        if "path" in ref:
-            if ref.get("lora"):
-                raise ConfigError(f"{where}: LoRA model references are not supported; merge the adapter first.")
-            return str(ref["path"])
-        raise ConfigError(f"{where}={ref!r} is not a model reference (a path or hub id).")
-    s = str(ref)
-    if "+" in s and not Path(s).exists():
-        raise ConfigError(f"{where}='{s}': 'model+lora' references are not supported; merge the LoRA first.")
-    return s
+        ref = dict(ref)
+    model, lora = split_model_ref(ref, where)
+    if lora is None:
+        return model
+    ctx = _LORA or _LoraContext(None, None)
+    return ctx.folder(model, lora)
 
 
 def _unique_name(path: str, taken: set[str]) -> str:
@@ -753,14 +814,32 @@ class MergekitPlan:
 
 
 def load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed: int | None = None,
-                         allow_crimes: bool = False) -> MergekitPlan:
+                         allow_crimes: bool = False, lora_merge_cache: str | None = None,
+                         lora_merge_dtype: str | None = None) -> MergekitPlan:
     """Translate a mergekit YAML (path or mapping) into a fusion_bench method and causal-LM pool.
 
     Args:
         config: the YAML file or its mapping.
         random_seed: mergekit's ``--random-seed``: the seed of the random sparsifications (dare_*, della*).
         allow_crimes: mergekit's ``--allow-crimes``: merge models whose architectures differ (tensors by name).
+        lora_merge_cache: mergekit's ``--lora-merge-cache``: where ``MODEL+LORA`` models are written (and reused
+            while neither input changes); default: a temporary folder removed when the process exits.
+        lora_merge_dtype: mergekit's ``--lora-merge-dtype``: the dtype a LoRA'd model is cast to before the
+            adapter is added (default: its checkpoint dtype).
     """
+    global _LORA
+    prev = _LORA
+    _LORA = _LoraContext(lora_merge_cache, lora_merge_dtype)
+    try:
+        plan = _load_mergekit_config(config, random_seed=random_seed, allow_crimes=allow_crimes)
+        plan.notes[:0] = _LORA.notes
+        return plan
+    finally:
+        _LORA = prev
+
+
+def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed: int | None = None,
+                          allow_crimes: bool = False) -> MergekitPlan:
     import yaml
 
     from fusion_bench.methods import build_method
@@ -1079,8 +1158,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="mergekit execution option; no effect here")
     for flag in ("--no-trust-remote-code", "--no-unsafe-truncate-embeddings", "--safe-serialization", "--gpu-rich"):
         mk.add_argument(flag, action="store_true", help="accepted; no effect here")
-    for flag in ("--device", "--num-threads", "--write-threads", "--transformers-cache", "--lora-merge-cache",
-                 "--lora-merge-dtype"):
+    mk.add_argument("--lora-merge-cache", help="folder for models with a LoRA applied (MODEL+LORA references); "
+                    "default: a temporary folder")
+    mk.add_argument("--lora-merge-dtype", help="dtype a model is cast to before its LoRA is added (default: the "
+                    "checkpoint dtype)")
+    for flag in ("--device", "--num-threads", "--write-threads", "--transformers-cache"):
         mk.add_argument(flag, help="mergekit execution option; no effect here")
     mk.add_argument("-j", dest="num_threads", help=argparse.SUPPRESS)
     mk.add_argument("-v", action="count", default=0, help="accepted; no effect here")
@@ -1091,7 +1173,8 @@ def main(argv: list[str] | None = None) -> int:
     max_shard: int | str = args.max_shard_size
     if args.out_shard_size is not None:
         max_shard = parse_mergekit_size(args.out_shard_size)
-    plan = load_mergekit_config(args.config, random_seed=args.random_seed, allow_crimes=args.allow_crimes)
+    plan = load_mergekit_config(args.config, random_seed=args.random_seed, allow_crimes=args.allow_crimes,
+                                lora_merge_cache=args.lora_merge_cache, lora_merge_dtype=args.lora_merge_dtype)
     for n in plan.notes:
         print(f"note: {n}")
     if args.dry_run:
