@@ -156,7 +156,7 @@ def preflight(argv: list[str]) -> Any:
     return first
 
 
-_GROUPS = ("method", "modelpool", "taskpool")
+_GROUPS = ("method", "modelpool", "taskpool", "program")
 
 
 def _check_group_value(key: str, value: str) -> None:
@@ -215,6 +215,7 @@ def validate_composed(cfg: Any) -> None:
         plain = OmegaConf.to_container(cfg, resolve=False)
         plain.pop("hydra", None)
         plain["output_dir"] = None
+    validate_program(plain.pop("program", None))
     build_config(ProgramConfig, plain)
     method = dict(plain.get("method") or {})
     if "name" not in method:
@@ -236,6 +237,24 @@ def validate_composed(cfg: Any) -> None:
     tp = dict(plain.get("taskpool") or {})
     tp_cls = TASKPOOLS.get(tp.get("type", "parameter_count")).config_class
     build_config(tp_cls, tp, prefix="taskpool", ignore=("type",))
+
+
+def validate_program(program: Any) -> None:
+    """The ``program`` group: ``fusion`` (the default: fuse once, evaluate) or ``continual`` (docs/continual.md)."""
+    from fusion_bench.config_schema import build_config
+
+    program = dict(program or {"name": "fusion"})
+    name = program.get("name", "fusion")
+    if name == "fusion":
+        if set(program) - {"name"}:
+            raise ConfigError(f"program=fusion has no option '{sorted(set(program) - {'name'})[0]}' (program options "
+                              "belong to program=continual).")
+    elif name == "continual":
+        from fusion_bench.programs.continual import ContinualProgramConfig
+
+        build_config(ContinualProgramConfig, program, prefix="program")
+    else:
+        raise ConfigError(f"Unknown program '{name}'.{did_you_mean(str(name), ['fusion', 'continual'])}")
 
 
 def _remove_empty_run_dir(path: str | None) -> None:
@@ -270,7 +289,13 @@ def _hydra_main() -> None:
         _terminate_as_exception()
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)
-            run_program(plain)
+            program = plain.pop("program", None) or {"name": "fusion"}
+            if program.get("name") == "continual":
+                from fusion_bench.programs.continual import run_continual
+
+                run_continual(plain, program)
+            else:
+                run_program(plain)
             if plain.get("dry_run"):  # a dry run writes nothing, not even Hydra's run folder
                 _remove_empty_run_dir(plain.get("output_dir"))
         except BaseException as e:
