@@ -1,0 +1,135 @@
+"""SMILE upscaling of any model: its linear layers become sparse mixtures of low-rank experts (no data, no training).
+
+Paper: Tang et al., "SMILE: Zero-Shot Sparse Mixture of Low-Rank Experts Construction From Pre-Trained
+Foundation Models", arXiv 2408.10174. FusionBench: ``method=smile_upscaling``. The tensor math is in
+:mod:`fusion_bench.kernels.mixing.smile`, the layer in :mod:`fusion_bench.models.smile`.
+
+Causal LMs (Llama, Mistral, Qwen2) given to ``smile_upscaling`` are upscaled by the causal-LM path of
+:mod:`fusion_bench.methods.mixing.smile_causal_lm` (the seven projections of every decoder layer; the result is a
+registered ``Smile*ForCausalLM`` that ``save_pretrained`` writes and ``AutoModelForCausalLM`` reloads).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fusion_bench.config_schema import option
+from fusion_bench.errors import ConfigError, ModelMismatchError
+from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
+from fusion_bench.utils import float_numel, resolve_device
+
+VARIANT = ("Tang et al. 2024 (SMILE), FusionBench smile_upscaling: per nn.Linear, dW_i = W_i - W_0 = U_i S_i V_i^T "
+           "(thin SVD, float32); expert i = U_i[:, :k] S_i[:k] V_i[:, :k]^T + (b_i - b_0) (k <= 0: the whole delta); "
+           "router r_i = ||V_i[:, :gate_k]^T x||_2, p = softmax(r) over all experts, top_k kept and renormalised; "
+           "y = W_0 x + b_0 + sum_topk p_i / sum_topk p_j * expert_i(x); layers no model changed are kept; "
+           "other parameters pretrained (average_experts: mean of the fine-tuned models)")
+
+
+@dataclass
+class SmileUpscalingConfig(MethodConfig):
+    gate_k: int = option(1, ge=1, le=2**20, help="Router rank: the routing logit of task i is the norm of the "
+                         "projection of the input on the top gate_k right singular vectors of its delta "
+                         "(FusionBench default 1; its CLIP examples use 16). Capped at min(m, n) per layer.")
+    k: int = option(128, ge=-1, le=2**20, help="Expert rank: each expert keeps the top k singular triplets of its "
+                    "delta; k <= 0 keeps the whole delta (full-rank experts). Capped at min(m, n) per layer.")
+    top_k: int = option(1, ge=1, le=4096, help="Experts used per input token (at most the number of models).")
+    average_experts: bool = option(False, help="Parameters outside the upscaled layers (norms, embeddings, "
+                                   "non-matching linears) become the mean of the fine-tuned models' instead of "
+                                   "the pretrained ones (FusionBench's average_experts).")
+    routing_use_diff: bool = option(True, help="Routers from the SVD of the deltas W_i - W_0 (the paper); false: "
+                                    "from the SVD of the fine-tuned weights W_i (FusionBench's routing_use_diff).")
+    linear_patterns: list[str] = option(["*"], help="Glob patterns of the module names of the nn.Linear layers to "
+                                        "upscale (default: every linear layer, as FusionBench; e.g. ['*mlp*'] for the "
+                                        "MLPs only). Causal LMs: the seven projections of each decoder layer.")
+    exclude: list[str] = option([], help="Glob patterns of linear module names left as pretrained.")
+    device: str = option("cpu", help="Where the SVDs run: cpu, cuda, cuda:1, auto (FusionBench's "
+                         "upscaling_accelerator); the model stays where it was loaded.")
+
+
+def _check_top_k(top_k: int, n_models: int, method: str) -> None:
+    if top_k > n_models:
+        raise ConfigError(f"method.top_k={top_k} but the pool has {n_models} fine-tuned models ('{method}'); set "
+                          f"method.top_k to at most {n_models}.")
+
+
+@register_method
+class SmileUpscaling(FusionMethod):
+    """SMILE: every selected linear layer becomes a sparse mixture of the tasks' low-rank deltas with a
+    parameter-free router.
+
+    Paper: Tang et al. 2024 (arXiv 2408.10174). Variant: see :data:`VARIANT`.
+
+    Args:
+        config: :class:`SmileUpscalingConfig` (gate_k, k, top_k, average_experts, routing_use_diff,
+            linear_patterns, exclude, device).
+    """
+
+    name = "smile_upscaling"
+    config_class: ClassVar = SmileUpscalingConfig
+    family = "mixing"
+    summary = "SMILE: linear layers upscaled to sparse mixtures of low-rank experts, parameter-free router (Tang 2024)."
+    variant = VARIANT
+    requires_pretrained = True
+    # N copies of the base give the base back (no layer changed); the experts' order is the pool's order, so the
+    # state dict depends on it (outputs do not: tested in tests/test_mixing_smile.py)
+    identity_on_equal_inputs = True
+    permutation_invariant = False
+
+    def run(self, modelpool) -> FusionResult:
+        c = self.config
+        t0 = time.perf_counter()
+        if not modelpool.has_pretrained:
+            raise ModelMismatchError(f"Method '{self.name}' needs the base model: add '_pretrained_' to the model "
+                                     "pool's models.")
+        names = modelpool.model_names
+        if not names:
+            raise ModelMismatchError(f"Method '{self.name}' needs at least one fine-tuned model besides '_pretrained_'.")
+        _check_top_k(c.top_k, len(names), self.name)
+        base = modelpool.load_pretrained_model()
+        from fusion_bench.models.smile_hf import smile_family
+
+        if smile_family(base) is not None:
+            from fusion_bench.methods.mixing.smile_causal_lm import upscale_causal_lm_in_memory
+
+            model, info = upscale_causal_lm_in_memory(base, [modelpool.load_model(n) for n in names], names,
+                                                      gate_k=c.gate_k, k=c.k, top_k=c.top_k,
+                                                      routing_use_diff=c.routing_use_diff, device=c.device)
+            return FusionResult("merged", model=model, metadata=self._metadata(t0, **info))
+        base_params = float_numel(base)
+        model = copy.deepcopy(base)  # live modules of the pool are never modified
+        finetuned = [modelpool.load_model(n) for n in names]
+        device = resolve_device(c.device)
+        from fusion_bench.models.smile import smile_parameter_counts
+
+        with torch.no_grad():
+            done = _upscale_on(model, finetuned, device, gate_k=c.gate_k, k=c.k, top_k=c.top_k,
+                               patterns=c.linear_patterns, exclude=c.exclude, average_experts=c.average_experts,
+                               routing_use_diff=c.routing_use_diff)
+        counts = smile_parameter_counts(model, base_params)
+        meta = self._metadata(t0, **counts, experts=list(names), upscaled_layers=len(done["upscaled"]),
+                              unchanged_layers=done["unchanged"][:50], averaged_parameters=len(done["averaged"]),
+                              extra_parameters_note="parameters beyond one model of the pool")
+        if not done["upscaled"]:
+            meta["note"] = "no nn.Linear layer matched method.linear_patterns and differed from the base"
+        return FusionResult("merged", model=model, metadata=meta)
+
+
+def _upscale_on(model, finetuned, device, **kw) -> dict[str, list[str]]:
+    """Run :func:`~fusion_bench.models.smile.upscale_linears` with the SVDs on ``device`` (the models are moved
+    there, the result back)."""
+    from fusion_bench.models.smile import upscale_linears
+
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device != here:
+        model.to(device)
+        finetuned = [m.to(device) for m in finetuned]
+    try:
+        return upscale_linears(model, finetuned, **kw)
+    finally:
+        if device != here:
+            model.to(here)
