@@ -124,8 +124,22 @@ def linear_targets(module: nn.Module, exclude: list[str], prefix: str = "") -> d
     return out
 
 
-def model_targets(model: nn.Module, exclude: list[str]) -> dict[str, nn.Module]:
-    """The linear layers a method compresses: inside the decoder layers for causal LMs, else every linear."""
+class _TensorWeight:
+    """A stand-in module for one 2-D ``*.weight`` tensor of a plain state dict (a TensorBag)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+def model_targets(model: nn.Module, exclude: list[str]) -> dict[str, Any]:
+    """The linear layers a method compresses: inside the decoder layers for causal LMs, else every linear; for a
+    plain state dict without an architecture, every 2-D floating ``*.weight`` tensor (taken as (out, in))."""
+    from fusion_bench.modelpool.base import TensorBag
+
+    if isinstance(model, TensorBag):
+        return {k[: -len(".weight")]: _TensorWeight(v) for k, v in model.state_dict().items()
+                if k.endswith(".weight") and v.dim() == 2 and v.is_floating_point()
+                and not _excluded(k[: -len(".weight")], exclude)}
     found = find_decoder_layers(model)
     if found is None:
         return linear_targets(model, exclude)
