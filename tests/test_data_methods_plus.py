@@ -188,3 +188,136 @@ def test_adamerging_task_heads(parts):
     with pytest.raises(ConfigError, match="task_heads"):
         build_method({"name": "adamerging", "task_heads": ["head.*"], "steps": 1,
                       "progress": False}).run(make_pool(base, models, data))
+
+
+# ------------------------------------------------------------------------------------------------
+# RegMean++
+# ------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.fc2 = nn.Linear(7, 5)
+
+    def forward(self, x, scale=None):
+        return (x + self.fc2(torch.tanh(self.fc1(x))) * scale,)
+
+
+class StackNet(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Linear(4, 5)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for b in self.blocks:
+            h = b(h, scale=0.5)[0]
+        return self.head(h)
+
+
+def np_regmean(ws, gs, alpha):
+    gt = [alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in gs]
+    return np.linalg.solve(sum(gt), sum(g @ w.T for g, w in zip(gt, ws))).T
+
+
+def np_regmean_pp(models: dict[str, dict[str, np.ndarray]], xs: dict[str, np.ndarray], alpha: float):
+    """The paper's procedure written out: averaged embedding; per block, Gram matrices of model i's block on the
+    merged model's activations of task i, RegMean per linear layer, biases averaged; merged block forward."""
+    names = list(models)
+    avg = {k: np.mean([models[n][k] for n in names], 0) for k in models[names[0]]}
+    out = dict(avg)
+    h = {n: xs[n] @ avg["emb.weight"].T + avg["emb.bias"] for n in names}
+    for li in range(2):
+        p = f"blocks.{li}."
+        g1, g2 = [], []
+        for n in names:
+            m = models[n]
+            a = h[n]
+            g1.append(a.T @ a)
+            z = np.tanh(a @ m[p + "fc1.weight"].T + m[p + "fc1.bias"])
+            g2.append(z.T @ z)
+        out[p + "fc1.weight"] = np_regmean([models[n][p + "fc1.weight"] for n in names], g1, alpha)
+        out[p + "fc2.weight"] = np_regmean([models[n][p + "fc2.weight"] for n in names], g2, alpha)
+        for n in names:
+            z = np.tanh(h[n] @ out[p + "fc1.weight"].T + out[p + "fc1.bias"])
+            h[n] = h[n] + 0.5 * (z @ out[p + "fc2.weight"].T + out[p + "fc2.bias"])
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.95, 1.0])
+def test_regmean_plusplus_matches_layer_by_layer_reference(parts, alpha):
+    _, _, data = parts
+    base = StackNet(0)
+    models = {t: fine_tuned(base, i + 1, 0.2) for i, t in enumerate(TASKS)}
+    res = build_method({"name": "regmean_plusplus", "reduce_non_diagonal_ratio": alpha, "batch_size": 5,
+                        "num_regmean_examples": 10, "progress": False}).run(make_pool(base, models, data))
+    xs = {t: data[t]["train"][0][torch.tensor(_even(12, 10))].double().numpy() for t in TASKS}
+    ref = np_regmean_pp({t: sd_np(models[t]) for t in TASKS}, xs, alpha)
+    got = sd_np(res.model)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert res.metadata["block_stack"] == "blocks" and res.metadata["regmean_layers"] == 4
+    assert res.metadata["data_used"]["examples"] == 30
+    # the second block differs from plain RegMean (whose Gram matrices come from each model's own activations)
+    plain = sd_np(build_method({"name": "regmean", "reduce_non_diagonal_ratio": alpha, "num_regmean_examples": 10,
+                                "progress": False}).run(make_pool(base, models, data)).model)
+    avg = np.mean([sd_np(models[t])["emb.weight"] for t in TASKS], 0)
+    np.testing.assert_allclose(got["emb.weight"], avg, rtol=1e-6)  # outside the stack: averaged (RegMean solves it)
+    assert np.abs(plain["emb.weight"] - avg).max() > 1e-4
+    assert np.abs(plain["blocks.1.fc1.weight"] - got["blocks.1.fc1.weight"]).max() > 1e-4
+
+
+def _even(n, k):
+    from fusion_bench.data.images import subset_indices
+
+    return subset_indices(n, k)
+
+
+def test_regmean_plusplus_keep_pretrained_identity_and_errors(parts):
+    _, _, data = parts
+    base = StackNet(0)
+    models = {t: fine_tuned(base, i + 1, 0.2) for i, t in enumerate(TASKS)}
+    res = build_method({"name": "regmean_plusplus", "keep_pretrained": ["head.*"], "num_regmean_examples": 6,
+                        "progress": False}).run(make_pool(base, models, data))
+    torch.testing.assert_close(res.model.head.weight, base.head.weight)
+    same = build_method({"name": "regmean_plusplus", "num_regmean_examples": 6, "progress": False}).run(
+        make_pool(base, {t: copy.deepcopy(models["a"]) for t in TASKS}, data))
+    for k, v in same.model.state_dict().items():
+        torch.testing.assert_close(v, models["a"].state_dict()[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="method.layers"):
+        build_method({"name": "regmean_plusplus", "layers": "nope", "progress": False}).run(
+            make_pool(base, models, data))
+    from fusion_bench.errors import ModelMismatchError
+
+    with pytest.raises(ModelMismatchError, match="ModuleList"):
+        build_method({"name": "regmean_plusplus", "progress": False}).run(
+            make_pool(mlp(0), {t: mlp(i) for i, t in enumerate(TASKS)}, data))
+
+
+# ------------------------------------------------------------------------------------------------
+# a tiny CLIP pool end to end
+# ------------------------------------------------------------------------------------------------
+from tests.test_data_methods import clip_pool_spec  # noqa: E402,F401  (fixture)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "regmean_plusplus", "num_regmean_examples": 6, "batch_size": 4},
+    {"name": "adamerging", "steps": 2, "batch_size": 4, "task_vectors": "ties"},
+])
+def test_clip_pool_end_to_end(clip_pool_spec, method):  # noqa: F811
+    from transformers import CLIPVisionModel
+
+    pool = ModelPool(config=clip_pool_spec)
+    res = build_method({**method, "progress": False}).run(pool)
+    assert isinstance(res.model, CLIPVisionModel)
+    sd = res.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    a = pool.load_model("t1").state_dict()
+    k = next(k for k in sd if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert not torch.equal(sd[k], a[k])
+    if method["name"] == "regmean_plusplus":
+        assert res.metadata["block_stack"].endswith("encoder.layers")
+        assert res.metadata["regmean_layers"] == 6 * res.metadata["blocks"]
