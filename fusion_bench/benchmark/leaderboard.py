@@ -157,6 +157,44 @@ def extra_storage_bytes(report: dict[str, Any]) -> int | None:
     return None if extra is None else int(extra) * 4
 
 
+def size_columns(report: dict[str, Any] | None, one_model: int, extra_parameters: int | None,
+                 single_model: bool) -> dict[str, Any]:
+    """The parameter and inference-cost columns of a row: ``total_parameters`` (weights the result stores),
+    ``active_parameters`` (of those, the ones one input's forward uses) and ``inference_cost_ratio`` (forward
+    time per batch relative to one model of the pool, measured on the same batch).
+
+    Mixing methods report all three (``metadata.mixed_model``, see :mod:`fusion_bench.methods.mixing._moe_report`).
+    Otherwise the total is one model plus the extra parameters, and a result that is one model of the pool's
+    architecture (``single_model``) has active = total and a ratio of 1 by construction; the rest stay unknown.
+    """
+    mm = (report or {}).get("metadata", {}).get("mixed_model")
+    if isinstance(mm, dict) and mm.get("total_parameters") is not None:
+        return {"total_parameters": mm["total_parameters"], "active_parameters": mm.get("active_parameters_per_input"),
+                "inference_cost_ratio": mm.get("inference_cost_ratio")}
+    total = None if extra_parameters is None else one_model + int(extra_parameters)
+    same = single_model and extra_parameters == 0
+    return {"total_parameters": total, "active_parameters": total if same else None,
+            "inference_cost_ratio": 1.0 if same else None}
+
+
+def parse_method_options(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}; values are YAML scalars (data, never code)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        head, sep, raw = item.partition("=")
+        method, dot, key = head.strip().partition(".")
+        if not sep or not dot or not method or not key:
+            raise ConfigError(f"leaderboard --set {item!r}: write METHOD.KEY=VALUE, e.g. --set we_moe.steps=200.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"leaderboard --set {item!r}: the value is not a YAML scalar ({e}).") from None
+        out.setdefault(method, {})[key] = value
+    return out
+
+
 def _fmt_bytes(v: Any) -> str:
     if v is None:
         return "-"
@@ -188,7 +226,8 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
                     methods: list[str] | None = None, max_samples: int | None = None,
                     corruption: str | None = None, log: Callable[[str], None] | None = None,
                     tune: bool = False, tune_grid: Sequence[float] | None = None, track: str = "clip",
-                    variant: str = "full", val_max_samples: int | None = None) -> dict[str, Any]:
+                    variant: str = "full", val_max_samples: int | None = None,
+                    method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the leaderboard and write its tables and plot; return the JSON document.
 
     Args:
@@ -205,6 +244,8 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         track: ``clip`` (the CLIP zoo) or ``text`` (the MiniLM text zoo).
         variant: the text zoo's fine-tuned encoders, ``full`` or ``lora`` (text track only).
         val_max_samples: validation examples per task when tuning (default: ``max_samples``).
+        method_options: {method: {option: value}} given to those methods on top of the track's own options
+            (CLI ``--set METHOD.KEY=VALUE``); recorded in each row's hyperparameters.
     """
     from fusion_bench.methods import get_method_class, list_methods
     from fusion_bench.programs.fusion import evaluate_result, run_program
@@ -223,7 +264,7 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
             raise ConfigError(f"leaderboard --variant {variant!r} is unknown; choose full or lora.")
         zoo_opts: dict[str, Any] = {"scale": scale, "root": root, "variant": variant}
         test_opts: dict[str, Any] = {}
-        method_options = TEXT_METHOD_OPTIONS
+        track_options = TEXT_METHOD_OPTIONS
     else:
         from fusion_bench.modelpool.clip_zoo import CLIPZooModelPool as PoolClass
         from fusion_bench.taskpool.clip_zoo import CLIPZooTaskPool as TaskPoolClass
@@ -232,7 +273,9 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
             raise ConfigError("leaderboard --variant applies to the text track only (--track text).")
         zoo_opts = {"scale": scale, "root": root}
         test_opts = {"corruption": corruption}
-        method_options = {}
+        track_options = {}
+    method_options = {m: {**track_options.get(m, {}), **(method_options or {}).get(m, {})}
+                      for m in {*track_options, *(method_options or {})}}
 
     log = log or (lambda s: print(s, file=sys.stderr))
     out = Path(out)
@@ -241,6 +284,9 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     for m in chosen:
         if m not in registered:
             raise ConfigError(f"leaderboard --methods names unknown method '{m}'.{did_you_mean(m, registered)}")
+    for m in method_options:
+        if m not in registered:
+            raise ConfigError(f"leaderboard --set names unknown method '{m}'.{did_you_mean(m, registered)}")
     if tune_grid is not None and not tune:
         raise ConfigError("leaderboard tune_grid is given but tune is off; pass tune=True (--tune).")
     grid = _check_grid(DEFAULT_TUNE_GRID if tune_grid is None else tune_grid) if tune else None
@@ -261,13 +307,15 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     ft_rep = evaluate_result(FusionResult("per_task", models=ft_models), taskpool)
     ft_acc = _per_task_acc(ft_rep)
     del ft_models
+    one_model = _params(pool)
     rows = [_row(PRETRAINED_ROW, "reference", pre_acc, tasks, ft_acc, merge_time_s=0.0, peak_rss_mb=None,
                  extra_parameters=0, extra_storage_bytes=0, data="none",
-                 evaluation_time_s=round(eval_time_one_model, 2)),
+                 evaluation_time_s=round(eval_time_one_model, 2), **size_columns(None, one_model, 0, True)),
             _row(FINETUNED_ROW, "reference", ft_acc, tasks, ft_acc, merge_time_s=None, peak_rss_mb=None,
-                 extra_parameters=(len(names) - 1) * _params(pool),
-                 extra_storage_bytes=(len(names) - 1) * _params(pool) * 4, needs_task_id=True,
-                 data="train split (fine-tuning)")]
+                 extra_parameters=(len(names) - 1) * one_model,
+                 extra_storage_bytes=(len(names) - 1) * one_model * 4, needs_task_id=True,
+                 data="train split (fine-tuning)", total_parameters=len(names) * one_model,
+                 active_parameters=one_model, inference_cost_ratio=1.0)]
     log(f"leaderboard: pretrained {100 * rows[0]['average']:.2f}, fine-tuned {100 * rows[1]['average']:.2f} "
         f"(one model on {len(tasks)} tasks evaluated in {eval_time_one_model:.1f}s)")
 
@@ -320,7 +368,9 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
                          needs_task_id=needs_task_id(rep),
                          data=data,
                          evaluation_time_s=cost.get("evaluation_wall_time_s"),
-                         hyperparameters=rep.get("method", {}).get("hyperparameters"), **extra))
+                         hyperparameters=rep.get("method", {}).get("hyperparameters"),
+                         **size_columns(rep, one_model, cost.get("extra_parameters"),
+                                        rep.get("result_kind") == "merged" and not needs_task_id(rep)), **extra))
         r = rows[-1]
         log(f"leaderboard: {_label(r):28s} avg {_pct(r['average'])}  normalized {_pct(r['normalized'])}  "
             f"merge {r['merge_time_s']:.2f}s")
@@ -534,12 +584,14 @@ def _fmt_num(v: Any, digits: int = 2) -> str:
 def to_markdown(doc: dict[str, Any]) -> str:
     tasks = doc["tasks"]
     head = ["method", "kind", *tasks, "avg", "norm", "gain kept", "merge s", "peak MB", "extra params",
-            "extra storage", "task id", "data"]
+            "extra storage", "total params", "active params", "inference ×", "task id", "data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _sorted_rows(doc):
         cells = [_label(r), r["kind"], *[_pct(r["accuracy"][t]).strip() for t in tasks], _pct(r["average"]).strip(),
                  _pct(r["normalized"]).strip(), _pct(r.get("gain_kept")).strip(), _fmt_num(r.get("merge_time_s")), _fmt_num(r.get("peak_rss_mb"), 0),
                  _fmt_num(r.get("extra_parameters")), _fmt_bytes(r.get("extra_storage_bytes")),
+                 _fmt_num(r.get("total_parameters")), _fmt_num(r.get("active_parameters")),
+                 _fmt_num(r.get("inference_cost_ratio")),
                  "needed" if r.get("needs_task_id") else "no", r.get("data", "")]
         lines.append("| " + " | ".join(cells) + " |")
     z = doc["zoo"]
@@ -578,13 +630,15 @@ def to_csv(doc: dict[str, Any]) -> str:
     w = csv.writer(buf)
     w.writerow(["method", "kind", *tasks, "average", "normalized", "gain_kept", "merge_time_s", "peak_rss_mb",
                 "extra_parameters", "extra_storage_bytes", "needs_task_id", "data", "evaluation_time_s",
-                "tuned_scaling_factor", "tuning_time_s"])
+                "tuned_scaling_factor", "tuning_time_s", "total_parameters", "active_parameters",
+                "inference_cost_ratio"])
     for r in _sorted_rows(doc):
         w.writerow([r["method"], r["kind"], *[r["accuracy"][t] for t in tasks], r["average"], r["normalized"],
                     r.get("gain_kept"),
                     r.get("merge_time_s"), r.get("peak_rss_mb"), r.get("extra_parameters"),
                     r.get("extra_storage_bytes"), bool(r.get("needs_task_id")), r.get("data"),
-                    r.get("evaluation_time_s"), (r.get("tuned") or {}).get(TUNED_OPTION), r.get("tuning_time_s")])
+                    r.get("evaluation_time_s"), (r.get("tuned") or {}).get(TUNED_OPTION), r.get("tuning_time_s"),
+                    r.get("total_parameters"), r.get("active_parameters"), r.get("inference_cost_ratio")])
     return buf.getvalue()
 
 
@@ -656,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated scaling_factor values for --tune (implies --tune; default "
                     + ",".join(f"{v:g}" for v in DEFAULT_TUNE_GRID) + ")")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--set", action="append", default=None, metavar="METHOD.KEY=VALUE",
+                    help="an option of one method (repeatable), e.g. --set we_moe.steps=200; recorded in its row")
     ap.add_argument("--combine", nargs="+", default=None, metavar="DIR",
                     help="combine these leaderboard output folders (same zoo and test set) into one table in --out; "
                     "runs nothing")
@@ -670,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    options = parse_method_options(args.set)
     grid = None
     if args.tune_grid is not None:
         try:
@@ -682,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     with _quiet_transformers():  # no "Loading weights" bar for each of the hundreds of model loads
         doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption,
                               tune=args.tune or grid is not None, tune_grid=grid, track=args.track,
-                              variant=args.variant, val_max_samples=args.val_max_samples)
+                              variant=args.variant, val_max_samples=args.val_max_samples, method_options=options)
     print(to_markdown(doc))
     print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) in {doc['total_time_s']:.1f}s")
     return 0

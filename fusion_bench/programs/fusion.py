@@ -273,6 +273,9 @@ def _run_checked(cfg: ProgramConfig, config, method, modelpool, taskpool, stream
     report["total_wall_time_s"] = round(time.perf_counter() - t_start, 4)
 
     out = _report_path(cfg)
+    artifacts = getattr(method, "write_artifacts", None)  # e.g. a mixing method's routing plot beside the report
+    if out and callable(artifacts):
+        report["artifacts"] = artifacts(report, Path(os.path.expanduser(out)), cfg.overwrite)
     if out:
         from fusion_bench.engine.streaming import pool_input_paths
 
