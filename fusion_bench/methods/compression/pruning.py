@@ -138,6 +138,8 @@ class _Pruning(FusionMethod):
         if ppl_before is not None:
             extra["perplexity_before"] = ppl_before
             extra["perplexity_after"] = ppl_after
+            print(f"{self.name}: perplexity on {cfg.perplexity_data} {ppl_before['perplexity']:.4f} before, "
+                  f"{ppl_after['perplexity']:.4f} after (sparsity reached {rep['sparsity_overall']:.4f})")
         return FusionResult("merged", model=model, metadata=self._metadata(
             t0, extra_parameters=0, parameters=count_parameters(model), **extra))
 
