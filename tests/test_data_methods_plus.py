@@ -321,3 +321,54 @@ def test_clip_pool_end_to_end(clip_pool_spec, method):  # noqa: F811
     if method["name"] == "regmean_plusplus":
         assert res.metadata["block_stack"].endswith("encoder.layers")
         assert res.metadata["regmean_layers"] == 6 * res.metadata["blocks"]
+
+
+# ------------------------------------------------------------------------------------------------
+# trust-region task arithmetic
+# ------------------------------------------------------------------------------------------------
+def np_trust_region(base, models, data, lam, q, zero_shot, n_samples):
+    keys = [k for k, _ in base.named_parameters()]
+    flat = lambda sd: np.concatenate([sd[k].ravel() for k in keys])  # noqa: E731
+    b = flat(sd_np(base))
+    taus = [flat(sd_np(models[t])) - b for t in TASKS]
+    grads = []
+    for i, t in enumerate(TASKS):
+        if zero_shot:
+            grads.append(np.abs(taus[i]))
+            continue
+        x, y = data[t]["train"]
+        idx = _even(len(x), n_samples)
+        acc = np.zeros_like(b)
+        for j in idx:  # one backward pass per example
+            m = copy.deepcopy(base)
+            loss = torch.nn.functional.cross_entropy(m(x[j:j + 1]), y[j:j + 1])
+            loss.backward()
+            acc += np.concatenate([dict(m.named_parameters())[k].grad.double().numpy().ravel() for k in keys]).__abs__()
+        grads.append(acc / len(idx))
+    omega = sum(grads[i] * np.abs(taus[j]) for i in range(3) for j in range(3) if i != j)
+    srt = np.sort(omega)
+    thr = srt[max(0, min(int(len(omega) * q), len(omega) - 1))]
+    merged = b + lam * sum(taus) * (omega < thr)
+    out, off = {}, 0
+    for k in keys:
+        size = base.state_dict()[k].numel()
+        out[k] = merged[off:off + size].reshape(base.state_dict()[k].shape)
+        off += size
+    return out, (omega < thr).mean()
+
+
+@pytest.mark.parametrize("zero_shot", [False, True])
+def test_trust_region_matches_reference(parts, zero_shot):
+    base, models, data = parts
+    res = build_method({"name": "trust_region_task_arithmetic", "scaling_factor": 0.4, "threshold_quantile": 0.8,
+                        "zero_shot": zero_shot, "max_samples": 8, "batch_size": 3,
+                        "progress": False}).run(make_pool(base, models, data))
+    ref, kept = np_trust_region(base, models, data, 0.4, 0.8, zero_shot, 8)
+    got = sd_np(res.model)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert res.metadata["kept_fraction"] == pytest.approx(kept)
+    assert 0.7 < kept < 0.85  # about the quantile: the most conflicting entries are gone
+    assert res.metadata["data_used"]["examples"] == (0 if zero_shot else 24)
+    if not zero_shot:
+        assert res.metadata["data_used"]["labels_read"] is True
