@@ -936,4 +936,7 @@ def run_streaming(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *, l
     meta = {"method": method.name, "variant": method.variant, "hyperparameters": method.hyperparameters(),
             "method_wall_time_s": info["merge_wall_time_s"], "extra_parameters": int(out_numel - base_numel),
             "streaming": info}
+    more = getattr(method, "streaming_metadata", None)  # figures only the method knows (e.g. active parameters)
+    if callable(more):
+        meta.update(more())
     return FusionResult("merged", model=model, metadata=meta)
