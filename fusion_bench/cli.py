@@ -215,11 +215,17 @@ def validate_composed(cfg: Any) -> None:
         plain = OmegaConf.to_container(cfg, resolve=False)
         plain.pop("hydra", None)
         plain["output_dir"] = None
-    validate_program(plain.pop("program", None))
+    program = plain.pop("program", None)
+    validate_program(program)
     build_config(ProgramConfig, plain)
     method = dict(plain.get("method") or {})
     if "name" not in method:
         raise ConfigError("The config has no method.name; choose a method with method=<name> (see `fusion_bench methods`).")
+    if (program or {}).get("name") == "continual" and get_method_class(method["name"]).family != "continual":
+        from fusion_bench.methods import list_methods
+
+        raise ConfigError(f"program=continual needs a continual method, not method={method['name']}; choose one of: "
+                          f"{', '.join(list_methods('continual'))}.")
     get_method_class(method["name"]).config_class and build_config(
         get_method_class(method["name"]).config_class, method, prefix="method", ignore=("name",))
     mp = dict(plain.get("modelpool") or {})
