@@ -204,6 +204,10 @@ def test_upcycled_identical_experts_compute_the_dense_model(zoo, family, tmp_pat
     assert md["total_parameters"] == sum(v.numel() for v in out.values())
     assert md["active_parameters_per_token"] == md["total_parameters"] - 2 * mlp
     assert md["extra_parameters"] == md["total_parameters"] - n_in == rep["cost"]["extra_parameters"]
+    mm = md["mixed_model"]  # the mixing family's common block
+    assert (mm["total_parameters"], mm["active_parameters_per_input"], mm["one_model_parameters"],
+            mm["router_parameters"]) == (md["total_parameters"], md["active_parameters_per_token"], n_in,
+                                    L * (4 if family == "llama" else 5) * H)  # + Qwen2-MoE's shared-expert gate
 
 
 def test_upcycling_in_memory_equals_streamed(zoo, tmp_path):

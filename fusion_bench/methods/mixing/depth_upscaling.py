@@ -22,6 +22,7 @@ from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError, did_you_mean
 from fusion_bench.kernels.mixing.depth import parse_layer_indices, runs_of
 from fusion_bench.methods.base import FusionMethod, FusionResult, register_method
+from fusion_bench.methods.mixing.mixtral import _summary
 from fusion_bench.utils import float_numel
 
 _HF_LAYER_RX = r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)(?P<rest>\..+)$"
@@ -200,4 +201,5 @@ def _stats(indices: list[int], n_in: int, out_numel: int, in_numel: int) -> dict
     return {"layer_indices_expanded": list(indices), "input_layers": n_in, "output_layers": len(indices),
             "total_parameters": int(out_numel), "active_parameters_per_token": int(out_numel),
             "input_model_parameters": int(in_numel), "extra_parameters": int(out_numel - in_numel),
-            "parameter_ratio": round(out_numel / max(1, in_numel), 4)}
+            "parameter_ratio": round(out_numel / max(1, in_numel), 4),
+            "mixed_model": _summary(out_numel, out_numel, in_numel, 0)}

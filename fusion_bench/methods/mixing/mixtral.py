@@ -172,6 +172,21 @@ def _produce(t: OutTensor) -> torch.Tensor:
     return x
 
 
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return int(n)
+
+
+def _summary(total: int, active: int, one_model: int, router: int) -> dict[str, Any]:
+    """The mixing family's common ``mixed_model`` block (no inference timing for causal LMs here)."""
+    from fusion_bench.methods.mixing._moe_report import mixed_model_summary
+
+    return mixed_model_summary(total=total, active=active, applied=active, one_model=one_model, router=router,
+                               inference=None)
+
+
 def _stable_seed(*parts: Any) -> int:
     h = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
@@ -585,6 +600,8 @@ class _MixtralBase(FusionMethod):
         }
         if arch == "qwen2_moe":
             stats["shared_expert"] = shared
+        router = sum(_numel(t.shape) for t in out if t.key.endswith("gate.weight") and ".experts." not in t.key)
+        stats["mixed_model"] = _summary(total, total - inactive, input_params, router)
         return MoEBuild(out, cfg, stats)
 
     # -- in memory ----------------------------------------------------------------------------------
