@@ -223,6 +223,11 @@ class TaskVectors:
         split = split or cfg.split
         n_max = max_examples if max_examples is not None else getattr(cfg, "max_test_samples", None)
         data = {n: self.adapter.examples(n, split, n_max, with_labels=False) for n in self.names}
+        classifiers, proxy = self.classifiers()
+        return data, classifiers, proxy
+
+    def classifiers(self) -> tuple[dict[str, nn.Module], MergedForward]:
+        """Each task's classifier (frozen) around one :class:`MergedForward` stand-in of the base model."""
         work = copy.deepcopy(self.base_model).to(self.device).float().eval()
         for p in work.parameters():
             p.requires_grad_(False)
@@ -231,7 +236,7 @@ class TaskVectors:
         for c in classifiers.values():
             for p in c.parameters():
                 p.requires_grad_(False)
-        return data, classifiers, proxy
+        return classifiers, proxy
 
     def result(self, method: Any, t0: float, merged: dict[str, torch.Tensor], meta: dict[str, Any]) -> FusionResult:
         """The merged model (or, with task heads, one model per task: merged body + the task's own head)."""
