@@ -70,8 +70,9 @@ class SmileLinear(nn.Module):
         self.gate = nn.Linear(in_features, num_experts * gate_k, bias=False, **kw)
         self.experts = nn.ModuleList(SmileExpert(in_features, out_features, rank, bias, **kw)
                                      for _ in range(num_experts))
-        #: when set to a list, each forward appends the (N, T) softmax routing probabilities (for reports)
-        self.routing_log: list[torch.Tensor] | None = None
+        #: when set to a list, each forward appends (sum over its tokens of the applied routing weights (T,),
+        #: number of tokens): the weights lambda_i of the top-k experts, 0 for the others (for reports)
+        self.routing_log: list[tuple[torch.Tensor, int]] | None = None
 
     # a drop-in for nn.Linear where code reads .weight / .bias (device or dtype probes)
     @property
@@ -124,8 +125,9 @@ class SmileLinear(nn.Module):
         out = self.shared(x)
         h = x.reshape(-1, self.in_features)
         logits, w, idx = self.route(h)
-        if self.routing_log is not None:
-            self.routing_log.append(torch.softmax(logits.float(), dim=-1).detach().cpu())
+        if self.routing_log is not None:  # the weights applied: lambda_i on the top-k experts, 0 elsewhere
+            dense = torch.zeros(h.shape[0], self.num_experts, dtype=torch.float32, device=w.device)
+            self.routing_log.append((dense.scatter_(1, idx, w.float()).sum(0).cpu(), int(h.shape[0])))
         mixed = torch.zeros(h.shape[0], self.out_features, dtype=out.dtype, device=out.device)
         for i, expert in enumerate(self.experts):
             tok, slot = torch.where(idx == i)
@@ -205,12 +207,20 @@ def smile_parameter_counts(model: nn.Module, base_parameters: int) -> dict[str, 
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     layers = 0
+    routers = 0
     for mod in model.modules():
         if isinstance(mod, SmileLinear):
             layers += 1
             inactive += (mod.num_experts - mod.top_k) * mod.expert_parameters()
+            routers += mod.gate.weight.numel()
     return {"total_parameters": int(total), "active_parameters_per_token": int(total - inactive),
-            "extra_parameters": int(total - base_parameters), "upscaled_layers": layers}
+            "extra_parameters": int(total - base_parameters), "router_parameters": int(routers),
+            "upscaled_layers": layers}
+
+
+def smile_layers(model: nn.Module) -> list[tuple[str, SmileLinear]]:
+    """The (name, layer) pairs of the SmileLinear layers of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SmileLinear)]
 
 
 def smile_linear_layout(prefix: str, shape: tuple[int, int], has_bias: bool, num_experts: int, gate_k: int,

@@ -21,6 +21,11 @@ import torch
 from fusion_bench.config_schema import option
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, register_method
+from fusion_bench.methods.mixing._moe_report import (
+    measure_inference_cost,
+    mixed_model_summary,
+    write_routing_plot,
+)
 from fusion_bench.utils import float_numel, resolve_device
 
 VARIANT = ("Tang et al. 2024 (SMILE), FusionBench smile_upscaling: per nn.Linear, dW_i = W_i - W_0 = U_i S_i V_i^T "
@@ -49,6 +54,14 @@ class SmileUpscalingConfig(MethodConfig):
     exclude: list[str] = option([], help="Glob patterns of linear module names left as pretrained.")
     device: str = option("cpu", help="Where the SVDs run: cpu, cuda, cuda:1, auto (FusionBench's "
                          "upscaling_accelerator); the model stays where it was loaded.")
+    report_samples: int = option(64, ge=0, le=10**6, help="Inputs of each task's report_split (labels not read) on "
+                                 "which the report gives every expert's mean routing weight per layer, when the "
+                                 "pool names each model's task data (CLIP zoo, modelpool.datasets); 0: no routing "
+                                 "report. Reporting only: the upscaled model does not depend on it.")
+    report_split: str = option("test", help="Split of the routing report's inputs.")
+    cost_repeats: int = option(3, ge=0, le=1000, help="Forward passes timed for the inference-cost ratio (upscaled vs "
+                               "one model, same batch of task inputs); 0: not measured.")
+    cost_batch_size: int = option(32, ge=1, le=2**16, help="Batch of the inference-cost measurement.")
 
 
 def _check_top_k(top_k: int, n_models: int, method: str) -> None:
@@ -111,12 +124,103 @@ class SmileUpscaling(FusionMethod):
                                patterns=c.linear_patterns, exclude=c.exclude, average_experts=c.average_experts,
                                routing_use_diff=c.routing_use_diff)
         counts = smile_parameter_counts(model, base_params)
-        meta = self._metadata(t0, **counts, experts=list(names), upscaled_layers=len(done["upscaled"]),
-                              unchanged_layers=done["unchanged"][:50], averaged_parameters=len(done["averaged"]),
-                              extra_parameters_note="parameters beyond one model of the pool")
+        wall = time.perf_counter() - t0
+        routing, inference, notes = self._report(modelpool, model, base, names)
+        summary = mixed_model_summary(total=counts["total_parameters"], active=counts["active_parameters_per_token"],
+                                      applied=base_params + counts["router_parameters"], one_model=base_params,
+                                      router=counts["router_parameters"], inference=inference)
+        meta = self._metadata(t0, **counts, mixed_model=summary, experts=list(names),
+                              upscaled_layer_names=done["upscaled"][:200], unchanged_layers=done["unchanged"][:50],
+                              averaged_parameters=len(done["averaged"]))
+        meta["method_wall_time_s"] = round(wall, 4)  # the upscaling; the report's measurements come after it
+        if routing is not None:
+            meta["routing"] = routing
         if not done["upscaled"]:
-            meta["note"] = "no nn.Linear layer matched method.linear_patterns and differed from the base"
+            notes.append("no nn.Linear layer matched method.linear_patterns and differed from the base")
+        if notes:
+            meta["notes"] = notes
+        _refuse_hf_save(model, self.name)
         return FusionResult("merged", model=model, metadata=meta)
+
+    def write_artifacts(self, report: dict, report_path, overwrite: bool = False) -> dict[str, str]:
+        """Called by the program once the report is written: the routing plot beside it."""
+        return write_routing_plot(report, report_path, overwrite)
+
+    @torch.no_grad()
+    def _report(self, modelpool, model, base, names: list[str]) -> tuple[dict | None, dict | None, list[str]]:
+        """Routing weights per task's inputs and the inference-cost ratio, when the pool has the tasks' data."""
+        c = self.config
+        if c.report_samples <= 0 and c.cost_repeats <= 0:
+            return None, None, []
+        from fusion_bench.errors import FusionBenchError
+        from fusion_bench.methods._task_data import check_tasks, make_adapter
+        from fusion_bench.models.smile import smile_layers
+
+        try:
+            check_tasks(modelpool, self.name)
+            adapter = make_adapter(modelpool, "auto")
+            n = max(c.report_samples, c.cost_batch_size if c.cost_repeats > 0 else 0)
+            data = {t: adapter.examples(t, c.report_split, n, with_labels=False) for t in names}
+        except FusionBenchError as e:
+            return None, None, [f"no routing report or inference cost (no task inputs): {e}"]
+        except Exception as e:  # a report must not lose the upscaled model
+            return None, None, [f"no routing report or inference cost: {type(e).__name__}: {e}"]
+        layers = smile_layers(model)
+        routing = None
+        if c.report_samples > 0 and layers:
+            per_task: dict = {}
+            for t in names:
+                clf = adapter.classifier(model, t).eval()
+                for _, lay in layers:
+                    lay.routing_log = []
+                d = data[t]
+                for s in range(0, min(len(d), c.report_samples), 64):
+                    clf(d.take(slice(s, min(s + 64, c.report_samples, len(d)))))
+                per_layer = {}
+                for name, lay in layers:
+                    tot = sum(v for v, _ in lay.routing_log)
+                    cnt = sum(k for _, k in lay.routing_log)
+                    per_layer[name] = [round(float(x), 6) for x in tot / max(1, cnt)]
+                    lay.routing_log = None
+                mean = torch.tensor(list(per_layer.values())).mean(0)
+                per_task[t] = {"mean": [round(float(x), 6) for x in mean], "layers": per_layer}
+            routing = {"experts": list(names), "split": c.report_split, "weights": "applied (top-k, renormalised)",
+                       "samples_per_task": {t: min(len(data[t]), c.report_samples) for t in names},
+                       "per_task": per_task,
+                       "own_expert_weight": {t: per_task[t]["mean"][i] for i, t in enumerate(names)}}
+        inference = None
+        if c.cost_repeats > 0:
+            x = data[names[0]].take(slice(0, c.cost_batch_size))
+            pixels = _takes_pixels(model)
+            inference = measure_inference_cost(model, base, x, repeats=c.cost_repeats,
+                                               call=lambda m, xb: m(pixel_values=xb) if pixels else m(xb))
+        return routing, inference, []
+
+
+def _takes_pixels(model) -> bool:
+    import inspect
+
+    try:
+        return "pixel_values" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _refuse_hf_save(model, method: str) -> None:
+    """A Hugging Face model with SmileLinear layers inside keeps its class but not its architecture:
+    ``save_pretrained`` would write a folder that does not reload. Refuse it with the reason (causal LMs get a
+    registered Smile*ForCausalLM class instead, which saves and reloads)."""
+    if not hasattr(model, "save_pretrained"):
+        return
+
+    def refuse(*args, **kwargs) -> None:
+        from fusion_bench.errors import FusionBenchError
+
+        raise FusionBenchError(f"{method}: the upscaled {type(model).__name__} (SMILE layers inside) has no Hugging Face "
+                               "class to save as; run without merged_model_path, or save model.state_dict() from "
+                               "Python (causal LMs: method=smile_causal_lm_upscaling saves and reloads).")
+
+    model.save_pretrained = refuse
 
 
 def _upscale_on(model, finetuned, device, **kw) -> dict[str, list[str]]:

@@ -90,7 +90,9 @@ def upscale_causal_lm_in_memory(base: nn.Module, finetuned: list[nn.Module], nam
 
     family = smile_family(base)
     if family is None:
-        raise ModelMismatchError(f"The base model ({type(base).__name__}) is not a Llama, Mistral or Qwen2 causal LM.")
+        raise ModelMismatchError(f"The base model ({type(base).__name__}, model_type "
+                                 f"{getattr(getattr(base, 'config', None), 'model_type', None)!r}) is not a Llama, "
+                                 "Mistral or Qwen2 causal LM; use method=smile_upscaling for other models.")
     _check_top_k(top_k, len(finetuned), "smile_causal_lm_upscaling")
     dev = resolve_device(device)
     dtype = next(base.parameters()).dtype
@@ -126,8 +128,18 @@ def upscale_causal_lm_in_memory(base: nn.Module, finetuned: list[nn.Module], nam
     if getattr(base, "generation_config", None) is not None:
         model.generation_config = base.generation_config
     model.eval()
-    counts = smile_parameter_counts(model, float_numel(base))
-    return model, {**counts, "experts": list(names), "model_type": cfg.model_type, "engine": "memory"}
+    one = float_numel(base)
+    counts = smile_parameter_counts(model, one)
+    return model, {**counts, "mixed_model": _summary(counts, one), "experts": list(names),
+                   "model_type": cfg.model_type, "engine": "memory"}
+
+
+def _summary(counts: dict[str, int], one_model: int) -> dict[str, Any]:
+    from fusion_bench.methods.mixing._moe_report import mixed_model_summary
+
+    return mixed_model_summary(total=counts["total_parameters"], active=counts["active_parameters_per_token"],
+                               applied=one_model + counts["router_parameters"], one_model=one_model,
+                               router=counts["router_parameters"], inference=None)
 
 
 class _ShapesOnly(nn.Module):
@@ -255,10 +267,12 @@ def stream_upscale(pool, out_dir: str | Path, *, gate_k: int, k: int, top_k: int
     finally:
         for r in readers.values():
             r.close()
-    return {"layout": layout, "family": family, "total_parameters": int(total),
-            "active_parameters_per_token": int(total - inactive), "extra_parameters": int(total - base_numel),
-            "upscaled_layers": len(targets), "side_files": side, "output": str(out_dir),
-            "upscale_wall_time_s": round(time.perf_counter() - t0, 4)}
+    router = sum(_numel(s) for n, s, _ in layout if n.endswith(".gate.weight") and n[:-len(".gate.weight")] in targets)
+    counts = {"total_parameters": int(total), "active_parameters_per_token": int(total - inactive),
+              "extra_parameters": int(total - base_numel), "router_parameters": int(router),
+              "upscaled_layers": len(targets)}
+    return {"layout": layout, "family": family, **counts, "mixed_model": _summary(counts, base_numel),
+            "side_files": side, "output": str(out_dir), "upscale_wall_time_s": round(time.perf_counter() - t0, 4)}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -306,6 +320,13 @@ class SmileCausalLMUpscaling(FusionMethod):
         if not names:
             raise ModelMismatchError(f"Method '{self.name}' needs at least one fine-tuned model besides '_pretrained_'.")
         _check_top_k(c.top_k, len(names), self.name)
+        if modelpool.kind(modelpool.base_name()) == "hf":  # before any model is loaded
+            from fusion_bench.io.checkpoint import read_json_object
+
+            folder = modelpool.hf_folder(modelpool.base_name())
+            if folder is not None and (folder / "config.json").is_file():
+                _family_of_config(read_json_object(folder / "config.json", modelpool.base_name()),
+                                  modelpool.base_name())
         if c.output_path is None:
             base = modelpool.load_pretrained_model()
             model, info = upscale_causal_lm_in_memory(base, [modelpool.load_model(n) for n in names], names,
