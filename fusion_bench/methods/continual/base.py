@@ -89,7 +89,7 @@ class ContinualMethod(FusionMethod):
         self._linear = linear_weight_keys(self._out) & set(self._keys)
         self._cd = torch.float64 if any(sd[k].dtype == torch.float64 for k in self._keys) else torch.float32
         self._pre: Tensors | None = None
-        if pretrained is not None:
+        if pretrained is not None and self.requires_pretrained:  # (weight averaging never reads theta_0)
             psd = pretrained.state_dict()
             self._check(psd, "_pretrained_")
             self._pre = {k: psd[k].detach().to(self._cd, copy=True) for k in self._keys}
