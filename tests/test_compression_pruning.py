@@ -65,7 +65,6 @@ def naive_sparsegpt(W, X, sparsity, nm=None, blocksize=4, percdamp=0.01):
     for j in range(0, cols, blocksize):
         if nm is None:
             d = torch.tensor([inv_diag(c) for c in range(j, j + blocksize)], dtype=torch.float64)
-            score = W[:, j:j + blocksize] ** 2 / d ** 2 * 1.0
             # w^2 / U_cc^2 with U_cc^2 = [H_F^-1]_cc
             score = W[:, j:j + blocksize] ** 2 / d
             mask[:, j:j + blocksize] = naive_layer_mask(score, sparsity)

@@ -205,6 +205,22 @@ def calibration_ids(cfg: CalibrationConfig, pool: ModelPool, model: nn.Module) -
     return ids, info
 
 
+def check_calibration(cfg: CalibrationConfig, pool: ModelPool) -> list[str]:
+    """The dry run's check: the calibration texts load and the pool has a tokenizer (nothing is tokenized)."""
+    from fusion_bench.data.lm_text import load_texts
+
+    tok_fn = getattr(pool, "load_tokenizer", None)
+    if not callable(tok_fn):
+        raise ConfigError("The calibration methods need a tokenizer: use a causal LM pool (modelpool.type=causal_lm).")
+    tok_fn()
+    split = cfg.calibration_split
+    if split is None and cfg.calibration_data == "builtin":
+        split = "train"
+    texts = load_texts(cfg.calibration_data, split=split, field=cfg.calibration_field)
+    return [f"the {cfg.n_samples} x {cfg.seq_len}-token calibration windows are drawn only when the run starts "
+            f"(calibration text '{cfg.calibration_data}', {len(texts)} texts, and the tokenizer load)"]
+
+
 # ----------------------------------------------------------------------------------------------
 # the layer-by-layer driver
 # ----------------------------------------------------------------------------------------------

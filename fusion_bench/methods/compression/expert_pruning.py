@@ -36,6 +36,7 @@ from fusion_bench.methods.compression._common import (
     CalibrationConfig,
     LayerInputs,
     calibration_ids,
+    check_calibration,
     find_decoder_layers,
     layer_by_layer,
     load_copy,
@@ -183,6 +184,9 @@ class _MoEMethod(FusionMethod):
     family: ClassVar = "compression"
     uses_data: ClassVar[bool] = True
     identity_on_equal_inputs: ClassVar[bool] = False
+
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        return check_calibration(self.config, modelpool)
 
     def _moe_layers(self, model: nn.Module, name: str) -> nn.ModuleList:
         found = find_decoder_layers(model)

@@ -34,6 +34,7 @@ from fusion_bench.methods.compression._common import (
     CompressionConfig,
     LayerInputs,
     calibration_ids,
+    check_calibration,
     collect_linear_inputs,
     layer_by_layer,
     linear_targets,
@@ -195,6 +196,9 @@ class _SquaredNorms:
 
 class _CalibrationPruning(_Pruning):
     uses_data: ClassVar[bool] = True
+
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        return check_calibration(self.config, modelpool)
 
     def make_stat(self, name: str, module: nn.Module, device: torch.device) -> Any:
         raise NotImplementedError

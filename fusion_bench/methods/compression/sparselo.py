@@ -40,6 +40,7 @@ from fusion_bench.methods.compression._common import (
     CalibrationConfig,
     LayerInputs,
     calibration_ids,
+    check_calibration,
     collect_linear_inputs,
     layer_by_layer,
     linear_targets,
@@ -134,6 +135,9 @@ class SparseLo(FusionMethod):
                "scores; S = W * keep; one_shot: B A = rank-r SVD of W - S; iterative: for r_k in linspace(1, r, T), "
                "S += keep * (W - S - SVD_{r_k}(W - S)) until the top r_k singular values hold 99%, then B A = "
                "SVD_r(W - S). Wanda: layer by layer, the next layer fed by the sparse-only outputs (as FusionBench).")
+
+    def check_ready(self, modelpool: ModelPool) -> list[str]:
+        return check_calibration(self.config, modelpool) if self.config.variant == "wanda" else []
 
     def _compress(self, name: str, module: nn.Module, scores: torch.Tensor, out: dict) -> None:
         cfg = self.config
