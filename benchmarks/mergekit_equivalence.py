@@ -241,6 +241,24 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                              "parameters": {"select_topk": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.3}]},
                              "models": [{"model": L["base"]}, *three(L)]})
     add("sce-no-selection", {"merge_method": "sce", "base_model": Q["base"], "dtype": "float32", "models": three(Q)})
+    # arcee_fusion, nearswap, ram, ramplus_tl
+    for tag, zz, dt in (("", L, "float32"), ("-bf16", B, "bfloat16")):
+        add(f"arcee_fusion{tag}", {"merge_method": "arcee_fusion", "base_model": zz["base"], "dtype": dt,
+                                   "models": [{"model": zz["base"]}, {"model": zz["ft0"]}]})
+        add(f"nearswap{tag}", {"merge_method": "nearswap", "base_model": zz["base"], "dtype": dt,
+                               "parameters": {"t": [{"filter": "mlp", "value": [0.001, 0.05]}, {"value": 0.01}]},
+                               "models": [{"model": zz["ft1"]}]})
+        add(f"ram{tag}", {"merge_method": "ram", "base_model": zz["base"], "dtype": dt,
+                          "parameters": {"epsilon": 0.02}, "models": three(zz)})
+        add(f"ramplus_tl{tag}", {"merge_method": "ramplus_tl", "base_model": zz["base"], "dtype": dt,
+                                 "parameters": {"epsilon": 0.025, "r": 0.5, "alpha": [0.3, 0.8]},
+                                 "models": three(zz)})
+    add("ram-default-epsilon", {"merge_method": "ram", "base_model": Q["base"], "dtype": "float32",
+                                "models": three(Q)})
+    add("nearswap-no-t", {"merge_method": "nearswap", "base_model": L["base"], "dtype": "float32",
+                          "models": [{"model": L["ft1"]}]})
+    add("arcee_fusion-two-models", {"merge_method": "arcee_fusion", "base_model": L["base"], "dtype": "float32",
+                                    "models": three(L)[:2]})
     # LoRA references (mergekit applies the adapter with PEFT first)
     A = z["adapters"]
     add("lora-ref-models", {"merge_method": "task_arithmetic", "base_model": L["base"], "dtype": "float32",

@@ -46,6 +46,8 @@ CASES: dict[str, dict] = {
     "ties_merging": {"density": 0.3},
     "expo": {"model": "ft0"},                      # one aligned model beside _pretrained_
     "magnitude_diff_pruning": {"model": "ft0"},    # prunes one fine-tuned model
+    "arcee_fusion": {"model": "ft0"},              # fuses one model into _pretrained_
+    "nearswap": {"model": "ft0", "t": 0.01},       # swaps one model into _pretrained_
 }
 EXTRA_CASES = [
     ("ties_merging", {"density": 0.3, "trim_scope": "tensor"}),

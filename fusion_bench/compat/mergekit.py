@@ -63,7 +63,8 @@ TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_
 UNSUPPORTED_KEYS = {"modules": "per-module merges", "chat_template": "chat template selection"}
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                "della_linear")
-SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough", "model_stock", "nuslerp", "multislerp", "sce")
+SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough", "model_stock", "nuslerp", "multislerp", "sce",
+             "arcee_fusion", "nearswap", "ram", "ramplus_tl")
 #: methods whose base_model is optional (without it the models themselves are interpolated)
 BASE_OPTIONAL = ("nuslerp", "multislerp")
 #: methods for which mergekit treats base_model as one of the merged inputs (slerp: the t = 0 end)
@@ -91,6 +92,10 @@ METHOD_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "nuslerp": (("nuslerp_row_wise", "nuslerp_flatten"), ("weight",)),
     "multislerp": (("normalize_weights", "eps"), ("weight",)),
     "sce": (("int8_mask", "select_topk"), ()),
+    "arcee_fusion": ((), ()),
+    "nearswap": (("t",), ()),
+    "ram": (("epsilon",), ()),
+    "ramplus_tl": (("r", "alpha", "epsilon"), ()),
 }
 #: valid values of numeric parameters: (low, low inclusive, high, high inclusive, why)
 PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
@@ -105,18 +110,27 @@ PARAMETER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "select_topk": (0.0, True, 1.0, True, "the fraction of the entries of largest variance kept"),
     "eps": (0.0, True, 1.0, True, "the small constant added to norms"),
 }
+#: ranges that differ by method (the same name means another thing there)
+METHOD_RANGES: dict[str, dict[str, tuple[float, bool, float, bool, str]]] = {
+    "ram": {"epsilon": (0.0, True, 1e3, True, "the magnitude above which a task vector entry counts as changed")},
+    "ramplus_tl": {"epsilon": (0.0, True, 1e3, True, "the magnitude above which a task vector entry counts as "
+                               "changed"),
+                   "r": (0.0, True, 1e3, True, "the strength of the unique-entry rescaling"),
+                   "alpha": (0.0, True, 1e3, True, "the cap on the shared-to-unique ratio")},
+    "nearswap": {"t": (0.0, True, 1e3, True, "the distance within which the other model's value is taken")},
+}
 _BOOL_PARAMETERS = ("int8_mask", "normalize", "rescale", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten",
                     "normalize_weights")
 #: global parameters mergekit also reads from a slice's ``parameters`` that fusion_bench evaluates per tensor
 SLICE_GLOBAL_PARAMETERS = ("t", "lambda", "select_topk", "eps", "nuslerp_row_wise", "nuslerp_flatten",
-                           "normalize_weights")
+                           "normalize_weights", "epsilon", "r", "alpha")
 
 
 def _range_text(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
     return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
 
 
-def _check_leaves(name: str, setting: Any, where: str) -> None:
+def _check_leaves(name: str, setting: Any, where: str, method: str = "") -> None:
     """Check every number in a parameter setting (scalar, gradient or filters) against its range; the
     ranges are intervals, so values interpolated in a gradient are in range too."""
     if isinstance(setting, Mapping):
@@ -124,22 +138,23 @@ def _check_leaves(name: str, setting: Any, where: str) -> None:
     if isinstance(setting, (list, tuple)):
         for i, e in enumerate(setting):
             if isinstance(e, Mapping):
-                _check_leaves(name, e.get("value"), f"{where}[{i}].value")
+                _check_leaves(name, e.get("value"), f"{where}[{i}].value", method)
             else:
-                _check_leaves(name, e, f"{where}[{i}]")
+                _check_leaves(name, e, f"{where}[{i}]", method)
         return
     if name in _BOOL_PARAMETERS:
         if not isinstance(setting, bool):
             raise ConfigError(f"mergekit parameter {where}={setting!r} must be true or false.")
         return
-    if name not in PARAMETER_RANGES:
+    ranges = {**PARAMETER_RANGES, **METHOD_RANGES.get(method, {})}
+    if name not in ranges:
         return
     if isinstance(setting, bool) or not isinstance(setting, (int, float)):
         raise ConfigError(f"mergekit parameter {where}={setting!r} is not a number.")
     v = float(setting)
     if not math.isfinite(v):
         raise ConfigError(f"mergekit parameter {where}={v} is not a finite number; give a finite value.")
-    lo, lo_in, hi, hi_in, why = PARAMETER_RANGES[name]
+    lo, lo_in, hi, hi_in, why = ranges[name]
     if (v < lo or (v == lo and not lo_in)) or (v > hi or (v == hi and not hi_in)):
         raise ConfigError(f"mergekit parameter {where}={setting!r} is out of range: {name} must be in "
                           f"{_range_text(lo, lo_in, hi, hi_in)} ({why}).")
@@ -164,14 +179,14 @@ def validate_parameters(method_name: str, global_params: Mapping[str, Any],
         if k not in valid:
             raise ConfigError(f"Unknown mergekit parameter 'parameters.{k}' for merge_method {method_name}."
                               f"{did_you_mean(str(k), valid) if valid else ' It takes no parameters.'}")
-        _check_leaves(k, v, f"parameters.{k}")
+        _check_leaves(k, v, f"parameters.{k}", method_name)
     for where, params in model_params.items():
         if not isinstance(params, Mapping):
             raise ConfigError(f"mergekit {where} must be a mapping of parameter names to values, got {params!r}.")
         slice_level = bool(re.fullmatch(r"slices\[\d+\]\.parameters", where))
         for k, v in params.items():
             if k in global_only and slice_level and k in SLICE_GLOBAL_PARAMETERS:
-                _check_leaves(k, v, f"{where}.{k}")
+                _check_leaves(k, v, f"{where}.{k}", method_name)
                 continue
             if k in global_only:
                 raise ConfigError(f"mergekit parameter '{where}.{k}' is read by mergekit only from the top-level "
@@ -179,7 +194,7 @@ def validate_parameters(method_name: str, global_params: Mapping[str, Any],
             if k not in tensor:
                 hint = did_you_mean(str(k), valid) if valid else " It takes no parameters."
                 raise ConfigError(f"Unknown mergekit parameter '{where}.{k}' for merge_method {method_name}.{hint}")
-            _check_leaves(k, v, f"{where}.{k}")
+            _check_leaves(k, v, f"{where}.{k}", method_name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,6 +651,74 @@ class MergekitSCE(TensorwiseMerge):
         return sce(base, tensors, float(self.resolver.value("select_topk", key, None, default=1.0)))
 
 
+class _MergekitDtype:
+    """Compute in mergekit's dtype: the config's ``dtype``, else the checkpoint's (mergekit runs its kernels on the
+    tensors as loaded and cast to ``dtype``)."""
+
+    mk_dtype: torch.dtype | None = None
+    #: the dtype the kernel's result is kept in before the output cast (mergekit writes a float32 result of a
+    #: half-precision merge as float32 when out_dtype is not given); None: the input dtype, as TensorwiseMerge
+    mk_result_dtype: torch.dtype | None = None
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.mk_dtype or dtype
+
+    def merge_one(self, key, base, tensors, names):
+        ref = base if base is not None else tensors[0]
+        if self.mk_result_dtype is None or not self.should_merge(key, ref.dtype):
+            return super().merge_one(key, base, tensors, names)
+        from fusion_bench.checks import check_merged_tensor
+        from fusion_bench.errors import ModelMismatchError
+        from fusion_bench.methods.base import all_finite
+
+        cd = self.compute_dtype(ref.dtype)
+        for n, t in zip(names, tensors):
+            if not all_finite(t):
+                raise ModelMismatchError(f"Model '{n}' has non-finite values (NaN/inf) in tensor '{key}'; fix or drop "
+                                         "that checkpoint.")
+        b = base.to(cd) if base is not None else None
+        out = self.merge_tensor(key, b, [t.to(cd) for t in tensors], names).to(self.mk_result_dtype)
+        check_merged_tensor(self, key, out)
+        return out
+
+
+def _mergekit_methods():
+    """The mergekit front end's subclasses of arcee_fusion, nearswap, ram and ramplus_tl: parameters evaluated per
+    tensor (gradients, filters, slices) and arithmetic in mergekit's dtype."""
+    from fusion_bench.kernels.merging import nearswap as NS
+    from fusion_bench.kernels.merging import ram as RK
+    from fusion_bench.methods.merging.arcee_fusion import ArceeFusion
+    from fusion_bench.methods.merging.nearswap import NearSwap
+    from fusion_bench.methods.merging.ram import RAM, RAMPlusTL
+
+    class MergekitArceeFusion(_MergekitDtype, ArceeFusion):
+        name = "mergekit_arcee_fusion"
+
+    class MergekitNearSwap(_MergekitDtype, NearSwap):
+        name = "mergekit_nearswap"
+
+        def merge_tensor(self, key, base, tensors, names):
+            return NS.nearswap(base, tensors[0], float(self.resolver.value("t", key, None, required=True)))
+
+    class MergekitRAM(_MergekitDtype, RAM):
+        name = "mergekit_ram"
+
+        def merge_tensor(self, key, base, tensors, names):
+            return RK.ram(base, tensors, float(self.resolver.value("epsilon", key, None, default=1e-5)))
+
+    class MergekitRAMPlusTL(_MergekitDtype, RAMPlusTL):
+        name = "mergekit_ramplus_tl"
+
+        def merge_tensor(self, key, base, tensors, names):
+            r = self.resolver
+            return RK.ramplus_tl(base, tensors, float(r.value("r", key, None, default=0.1)),
+                                 float(r.value("alpha", key, None, default=0.2)),
+                                 float(r.value("epsilon", key, None, default=1e-5)))
+
+    return {"arcee_fusion": MergekitArceeFusion, "nearswap": MergekitNearSwap, "ram": MergekitRAM,
+            "ramplus_tl": MergekitRAMPlusTL}
+
+
 # ----------------------------------------------------------------------------------------------
 # YAML -> (method, pool)
 # ----------------------------------------------------------------------------------------------
@@ -692,6 +775,23 @@ def _tensor_keys(path: str) -> list[str]:
         close = getattr(r, "close", None)
         if callable(close):
             close()
+
+
+def _checkpoint_dtype(path: str) -> torch.dtype | None:
+    """The dtype of a local checkpoint's first floating-point tensor (None when not on disk)."""
+    if not Path(path).exists():
+        return None
+    from fusion_bench.io.stream import StreamReader
+
+    r = StreamReader(path)
+    try:
+        for k in r.keys():
+            dt = r.meta(k).dtype
+            if dt.is_floating_point:
+                return dt
+    finally:
+        r.close()
+    return None
 
 
 def _check_della(resolver: ParameterResolver, keys: list[str], models: list[str]) -> None:
@@ -1004,6 +1104,23 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
         method = MergekitSCE(resolver)
         if "int8_mask" in gparams:
             notes.append("int8_mask only changes mergekit's mask dtype; ignored")
+    elif method_name in ("arcee_fusion", "nearswap", "ram", "ramplus_tl"):
+        if method_name in ("arcee_fusion", "nearswap") and len(entries) != 1:
+            raise ConfigError(f"mergekit {method_name} merges exactly one model into base_model, got {len(entries)} "
+                              f"({[e.path for e in entries]}); list one model besides the base.")
+        method = _mergekit_methods()[method_name]()
+        method.resolver = resolver
+        method.mk_dtype = _HALF.get(str(cfg.get("dtype") or "")) or _checkpoint_dtype(ref_path)
+        if method_name in ("arcee_fusion", "ramplus_tl") and not cfg.get("out_dtype") and \
+                method.mk_dtype in (torch.bfloat16, torch.float16):
+            # mergekit's kernels return float32 here (a float32 mask / lambdas) and, without out_dtype, it writes that
+            cfg = {**cfg, "out_dtype": "float32"}
+            method.mk_result_dtype = torch.float32
+            notes.append(f"{method_name} in {str(method.mk_dtype).removeprefix('torch.')} gives float32 tensors, "
+                         "which mergekit writes as float32 without out_dtype; so does fusion_bench")
+        if method_name == "nearswap":  # mergekit requires t
+            for k in _tensor_keys(ref_path) or ["model.embed_tokens.weight"]:
+                resolver.value("t", k, None, required=True)
     elif method_name == "model_stock":
         if len(entries) < 2:
             raise ConfigError(f"mergekit model_stock needs at least two models besides base_model, got {len(entries)}; "
