@@ -108,9 +108,9 @@ def test_expert_pruning_picks_the_naive_best_subset_and_reloads(tmp_path, mode):
     orig = _mixtral()
     path = _save(orig, tmp_path / "mixtral")
     r = 3
-    res = build_method({"name": "expert_pruning", "num_preserved_experts": r, "n_samples": 4, "seq_len": 40,
-                        "batch_size": 4, "mode": mode}).run(_pool(path))
-    ids = _ids()
+    res = build_method({"name": "expert_pruning", "num_preserved_experts": r, "n_samples": 2, "seq_len": 32,
+                        "batch_size": 2, "mode": mode}).run(_pool(path))
+    ids = _ids(2, 32)
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     for li in range(2):
         x = _moe_inputs(ref, ids, li)
