@@ -76,14 +76,15 @@ def test_single_window_is_the_model_loss(lm):
 
 
 def test_window_clipped_to_the_model(lm):
-    model, tok = lm  # max_position_embeddings 256: window 256, stride clipped to 256
+    model, tok = lm  # max_position_embeddings 256: window 256, stride scaled to 128
     tp = build_taskpool({"type": "causal_lm_perplexity", "max_length": 1024, "stride": 512, "max_tokens": 600},
                         tokenizer=tok)
     m = tp.evaluate(model)["tasks"]["builtin"]
     ids = tokenize_joined(tok, load_texts("builtin", split="test"), add_special_tokens=True)[:600]
-    ref, n = guide_perplexity(model, ids, 256, 256)
+    ref, n = guide_perplexity(model, ids, 256, 128)
     assert m["tokens"] == n and m["perplexity"] == pytest.approx(ref, rel=1e-4)
-    assert tp.report_extras()["evaluation_splits"]["builtin"]["max_length"] == 256
+    info = tp.report_extras()["evaluation_splits"]["builtin"]
+    assert info["max_length"] == 256 and info["stride"] == 128
 
 
 def test_window_plan_scores_each_token_once():

@@ -58,7 +58,8 @@ class CausalLMPerplexityConfig(TaskPoolConfig):
     tokenizer: str | None = option(None, help="Tokenizer folder or Hub id; null: the tokenizer saved in the folder "
                                    "the model was loaded from (a merged model: the pool's base).")
     max_length: int | None = option(1024, ge=2, le=1 << 20, help="Window length in tokens (clipped to the model's "
-                                    "max_position_embeddings); null: the model's maximum.")
+                                    "max_position_embeddings, the stride scaled by the same ratio); null: the "
+                                    "model's maximum.")
     stride: int = option(512, ge=1, le=1 << 20, help="Tokens between window starts (<= max_length); each window "
                          "scores only the tokens no earlier window scored.")
     batch_size: int = option(1, ge=1, le=4096, help="Full-length windows per forward pass.")
@@ -161,8 +162,8 @@ class CausalLMPerplexityTaskPool(PerTaskPool):
         return self._texts[task]
 
     def window_length(self, model: nn.Module) -> tuple[int, int]:
-        """(window length, stride) for ``model``: max_length clipped to its max_position_embeddings, and the
-        stride clipped to that window (a clipped window keeps every token scored once)."""
+        """(window length, stride) for ``model``: max_length clipped to its max_position_embeddings; a clipped
+        window scales the stride by the same ratio (1024/512 on a 256-position model: 256/128)."""
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         ml = self.config.max_length
         if ml is None:
@@ -172,7 +173,10 @@ class CausalLMPerplexityTaskPool(PerTaskPool):
             ml = int(limit)
         elif limit:
             ml = min(ml, int(limit))
-        return ml, min(self.config.stride, ml)
+        stride = self.config.stride
+        if self.config.max_length is not None and ml < self.config.max_length:  # clipped: keep the overlap ratio
+            stride = max(1, round(stride * ml / self.config.max_length))
+        return ml, min(stride, ml)
 
     def evaluate(self, model: nn.Module, tasks: list[str] | None = None) -> dict[str, Any]:
         """``perplexity``, ``nll``, ``tokens``, ``forward_tokens``, ``wall_time_s``, ``tokens_per_s`` per task."""
