@@ -329,3 +329,28 @@ def test_cli_prunes_saves_and_reloads(tiny_pool, tmp_path, capsys):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     w = reloaded.state_dict()["model.layers.1.self_attn.o_proj.weight"]
     assert nm_ok(w, 2, 4) and not torch.equal(w, torch.zeros_like(w))
+
+
+def test_readme_merge_then_prune_example(tmp_path, monkeypatch, capsys):
+    """The README's offline example with the shipped configs: merge two tiny LMs, prune the merge 2:4, perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from fusion_bench.testing.tiny_lm import save_tiny_llama_pool
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny_llama_pool("tiny_lms", n=2)
+    code, _, err = run_cli(["method=task_arithmetic", "modelpool=tiny_lm_merge", "~taskpool", "evaluate=false",
+                            "merged_model_path=outputs/tiny_lm_merged", "report_path=merge.json"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["method=sparsegpt_pruning", "method.nm=2:4", "method.n_samples=16", "method.seq_len=128",
+                              "method.perplexity_data=builtin", "modelpool=tiny_lm_merged",
+                              "taskpool=causal_lm_perplexity", "merged_model_path=outputs/tiny_lm_merged_2of4",
+                              "report_path=prune.json"], capsys)
+    assert code == 0, err
+    assert "before" in out and "| builtin |" in out
+    rep = json.loads((tmp_path / "prune.json").read_text())
+    assert rep["metadata"]["sparsity_overall"] == 0.5
+    assert rep["evaluation"]["tasks"]["builtin"]["perplexity"] > 1
+    w = AutoModelForCausalLM.from_pretrained("outputs/tiny_lm_merged_2of4").state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert nm_ok(w, 2, 4)
