@@ -453,3 +453,62 @@ def test_frank_wolfe_soft_selection_and_steps(parts, granularity):
         np.testing.assert_allclose(got[k], expect[k], rtol=1e-5, atol=1e-6, err_msg=k)
     du = res.metadata["data_used"]
     assert du["labels_read"] and du["examples"] == 36
+
+
+# ------------------------------------------------------------------------------------------------
+# Representation Surgery
+# ------------------------------------------------------------------------------------------------
+def test_surgery_training_matches_reference_loop():
+    """train_surgery against the paper's objective written as a plain loop: z' = z - up(relu(down z)), up = 0 at
+    start, L1 to the target, one Adam over every adapter, one step per task per iteration."""
+    from fusion_bench.methods.test_time.surgery import train_surgery
+    from fusion_bench.utils import seeded_generator
+
+    g = torch.Generator().manual_seed(0)
+    zm = {t: torch.nn.functional.normalize(torch.randn(20, 6, generator=g), dim=-1) for t in TASKS}
+    zt = {t: torch.nn.functional.normalize(zm[t] + 0.3 * torch.randn(20, 6, generator=g), dim=-1) for t in TASKS}
+    got = train_surgery(zm, zt, hidden=4, steps=25, lr=0.01, batch_size=8, seed=5)
+    downs, ups = {}, {}
+    for t in TASKS:
+        gen = seeded_generator(5, "surgery", t)
+        downs[t] = ((torch.rand(4, 6, generator=gen) * 2 - 1) / np.sqrt(6)).requires_grad_(True)
+        ups[t] = torch.zeros(6, 4, requires_grad=True)
+    opt = torch.optim.Adam([p for t in TASKS for p in (downs[t], ups[t])], lr=0.01)
+    gen = seeded_generator(5, "surgery", "batches")
+    for _ in range(25):
+        for t in TASKS:
+            idx = torch.randint(0, 20, (8,), generator=gen)
+            z = zm[t][idx]
+            loss = (z - torch.relu(z @ downs[t].T) @ ups[t].T - zt[t][idx]).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for t in TASKS:
+        torch.testing.assert_close(got[t].down.weight, downs[t].detach())
+        torch.testing.assert_close(got[t].up.weight, ups[t].detach())
+        before = (zm[t] - zt[t]).abs().mean()
+        with torch.no_grad():
+            after = (got[t](zm[t]) - zt[t]).abs().mean()
+        assert after < before
+
+
+def test_surgery_clip_end_to_end(clip_pool_spec):  # noqa: F811
+    from fusion_bench.models.clip import image_features
+
+    pool = ModelPool(config=clip_pool_spec)
+    res = build_method({"name": "representation_surgery", "base_method": "task_arithmetic",
+                        "base_options": {"scaling_factor": 0.5}, "surgery_steps": 30, "lr": 0.01, "batch_size": 4,
+                        "hidden_dim": 4, "progress": False}).run(pool)
+    assert res.kind == "per_task" and set(res.models) == {"t1", "t2"}
+    md = res.metadata
+    assert md["extra_parameters"] == 2 * 2 * 4 * res.models["t1"].visual_projection.projection.out_features
+    assert md["base"]["method"] == "task_arithmetic" and md["data_used"]["labels_read"] is False
+    assert all(md["l1_to_finetuned_after"][t] < md["l1_to_finetuned_before"][t] for t in ("t1", "t2"))
+    m = res.models["t1"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        z = image_features(m.vision_model, m.visual_projection.projection, x)
+        expect = z - m.visual_projection.surgery.up(torch.relu(m.visual_projection.surgery.down(z)))
+        torch.testing.assert_close(m(x), expect)
+    with pytest.raises(ConfigError, match="base_method"):
+        build_method({"name": "representation_surgery", "base_method": "representation_surgery"})
