@@ -76,7 +76,9 @@ def test_layer_equals_per_token_formula(gate_k, k, top_k, routing_use_diff):
     got = layer(x)
     want = reference_forward(x.reshape(-1, 5), base, fts, gate_k, k, top_k, routing_use_diff).view(4, 3, 7)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    assert layer.gate_k == min(gate_k, 5) and layer.rank == (0 if k <= 0 else min(k, 5))
+    assert layer.gate_k == min(gate_k, 5)
+    r = 0 if k <= 0 else min(k, 5)  # stored as factors only when they are smaller than the 7 x 5 matrix
+    assert layer.rank == (r if 0 < r and r * (7 + 5) < 7 * 5 else 0)
 
 
 def test_one_full_rank_expert_is_the_finetuned_layer():
@@ -161,7 +163,9 @@ def test_method_on_module_pool_equals_layerwise_reference_and_counts():
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
     # parameters: each upscaled layer adds T routers of gate_k rows and T experts (u, svh, bias)
     one = sum(p.numel() for p in base.parameters())
-    per_expert = {"fc1": 10 * 3 + 3 * 6 + 10, "fc2": 4 * 3 + 3 * 10 + 4}
+    # fc1 (10 x 6): factors 3 * (10 + 6) < 60 entries; fc2 (4 x 10): 3 * 14 >= 40, the rank-3 product stored densely
+    per_expert = {"fc1": 10 * 3 + 3 * 6 + 10, "fc2": 4 * 10 + 4}
+    assert model.fc1.rank == 3 and model.fc2.rank == 0
     routers = 3 * 2 * 6 + 3 * 2 * 10
     total = one + routers + 3 * sum(per_expert.values())
     md = res.metadata
@@ -320,9 +324,8 @@ def test_causal_lm_refusals(tmp_path):
 def test_cli_causal_lm_streamed_and_in_memory_saved(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import run_cli
-
     from fusion_bench.testing.tiny_lm import save_tiny_llama_pool
+    from tests.conftest import run_cli
 
     monkeypatch.chdir(tmp_path)
     paths = save_tiny_llama_pool(tmp_path / "zoo", n=2, seed=3, scale=0.05)  # with a (byte) tokenizer
@@ -350,3 +353,58 @@ def test_cli_causal_lm_streamed_and_in_memory_saved(tmp_path, capsys, monkeypatc
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
     for (k1, v1), (k2, v2) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
         assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_smile_upscaling_on_a_causal_lm_pool_gives_the_registered_class(tmp_path):
+    pool, models = _lm_pool(tmp_path, "llama", n=2)
+    a = build_method({"name": "smile_upscaling", "gate_k": 2, "k": 4, "top_k": 1}).run(pool)
+    b = build_method({"name": "smile_causal_lm_upscaling", "gate_k": 2, "k": 4, "top_k": 1}).run(pool)
+    assert type(a.model).__name__ == "SmileLlamaForCausalLM"
+    for (k1, v1), (k2, v2) in zip(sorted(a.model.state_dict().items()), sorted(b.model.state_dict().items())):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny CLIP zoo from the CLI: report, routing plot
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    from fusion_bench.benchmark.zoo import Zoo
+
+    # one tiny zoo per test session (a zoo build resumes: a complete one is only verified), so that test modules
+    # using this location build it once
+    base = tmp_path_factory.getbasetemp() / "shared_tiny_clip_zoo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
+        zoo = Zoo("tiny", base / "tiny")
+        zoo.build(progress=False, log=lambda s: None)
+    return zoo
+
+
+def test_cli_on_tiny_clip_zoo(tiny_zoo, tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    rep = tmp_path / "report.json"
+    code, out, err = run_cli(["method=smile_upscaling", "method.gate_k=4", "method.k=16", "method.top_k=2",
+                              "modelpool=clip_zoo_tiny", "taskpool=clip_zoo_tiny", f"modelpool.root={tiny_zoo.root}",
+                              f"taskpool.root={tiny_zoo.root}", "modelpool.build=false", "taskpool.build=false",
+                              "method.report_samples=8", "method.cost_repeats=1", "taskpool.max_samples=16",
+                              f"report_path={rep}"], capsys)
+    assert code == 0, err
+    r = json.loads(rep.read_text())
+    md, mm = r["metadata"], r["metadata"]["mixed_model"]
+    assert mm["total_parameters"] == md["total_parameters"] == r["parameters"]["total"]
+    assert mm["one_model_parameters"] < mm["active_parameters_per_input"] < mm["total_parameters"]
+    assert r["cost"]["extra_parameters"] == mm["extra_parameters"] and mm["inference_cost_ratio"] > 0
+    routing = md["routing"]
+    assert set(routing["per_task"]) == set(tiny_zoo.tasks) == set(routing["experts"])
+    for t in tiny_zoo.tasks:  # applied weights over the experts sum to 1 per token
+        assert abs(sum(routing["per_task"][t]["mean"]) - 1) < 1e-4
+    assert r["artifacts"]["routing_plot"] == str(tmp_path / "report_routing.png")
+    assert 0 <= r["evaluation"]["average"]["accuracy"] <= 1
+    # an upscaled CLIP encoder has no Hugging Face class to save as: refused in one line, nothing written
+    code, out, err = run_cli(["method=smile_upscaling", "modelpool=clip_zoo_tiny", "taskpool=clip_zoo_tiny",
+                              f"modelpool.root={tiny_zoo.root}", f"taskpool.root={tiny_zoo.root}",
+                              "modelpool.build=false", "taskpool.build=false", "method.report_samples=0",
+                              "method.cost_repeats=0", "evaluate=false", f"merged_model_path={tmp_path / 'm'}"], capsys)
+    assert code != 0 and "no Hugging Face class to save as" in err and not (tmp_path / "m").exists()

@@ -7,9 +7,10 @@ Variant implemented, for a linear layer ``y = W_0 x + b_0`` and T fine-tuned ver
 
 - each task's delta ``dW_i = W_i - W_0`` is decomposed by a thin SVD ``dW_i = U_i S_i V_i^T`` (float32, or
   float64 for float64 weights);
-- expert i is the rank-k truncation ``U_i[:, :k] S_i[:k] V_i[:, :k]^T`` (stored as the two factors
-  ``u = U_i[:, :k]`` and ``svh = S_i[:k] V_i[:, :k]^T``) plus the bias delta ``db_i = b_i - b_0``; ``k <= 0``
-  keeps the whole delta ``dW_i`` (full-rank expert); ``k`` larger than ``min(m, n)`` is capped there;
+- expert i is the rank-k truncation ``U_i[:, :k] S_i[:k] V_i[:, :k]^T`` plus the bias delta ``db_i = b_i - b_0``;
+  ``k <= 0`` keeps the whole delta ``dW_i`` (full-rank expert); ``k`` larger than ``min(m, n)`` is capped there.
+  It is stored as the two factors ``u = U_i[:, :k]`` and ``svh = S_i[:k] V_i[:, :k]^T`` when they hold fewer
+  entries than the dense (m, n) matrix, else densely (:func:`effective_rank`);
 - the router of task i is ``V_i[:, :gate_k]^T`` (its top ``gate_k`` right singular vectors, ``gate_k`` capped at
   ``min(m, n)``); the routing logit of input x is ``r_i = || V_i[:, :gate_k]^T x ||_2``;
 - the routing weights are ``p = softmax(r)`` over all T experts; the ``top_k`` largest are kept and
@@ -34,9 +35,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def effective_rank(k: int, shape: tuple[int, ...]) -> int:
-    """The number of singular triplets an expert keeps: ``min(k, m, n)``, or 0 for a full-rank expert (k <= 0)."""
+def truncation_rank(k: int, shape: tuple[int, ...]) -> int:
+    """The number of singular triplets an expert keeps: ``min(k, m, n)``, or 0 for the whole delta (k <= 0)."""
     return 0 if k <= 0 else min(int(k), int(shape[0]), int(shape[1]))
+
+
+def effective_rank(k: int, shape: tuple[int, ...]) -> int:
+    """How an expert is stored: as the factors ``u`` (m, r) and ``svh`` (r, n) with r = :func:`truncation_rank`
+    when they are smaller than the dense matrix (``r (m + n) < m n``), else densely (returns 0): the rank-r
+    product (or the whole delta) as one (m, n) matrix. Same function either way; FusionBench always stores the
+    factors, which for r close to min(m, n) holds up to twice the entries of the delta."""
+    m, n = int(shape[0]), int(shape[1])
+    r = truncation_rank(k, shape)
+    return r if 0 < r and r * (m + n) < m * n else 0
 
 
 def effective_gate_k(gate_k: int, shape: tuple[int, ...]) -> int:
@@ -78,10 +89,12 @@ def smile_factors(w0: torch.Tensor, w: torch.Tensor, gate_k: int, k: int, b0: to
     g = effective_gate_k(gate_k, dw.shape)
     gate = vh[:g] if routing_use_diff else torch.linalg.svd(w.to(cd), full_matrices=False)[2][:g]
     out = SmileFactors(gate=gate.contiguous())
-    r = effective_rank(k, dw.shape)
-    if r > 0:
+    r = truncation_rank(k, dw.shape)
+    if effective_rank(k, dw.shape) > 0:
         out.u = u[:, :r].contiguous()
         out.svh = (s[:r, None] * vh[:r]).contiguous()
+    elif 0 < r < min(dw.shape):  # the truncated delta, stored densely (smaller than its factors)
+        out.weight = (u[:, :r] * s[:r]) @ vh[:r]
     else:
         out.weight = dw
     if b0 is not None and b is not None:
