@@ -354,3 +354,23 @@ def test_readme_merge_then_prune_example(tmp_path, monkeypatch, capsys):
     assert rep["evaluation"]["tasks"]["builtin"]["perplexity"] > 1
     w = AutoModelForCausalLM.from_pretrained("outputs/tiny_lm_merged_2of4").state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert nm_ok(w, 2, 4)
+
+
+@pytest.mark.parametrize("cfg", [{"name": "sparsegpt_pruning", "nm": "2:4", "n_samples": 4, "seq_len": 32,
+                                  "blocksize": 16},
+                                 {"name": "wanda_pruning", "n_samples": 4, "seq_len": 32},
+                                 {"name": "random_pruning", "seed": 3}])
+def test_out_of_core_equals_in_memory(tiny_pool, tmp_path, cfg):
+    from transformers import AutoModelForCausalLM
+
+    from fusion_bench.methods.compression.out_of_core import prune_to_folder
+
+    pool = _pool(tiny_pool)
+    mem = build_method(cfg).run(pool)
+    rep = prune_to_folder(build_method(cfg), pool, tmp_path / "ooc")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ooc").eval()
+    want = mem.model.state_dict()
+    for k, v in back.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+    assert rep["sparsity_per_layer"] == mem.metadata["sparsity_per_layer"]
+    assert (tmp_path / "ooc" / "tokenizer.json").exists()

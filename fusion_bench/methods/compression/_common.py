@@ -332,10 +332,14 @@ def collect_linear_inputs(layer: nn.Module, inputs: LayerInputs, modules: dict[s
 
 def layer_by_layer(model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device,
                    process: Callable[[int, str, nn.Module, LayerInputs], list[torch.Tensor]],
-                   progress: bool = True, label: str = "compressing") -> dict[str, Any]:
+                   progress: bool = True, label: str = "compressing",
+                   load_layer: Callable[[int, str, nn.Module], None] | None = None,
+                   store_layer: Callable[[int, str, nn.Module], None] | None = None) -> dict[str, Any]:
     """Capture the inputs of decoder layer 0, then for each layer call ``process(index, prefix, layer, inputs)``
     with the layer on ``device``; it compresses the layer and returns the outputs that become the next layer's
-    inputs. Returns memory figures of the driver (bytes of one layer's inputs, largest layer)."""
+    inputs. ``load_layer(index, prefix, layer)`` / ``store_layer(...)``, when given, run before / after (the
+    out-of-core path reads the layer's weights there and writes and frees them after). Returns memory figures of
+    the driver (bytes of one layer's inputs, largest layer)."""
     found = find_decoder_layers(model)
     if found is None:
         raise ModelMismatchError(f"{type(model).__name__} has no decoder-layer list ({', '.join(DECODER_LAYER_PATHS)}); "
@@ -348,11 +352,16 @@ def layer_by_layer(model: nn.Module, ids: torch.Tensor, batch_size: int, device:
 
     with progress_bar(label, len(layers), progress) as advance:
         for i, layer in enumerate(layers):
+            prefix = f"{path}.{i}."
+            if load_layer is not None:
+                load_layer(i, prefix, layer)
             home = _model_device(layer)
             layer.to(device)
             largest = max(largest, sum(p.numel() * p.element_size() for p in layer.parameters()))
-            outs = process(i, f"{path}.{i}.", layer, inputs)
+            outs = process(i, prefix, layer, inputs)
             layer.to(home)
+            if store_layer is not None:
+                store_layer(i, prefix, layer)
             inputs = LayerInputs(outs, inputs.kwargs)
             advance()
     return {"decoder_layers": len(layers), "layer_input_bytes": act_bytes, "largest_layer_bytes": largest}

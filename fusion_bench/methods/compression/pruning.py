@@ -162,8 +162,11 @@ class MagnitudePruning(_Pruning):
                "position; N:M: the N smallest of every M consecutive inputs of a row. Causal LMs: linear layers of the "
                "decoder layers only.")
 
+    def scores_fn(self):
+        return lambda n, w: magnitude_scores(w)
+
     def prune(self, model, targets, pool):
-        _data_free_prune(targets, self.config, lambda n, w: magnitude_scores(w))
+        _data_free_prune(targets, self.config, self.scores_fn())
         return {}
 
 
@@ -175,10 +178,13 @@ class RandomPruning(_Pruning):
     variant = ("Random pruning: scores uniform on [0, 1) from a generator seeded by (seed, layer name), then the same "
                "selection as magnitude pruning (group=layer or row; N:M). The same seed gives the same masks.")
 
-    def prune(self, model, targets, pool):
+    def scores_fn(self):
         seed = self.config.seed
-        _data_free_prune(targets, self.config, lambda n, w: random_scores(w.shape, seeded_generator(seed, n)))
-        return {"seed": seed}
+        return lambda n, w: random_scores(w.shape, seeded_generator(seed, n))
+
+    def prune(self, model, targets, pool):
+        _data_free_prune(targets, self.config, self.scores_fn())
+        return {"seed": self.config.seed}
 
 
 class _SquaredNorms:
@@ -206,11 +212,8 @@ class _CalibrationPruning(_Pruning):
     def prune_module(self, name: str, module: nn.Module, stat: Any) -> None:
         raise NotImplementedError
 
-    def prune(self, model, targets, pool):
-        cfg = self.config
-        device = resolve_device(cfg.device)
-        ids, calib = calibration_ids(cfg, pool, model)
-        stat_bytes = [0]
+    def make_process(self, targets: dict[str, nn.Module], device: torch.device, stat_bytes: list[int]):
+        """The per-layer step of the layer-by-layer driver: gather statistics, prune, return the pruned outputs."""
 
         def process(index: int, prefix: str, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
             mods = {n: m for n, m in linear_targets(layer, [], prefix=prefix).items() if n in targets}
@@ -221,10 +224,19 @@ class _CalibrationPruning(_Pruning):
                 stats[n] = None  # free as we go
             return run_layer(layer, inputs)  # the pruned layer's outputs feed the next layer
 
+        return process
+
+    def prune(self, model, targets, pool, layer_hooks: tuple | None = None):
+        cfg = self.config
+        device = resolve_device(cfg.device)
+        ids, calib = calibration_ids(cfg, pool, model)
+        stat_bytes = [0]
         import sys
 
         show = cfg.progress and sys.stderr.isatty()
-        mem = layer_by_layer(model, ids, cfg.batch_size, device, process, progress=show, label=self.name)
+        load, store = layer_hooks or (None, None)
+        mem = layer_by_layer(model, ids, cfg.batch_size, device, self.make_process(targets, device, stat_bytes),
+                             progress=show, label=self.name, load_layer=load, store_layer=store)
         mem["largest_layer_statistics_bytes"] = stat_bytes[0]
         # inputs + outputs of one layer, its statistics and its weights: the part that does not grow with depth
         mem["layer_working_set_bytes"] = 2 * mem["layer_input_bytes"] + stat_bytes[0] + mem["largest_layer_bytes"]
