@@ -56,18 +56,29 @@ def run_one(args: argparse.Namespace) -> dict:
         ppl = build_taskpool(ppl_cfg).evaluate(model)["tasks"]["builtin"]
         return {"method": "dense", "ppl": ppl["perplexity"], "ppl_tokens": ppl["tokens"],
                 "ppl_time_s": round(time.perf_counter() - t0, 1)}
-    cfg = {"name": args.one, "sparsity": args.sparsity, "nm": args.nm, "device": "cpu", "progress": False}
-    if args.one in ("wanda_pruning", "sparsegpt_pruning", "sparselo"):
+    name, _, mode = args.one.partition("@")
+    cfg = {"name": name, "sparsity": args.sparsity, "nm": args.nm, "device": "cpu", "progress": False}
+    if name in ("wanda_pruning", "sparsegpt_pruning", "sparselo"):
         cfg.update(n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size)
-    if args.one == "sparselo":
+    if name == "sparselo":
         cfg.update(rank=args.rank, variant="wanda")
     method = build_method(cfg)
-    with measure() as m:
-        res = method.run(pool)
-    md = res.metadata
-    ppl = build_taskpool(ppl_cfg).evaluate(res.model)["tasks"]["builtin"]
+    if mode == "ooc":  # out of core: one decoder layer in memory, written to a folder
+        from transformers import AutoModelForCausalLM
+
+        from fusion_bench.methods.compression.out_of_core import prune_to_folder
+
+        out = Path(tempfile.mkdtemp(prefix="pruned_")) / "model"
+        with measure() as m:
+            md = prune_to_folder(method, pool, out, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=pool.dtype).eval()
+    else:
+        with measure() as m:
+            res = method.run(pool)
+        md, model = res.metadata, res.model
+    ppl = build_taskpool(ppl_cfg).evaluate(model)["tasks"]["builtin"]
     mem = md.get("memory") or {}
-    return {"method": args.one, "pattern": args.nm or "unstructured", "sparsity": md["sparsity_overall"],
+    return {"method": name + (" (out of core)" if mode == "ooc" else ""), "pattern": args.nm or "unstructured", "sparsity": md["sparsity_overall"],
             "ppl_after": ppl["perplexity"], "time_s": round(m.wall_time_s, 1),
             "peak_rss_gb": round(m.peak_rss_bytes / 2**30, 2),
             "layer_working_set_mb": round(mem.get("layer_working_set_bytes", 2 * mem["layer_input_bytes"]
@@ -79,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model folder (causal LM).")
     p.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the model's, else the byte tokenizer).")
-    p.add_argument("--methods", nargs="+", default=["magnitude_pruning", "random_pruning", "wanda_pruning",
+    p.add_argument("--methods", nargs="+", help="Method names; NAME@ooc runs the out-of-core path "
+                   "(prune_to_folder) of a pruning method.", default=["magnitude_pruning", "random_pruning", "wanda_pruning",
                                                     "sparsegpt_pruning"])
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nm", default=None, help="N:M pattern, e.g. 2:4 (default: unstructured).")
