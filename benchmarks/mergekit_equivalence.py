@@ -259,6 +259,27 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                           "models": [{"model": L["ft1"]}]})
     add("arcee_fusion-two-models", {"merge_method": "arcee_fusion", "base_model": L["base"], "dtype": "float32",
                                     "models": three(L)[:2]})
+    # modules (mergekit's form of the one module, 'default', of a causal LM), chat_template, residual_weight
+    add("modules-default-params", {"merge_method": "ties", "base_model": L["base"], "dtype": "float32",
+                                   "parameters": {"density": 0.9, "lambda": 2.0},
+                                   "modules": {"default": {"models": three(L, weight=[0.5, 0.3, 0.2]),
+                                                           "parameters": {"density": [{"filter": "mlp",
+                                                                                       "value": 0.4}]}}}})
+    add("modules-default-slices", {"merge_method": "slerp", "base_model": L["ft0"], "dtype": "float32",
+                                   "modules": {"default": {"slices": [{"sources": [
+                                       {"model": L["ft0"], "layer_range": [0, 4]},
+                                       {"model": L["ft1"], "layer_range": [0, 4]}]}],
+                                       "parameters": {"t": [0.1, 0.9]}}}, "parameters": {"t": 0.5}})
+    tpl = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    add("chat-template-text", {"merge_method": "linear", "dtype": "float32", "chat_template": tpl,
+                               "models": three(L, weight=1.0)})
+    add("passthrough-residual-weight", {"merge_method": "passthrough", "dtype": "float32",
+                                        "slices": [{"sources": [{"model": L["ft0"], "layer_range": [0, 4]}],
+                                                    "residual_weight": 0.3}]})
+    add("tokenizer-union", {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+                            "models": three(L, weight=1.0)})
+    add("chat-template-named", {"merge_method": "linear", "dtype": "float32", "chat_template": "chatml",
+                                "models": three(L, weight=1.0)})
     # LoRA references (mergekit applies the adapter with PEFT first)
     A = z["adapters"]
     add("lora-ref-models", {"merge_method": "task_arithmetic", "base_model": L["base"], "dtype": "float32",
@@ -580,6 +601,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 bp = doc.get("base_model")
                 ok, msg = compare_exact(a, b, load_sd(bp) if bp and doc.get("dtype") == "bfloat16" else None)
+            if ok and doc.get("chat_template"):
+                from transformers import AutoTokenizer
+
+                ta, tb = (AutoTokenizer.from_pretrained(str(d / x)).chat_template for x in ("mk", "fb"))
+                ok, msg = ta == tb, msg + (", same chat template" if ta == tb else f", chat templates differ: {ta!r} vs {tb!r}")
             line = f"{'PASS' if ok else 'FAIL':8} {name}  {msg}"
         print(line, flush=True)
         results.append(line)

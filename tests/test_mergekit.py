@@ -164,7 +164,7 @@ def test_errors(zoo, tmp_path, capsys):
     with pytest.raises(ConfigError, match="Did you mean 'merge_method'"):
         load_mergekit_config({**base, "merge_methd": "ties"})
     with pytest.raises(ConfigError, match="not supported"):
-        load_mergekit_config({**base, "merge_method": "ram"})
+        load_mergekit_config({**base, "merge_method": "core_space"})
     with pytest.raises(ConfigError, match="union"):
         load_mergekit_config({**base, "tokenizer_source": "union"})
     with pytest.raises(ConfigError, match="'weight' is missing"):
@@ -683,3 +683,67 @@ def test_cli_execution_options_are_no_ops_and_refusals(zoo, tmp_path):
     for flag in ("--trust-remote-code", "--unsafe-truncate-embeddings", "--no-safe-serialization"):
         with pytest.raises(ConfigError, match=flag):
             main([cfg, str(tmp_path / "r"), flag])
+
+
+# ---- modules, chat_template, tokenizer blocks, slice keys ---------------------------------------------------------
+def test_modules_default_equals_top_level(zoo, tmp_path):
+    """modules: {default: ...} is mergekit's form of the one module of a causal LM; its parameters come after a
+    model's and before the global ones (a filter that does not match falls through)."""
+    models = [{"model": zoo["ft0"], "parameters": {"weight": 0.7}}, {"model": zoo["ft1"]}]
+    mod = {"merge_method": "task_arithmetic", "base_model": zoo["_pretrained_"], "parameters": {"weight": 0.1, "lambda": 2.0},
+           "modules": {"default": {"models": models,
+                                   "parameters": {"weight": [{"filter": "mlp", "value": 0.4}], "lambda": 0.5}}}}
+    main([_write(tmp_path, mod), str(tmp_path / "mod")])
+    got, base = load_sd(tmp_path / "mod"), load_sd(zoo["_pretrained_"])
+    f0, f1 = load_sd(zoo["ft0"]), load_sd(zoo["ft1"])
+    for k in (K_NORM, "model.layers.0.self_attn.q_proj.weight"):
+        w1 = 0.4 if "mlp" in k else 0.1
+        want = base[k] + 0.5 * (0.7 * (f0[k] - base[k]) + w1 * (f1[k] - base[k]))
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="single-module"):
+        load_mergekit_config({**mod, "modules": {"vision_tower": {"models": models}}})
+    with pytest.raises(ConfigError, match="exactly one of 'models', 'slices' or 'modules'"):
+        load_mergekit_config({**mod, "models": models})
+    with pytest.raises(ConfigError, match="modules.default.modles"):
+        load_mergekit_config({**mod, "modules": {"default": {"modles": models}}})
+
+
+def test_chat_template(zoo, tmp_path):
+    from transformers import AutoTokenizer
+
+    tpl = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    doc = {"merge_method": "linear", "chat_template": tpl,
+           "models": [{"model": zoo["ft0"], "parameters": {"weight": 1.0}}]}
+    main([_write(tmp_path, doc), str(tmp_path / "ct")])
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "ct")).chat_template == tpl
+    # auto: the most common template of the referenced models; here none has one, so none is set (as mergekit)
+    main([_write(tmp_path, {**doc, "chat_template": "auto"}), str(tmp_path / "ct2")])
+    assert not AutoTokenizer.from_pretrained(str(tmp_path / "ct2")).chat_template
+    main([_write(tmp_path, {**doc, "models": [{"model": str(tmp_path / "ct"), "parameters": {"weight": 1.0}}],
+                            "chat_template": "auto"}), str(tmp_path / "ct3")])
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "ct3")).chat_template == tpl
+    for bad, msg in (("chatml", "bundled with mergekit"), ("hello", "not a Jinja template"), (3, "must be a string")):
+        with pytest.raises(ConfigError, match=msg):
+            load_mergekit_config({**doc, "chat_template": bad})
+
+
+def test_tokenizer_blocks_and_slice_keys(zoo):
+    base = {"merge_method": "linear", "models": [{"model": zoo["ft0"], "parameters": {"weight": 1.0}}]}
+    plan = load_mergekit_config({**base, "tokenizer": {"source": "base"}})
+    assert plan.pool.config.vocab_policy == "shared_rows"
+    with pytest.raises(ConfigError, match="'union'"):  # mergekit's default source of a tokenizer block
+        load_mergekit_config({**base, "tokenizer": {"pad_to_multiple_of": None}})
+    with pytest.raises(ConfigError, match="tokenizer.tokens is not supported"):
+        load_mergekit_config({**base, "tokenizer": {"source": "base", "tokens": {"<x>": {"source": zoo["ft0"]}}}})
+    with pytest.raises(ConfigError, match="pad_to_multiple_of is not supported"):
+        load_mergekit_config({**base, "tokenizer": {"source": "base", "pad_to_multiple_of": 64}})
+    with pytest.raises(ConfigError, match="tokenizer.sorce"):
+        load_mergekit_config({**base, "tokenizer": {"sorce": "base"}})
+    with pytest.raises(ConfigError, match="not both"):
+        load_mergekit_config({**base, "tokenizer": {"source": "base"}, "tokenizer_source": "base"})
+    sl = {"merge_method": "passthrough",
+          "slices": [{"sources": [{"model": zoo["ft0"], "layer_range": [0, 2]}], "residual_weight": 0.5}]}
+    plan = load_mergekit_config(sl)
+    assert any("residual_weight" in n for n in plan.notes)  # mergekit 0.1.5 never reads it
+    with pytest.raises(ConfigError, match="per-slice base model"):
+        load_mergekit_config({**sl, "slices": [{**sl["slices"][0], "base_model": zoo["ft0"]}]})

@@ -59,8 +59,10 @@ from fusion_bench.methods.base import TensorwiseConfig, TensorwiseMerge
 from fusion_bench.methods.merging.sparsify import GeneralizedTaskArithmetic
 
 TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "tokenizer", "slices", "name"}
-UNSUPPORTED_KEYS = {"modules": "per-module merges", "chat_template": "chat template selection"}
+            "tokenizer", "slices", "name", "modules", "chat_template"}
+UNSUPPORTED_KEYS: dict[str, str] = {}
+#: the one module of the single-module architectures fusion_bench merges (mergekit names it 'default')
+MODULE_KEYS = {"models", "slices", "parameters"}
 GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                "della_linear")
 SUPPORTED = (*GTA_METHODS, "linear", "slerp", "karcher", "passthrough", "model_stock", "nuslerp", "multislerp", "sce",
@@ -183,7 +185,7 @@ def validate_parameters(method_name: str, global_params: Mapping[str, Any],
     for where, params in model_params.items():
         if not isinstance(params, Mapping):
             raise ConfigError(f"mergekit {where} must be a mapping of parameter names to values, got {params!r}.")
-        slice_level = bool(re.fullmatch(r"slices\[\d+\]\.parameters", where))
+        slice_level = bool(re.fullmatch(r"slices\[\d+\]\.parameters|modules\.default\.parameters", where))
         for k, v in params.items():
             if k in global_only and slice_level and k in SLICE_GLOBAL_PARAMETERS:
                 _check_leaves(k, v, f"{where}.{k}", method_name)
@@ -253,6 +255,7 @@ class ParameterResolver:
     def __init__(self, entries: list[ModelEntry], global_params: dict[str, Any], num_layers: int):
         self.by_name = {e.name: e for e in entries}
         self.global_params = global_params
+        self.module_params: dict[str, Any] = {}  # modules.default.parameters: between the model's and the global
         self.num_layers = num_layers
 
     def value(self, name: str, key: str, model: str | None, default: Any = None, required: bool = False) -> Any:
@@ -263,13 +266,15 @@ class ParameterResolver:
                 v = evaluate_setting(key, p[name], t, f"models[{model}].parameters.{name}")
                 if v is not None:
                     return v
-        if name in self.global_params:
-            v = evaluate_setting(key, self.global_params[name], t, f"parameters.{name}")
-            if v is not None:
-                return v
+        for where, params in (("modules.default.parameters", self.module_params), ("parameters", self.global_params)):
+            if name in params:
+                v = evaluate_setting(key, params[name], t, f"{where}.{name}")
+                if v is not None:
+                    return v
         if required:
-            raise ConfigError(f"mergekit parameter '{name}' is missing for model '{model}' (tensor '{key}'); add "
-                              f"parameters: {{{name}: ...}} to that model or to the global parameters.")
+            who = f" for model '{model}'" if model is not None else ""
+            raise ConfigError(f"mergekit parameter '{name}' is missing{who} (tensor '{key}'); add "
+                              f"parameters: {{{name}: ...}} to {'that model or ' if who else ''}the global parameters.")
         return default
 
     def gta_params(self, key: str, names: list[str]) -> tuple[list[float], list[float]]:
@@ -323,7 +328,8 @@ class SliceParameterResolver(ParameterResolver):
         if model is not None and model in self.by_name:
             scopes.append((f"slices[{sl.index}].sources[{self.by_name[model].path}].parameters",
                            sl.source_params.get(self.by_name[model].path) or {}))
-        scopes += [(f"slices[{sl.index}].parameters", sl.params), ("parameters", self.global_params)]
+        scopes += [(f"slices[{sl.index}].parameters", sl.params), ("modules.default.parameters", self.module_params),
+                   ("parameters", self.global_params)]
         for where, params in scopes:
             if name in params:
                 v = evaluate_setting(key, params[name], t, f"{where}.{name}")
@@ -730,7 +736,15 @@ def _yaml_error_text(e: Exception) -> str:
     return f"{where}{problem}"
 
 
-SLICE_KEYS = {"sources", "parameters"}
+SLICE_KEYS = {"sources", "parameters", "residual_weight"}
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+#: tokenizer settings refused, with the reason
+TOKENIZER_REFUSED = {
+    "tokens": "per-token embedding overrides need mergekit's vocabulary builder (tokens added or re-sourced across "
+              "vocabularies), which fusion_bench does not implement; remove tokenizer.tokens",
+    "pad_to_multiple_of": "padding the vocabulary needs mergekit's tokenizer rebuild; pad the merged model with "
+                          "resize_token_embeddings(pad_to_multiple_of=...) afterwards",
+}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 
 
@@ -744,9 +758,14 @@ def _model_parameters(cfg: Mapping[str, Any], method_name: str) -> dict[str, Any
         if not isinstance(s, Mapping):
             raise ConfigError(f"slices[{i}] must be a mapping with 'sources'.")
         for k in s:
+            if k == "base_model":
+                raise ConfigError(f"mergekit slices[{i}].base_model (a per-slice base model) is not supported: "
+                                  "fusion_bench merges every layer against one base; use the top-level base_model.")
             if k not in SLICE_KEYS:
-                raise ConfigError(f"Unknown mergekit key 'slices[{i}].{k}' (per-slice base models and residual "
-                                  f"weights are not supported).{did_you_mean(str(k), SLICE_KEYS)}")
+                raise ConfigError(f"Unknown mergekit key 'slices[{i}].{k}'.{did_you_mean(str(k), SLICE_KEYS)}")
+        rw = s.get("residual_weight")
+        if rw is not None and (isinstance(rw, bool) or not isinstance(rw, (int, float)) or not math.isfinite(rw)):
+            raise ConfigError(f"mergekit slices[{i}].residual_weight={rw!r} must be a finite number.")
         if s.get("parameters") is not None:
             out[f"slices[{i}].parameters"] = s["parameters"]
         for j, src in enumerate(s.get("sources") or []):
@@ -775,6 +794,98 @@ def _tensor_keys(path: str) -> list[str]:
         close = getattr(r, "close", None)
         if callable(close):
             close()
+
+
+#: the template names mergekit 0.1.5 bundles (its own files; not shipped with fusion_bench)
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def _check_chat_template(value: Any) -> str | None:
+    """mergekit's chat_template: None, 'auto' or a Jinja template (at least 20 characters with a '{'); the names of
+    the templates mergekit bundles are refused (fusion_bench does not ship mergekit's files)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"mergekit chat_template={value!r} must be a string ('auto' or a Jinja template).")
+    if value == "auto":
+        return value
+    if value in MERGEKIT_TEMPLATE_NAMES:
+        raise ConfigError(f"mergekit chat_template: {value} names a template file bundled with mergekit, which "
+                          "fusion_bench does not ship; paste the template's Jinja text, or use 'auto'.")
+    if len(value) < 20 or "{" not in value:
+        raise ConfigError(f"mergekit chat_template={value!r} is not a Jinja template (as mergekit: at least 20 "
+                          "characters with a '{'); give the template text or 'auto'.")
+    return value
+
+
+def set_chat_template(out_dir: str | Path, template: str, referenced: list[str]) -> str | None:
+    """Set the output's tokenizer chat template as mergekit does: 'auto' takes the most common template of the
+    referenced models' tokenizers (nothing is set when none has one); the tokenizer is re-saved with
+    transformers (no remote code), each file replaced atomically. Returns the template set, or None."""
+    import os
+    import tempfile
+    from collections import Counter
+
+    import transformers
+
+    if template == "auto":
+        found = []
+        for m in referenced:
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(m, trust_remote_code=False)
+            except Exception:  # noqa: BLE001 - as mergekit: a model without a tokenizer has no vote
+                continue
+            t = tok.chat_template
+            if isinstance(t, dict):
+                t = t.get("default")
+            if t:
+                found.append(t.strip())
+        if not found:
+            return None
+        template = Counter(found).most_common(1)[0][0]
+    out = Path(out_dir)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        raise ConfigError(f"chat_template: the merged model's tokenizer in {out} cannot be loaded "
+                          f"({str(e).splitlines()[0][:200]}); drop chat_template or copy a tokenizer.") from None
+    tok.chat_template = template
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tok_") as tmp:
+        tok.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
+    return template
+
+
+def _flatten_modules(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``modules: {default: {models | slices, parameters}}`` -> the top-level form and the module's parameters.
+
+    mergekit names the one module of a single-module (causal LM) architecture ``default``; its parameters come
+    after a slice's and before the global ones. Multi-module architectures (vision-language models) are refused."""
+    mods = cfg["modules"]
+    if not isinstance(mods, Mapping) or not mods:
+        raise ConfigError("mergekit 'modules' must be a mapping of module names to {models | slices, parameters}.")
+    other = [k for k in mods if k != "default"]
+    if other:
+        raise ConfigError(f"mergekit modules.{other[0]}: fusion_bench merges single-module (causal LM) architectures, "
+                          "whose one module mergekit calls 'default'; multi-module models (vision-language) are not "
+                          "supported.")
+    if cfg.get("models") or cfg.get("slices"):
+        raise ConfigError("Give exactly one of 'models', 'slices' or 'modules' (as mergekit).")
+    m = mods["default"]
+    if not isinstance(m, Mapping):
+        raise ConfigError("mergekit modules.default must be a mapping with 'models' or 'slices' (and 'parameters').")
+    for k in m:
+        if k not in MODULE_KEYS:
+            raise ConfigError(f"Unknown mergekit key 'modules.default.{k}'.{did_you_mean(str(k), MODULE_KEYS)}")
+    if bool(m.get("models")) == bool(m.get("slices")):
+        raise ConfigError("mergekit modules.default needs exactly one of 'models' or 'slices' (as mergekit).")
+    params = m.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"mergekit modules.default.parameters must be a mapping, got {params!r}.")
+    out = {k: v for k, v in cfg.items() if k != "modules"}
+    out["models" if m.get("models") else "slices"] = m.get("models") or m.get("slices")
+    return out, dict(params)
 
 
 def _checkpoint_dtype(path: str) -> torch.dtype | None:
@@ -911,6 +1022,10 @@ class MergekitPlan:
     pool: Any
     merge_method: str
     notes: list[str]
+    #: mergekit's chat_template: 'auto' or a Jinja template, set on the output's tokenizer after the merge
+    chat_template: str | None = None
+    #: every model the config references (for chat_template: auto)
+    referenced: list[str] | None = None
 
 
 def load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed: int | None = None,
@@ -969,11 +1084,22 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
         raise ConfigError(f"mergekit merge_method={method_name!r} is not supported.{did_you_mean(str(method_name), SUPPORTED)}"
                           " See docs/mergekit.md for the supported methods.")
     notes: list[str] = []
+    chat_template = _check_chat_template(cfg.get("chat_template"))
+    if any(isinstance(sl, Mapping) and sl.get("residual_weight") is not None for sl in cfg.get("slices") or []):
+        notes.append("slices[].residual_weight has no effect in mergekit 0.1.5 (its planner never reads it); "
+                     "ignored likewise")
     if not isinstance(cfg.get("parameters") or {}, Mapping):
         raise ConfigError(f"mergekit 'parameters' must be a mapping of parameter names to values, got "
                           f"{cfg['parameters']!r}.")
     gparams = dict(cfg.get("parameters") or {})
-    validate_parameters(method_name, gparams, _model_parameters(cfg, method_name))
+    module_params: dict[str, Any] = {}
+    if "modules" in cfg:
+        cfg, module_params = _flatten_modules(cfg)
+    where_params = _model_parameters(cfg, method_name)
+    if module_params:
+        where_params["modules.default.parameters"] = module_params
+    validate_parameters(method_name, gparams, where_params)
+    gp = {**gparams, **module_params}  # parameters read once per merge (mergekit: slice, module, then global)
     base_path = _model_ref(cfg["base_model"], "base_model") if cfg.get("base_model") else None
     taken: set[str] = set()
     base_listed = False
@@ -1019,16 +1145,16 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
             src_p, sl_p, n = slice_params[si]
             t = 0.0 if offset is None else (offset / (n - 1) if n > 1 else 1.0)
             for where, params in ((f"slices[{si}].sources[0].parameters", src_p), (f"slices[{si}].parameters", sl_p),
-                                  ("parameters", gparams)):
+                                  ("modules.default.parameters", module_params), ("parameters", gparams)):
                 if "scale" in params:
                     v = evaluate_setting(out_key, params["scale"], t, f"{where}.scale")
                     if v is not None:
                         return float(v)
             return None
 
-        if any("scale" in p for sp in slice_params for p in sp[:2]) or "scale" in gparams:
+        if any("scale" in p for sp in slice_params for p in sp[:2]) or "scale" in gp:
             method.tensor_scale = scale
-        return MergekitPlan(method, pool, method_name, notes)
+        return MergekitPlan(method, pool, method_name, notes, chat_template, list(dict.fromkeys(models.values())))
     slice_defs: list[SliceDef] | None = None
     if cfg.get("slices"):
         if cfg.get("models"):
@@ -1068,7 +1194,7 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
             name = _unique_name(base_path, taken)
             models[name] = base_path
             entries.append(ModelEntry(name, base_path, {}))
-            if method_name == "linear" and "weight" not in gparams:
+            if method_name == "linear" and "weight" not in gp:
                 raise ConfigError(f"mergekit linear: base_model '{base_path}' is not in 'models', so mergekit merges it "
                                   "too and needs its weight; list it in 'models' with a weight, give a global "
                                   "parameters.weight, or drop base_model.")
@@ -1078,15 +1204,16 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
         resolver: ParameterResolver = SliceParameterResolver(entries, gparams, n_layers, slice_defs)
     else:
         resolver = ParameterResolver(entries, gparams, n_layers)
+    resolver.module_params = module_params
     if method_name == "linear":
-        method: Any = MergekitLinear(resolver, normalize=bool(gparams.get("normalize", True)))
+        method: Any = MergekitLinear(resolver, normalize=bool(gp.get("normalize", True)))
         if method.normalize:  # refuse a (near) zero weight sum on any tensor before any work
             for key in _tensor_keys(ref_path):
                 method.weights(key, [e.name for e in entries])
     elif method_name == "slerp":
         method = MergekitSlerp(resolver)
     elif method_name == "karcher":
-        opts = {k: gparams[k] for k in ("max_iter", "tol") if k in gparams}
+        opts = {k: gp[k] for k in ("max_iter", "tol") if k in gp}
         method = build_method({"name": "karcher_mean", **opts})
     elif method_name == "nuslerp":
         if len(entries) != 2:
@@ -1102,7 +1229,7 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
             method.weights(k, [e.name for e in entries])
     elif method_name == "sce":
         method = MergekitSCE(resolver)
-        if "int8_mask" in gparams:
+        if "int8_mask" in gp:
             notes.append("int8_mask only changes mergekit's mask dtype; ignored")
     elif method_name in ("arcee_fusion", "nearswap", "ram", "ramplus_tl"):
         if method_name in ("arcee_fusion", "nearswap") and len(entries) != 1:
@@ -1125,7 +1252,7 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
         if len(entries) < 2:
             raise ConfigError(f"mergekit model_stock needs at least two models besides base_model, got {len(entries)}; "
                               "add fine-tuned models to 'models'.")
-        method = MergekitModelStock(filter_wise=bool(gparams.get("filter_wise", False)))
+        method = MergekitModelStock(filter_wise=bool(gp.get("filter_wise", False)))
     else:
         from fusion_bench.methods.merging.sparsify import MERGEKIT_PRESETS
 
@@ -1134,14 +1261,14 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
         keys = _tensor_keys(ref_path) or [key0]
         dtype = str(cfg.get("dtype") or "")
         opts = {"sparsification": spars, "consensus": consensus,
-                "normalize": bool(gparams.get("normalize", norm_default)),
-                "rescale": bool(gparams.get("rescale", rescale_default)),
+                "normalize": bool(gp.get("normalize", norm_default)),
+                "rescale": bool(gp.get("rescale", rescale_default)),
                 "rescale_norm": "l1", "tie_break": "mergekit",
                 # mergekit forms theta_i - theta_0 in its dtype; the sparsification sees those rounded values
                 "task_vector_dtype": dtype if dtype in ("bfloat16", "float16") else None}
         if spars == "della":
             _check_della(resolver, keys, [e.name for e in entries])
-        if "int8_mask" in gparams:
+        if "int8_mask" in gp:
             notes.append("int8_mask only changes mergekit's mask dtype; ignored")
         method = MergekitGTA(opts, mk_dtype=_HALF.get(dtype))
         method.tensor_params = resolver.gta_params
@@ -1158,7 +1285,7 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
             raise ConfigError(f"--random-seed {random_seed} is out of range [{lo}, {hi}].")
         method.config.seed = int(random_seed)
     pool = _make_pool(CausalLMPool, models, cfg, notes, allow_crimes)
-    return MergekitPlan(method, pool, method_name, notes)
+    return MergekitPlan(method, pool, method_name, notes, chat_template, list(dict.fromkeys(models.values())))
 
 
 def _architecture(path: str) -> tuple[Any, Any] | None:
@@ -1186,15 +1313,23 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
     if cfg.get("dtype") and cfg.get("out_dtype") and cfg["dtype"] != cfg["out_dtype"]:
         notes.append(f"computation in {cfg['dtype']} for the task-arithmetic family (float32 otherwise); output written as {cfg['out_dtype']}")
     tok = cfg.get("tokenizer_source")
-    if isinstance(cfg.get("tokenizer"), Mapping):
-        extra = set(cfg["tokenizer"]) - {"source"}
-        if extra:
-            raise ConfigError(f"tokenizer.{sorted(extra)[0]} is not supported (only tokenizer.source).")
-        tok = cfg["tokenizer"].get("source")
+    if cfg.get("tokenizer") is not None:
+        tcfg = cfg["tokenizer"]
+        if not isinstance(tcfg, Mapping):
+            raise ConfigError(f"mergekit 'tokenizer' must be a mapping (source, tokens, pad_to_multiple_of), got {tcfg!r}.")
+        if tok is not None:
+            raise ConfigError("Give tokenizer_source or tokenizer, not both (as mergekit).")
+        for k in tcfg:
+            if k not in TOKENIZER_KEYS:
+                raise ConfigError(f"Unknown mergekit key 'tokenizer.{k}'.{did_you_mean(str(k), TOKENIZER_KEYS)}")
+            if k in TOKENIZER_REFUSED and tcfg[k] is not None:
+                raise ConfigError(f"mergekit tokenizer.{k} is not supported: {TOKENIZER_REFUSED[k]}.")
+        tok = tcfg.get("source", "union")  # mergekit's default source is the union of the vocabularies
     vocab_source = None
     if tok == "union":
-        raise ConfigError("tokenizer_source: union (building a merged vocabulary) is not supported; use 'base' or a "
-                          "model path: rows the models share are merged, the rest come from that model.")
+        raise ConfigError("mergekit tokenizer source 'union' (the default of a 'tokenizer:' block) is not supported: "
+                          "fusion_bench does not build merged vocabularies; use source: base or a model path (rows the "
+                          "models share are merged, the rest come from that model).")
     if tok not in (None, "base"):
         path = _model_ref(tok, "tokenizer_source")
         names = [n for n, p in models.items() if p == path]
@@ -1307,6 +1442,13 @@ def main(argv: list[str] | None = None) -> int:
                            max_shard_size=max_shard, prefetch=args.prefetch,
                            overwrite=args.overwrite, overwrite_hint="--overwrite",
                            copy_side_files=True if args.copy_tokenizer else "no_tokenizer")
+    if plan.chat_template:
+        if not args.copy_tokenizer:
+            print("note: chat_template given with --no-copy-tokenizer: no tokenizer is written, so no template "
+                  "(as mergekit)")
+        else:
+            got = set_chat_template(args.out_dir, plan.chat_template, plan.referenced or [])
+            print("note: chat template " + ("set" if got else "not set: no referenced model has one (as mergekit)"))
     print(f"merged ({plan.merge_method}) into {info['output']}: {len(info['shards'])} shard(s), "
           f"{info['bytes_written'] / 2**20:.1f} MiB written in {info['merge_wall_time_s']:.2f} s")
     return 0
