@@ -512,3 +512,116 @@ def test_surgery_clip_end_to_end(clip_pool_spec):  # noqa: F811
         torch.testing.assert_close(m(x), expect)
     with pytest.raises(ConfigError, match="base_method"):
         build_method({"name": "representation_surgery", "base_method": "representation_surgery"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Concrete subspace masks
+# ------------------------------------------------------------------------------------------------
+def test_concrete_mask_sampling():
+    from fusion_bench.kernels.data.concrete import sample_concrete_mask
+
+    lg = {"w": torch.linspace(-3, 3, 12).reshape(3, 4), "b": torch.zeros(5)}
+    m = sample_concrete_mask(lg, 0.5, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    for k, v in lg.items():
+        u = torch.rand(v.shape, generator=g)
+        raw = torch.sigmoid((v + torch.log(u) - torch.log(1 - u)) / 0.5)
+        torch.testing.assert_close(m[k], raw / raw.mean())
+    big = {"w": torch.full((20000,), 1.0)}
+    d = sample_concrete_mask(big, 0.5, torch.Generator().manual_seed(2), discrete=True)["w"]
+    keep = float((d > 0).float().mean())
+    assert abs(keep - float(torch.sigmoid(torch.tensor(1.0)))) < 0.02  # Bernoulli(sigmoid(l))
+    assert float(d.mean()) == pytest.approx(1.0)  # normalised by its mean
+
+
+def ref_concrete(base, models, data, cfg, adamerging: bool):
+    """The concrete methods' loop written out on the MLP (functional forward)."""
+    from fusion_bench.utils import seeded_generator
+
+    name = "concrete_adamerging" if adamerging else "concrete_task_arithmetic"
+    keys = [k for k, _ in base.named_parameters()]
+    th0 = {k: v.detach().float() for k, v in base.state_dict().items()}
+    taus = {t: {k: models[t].state_dict()[k].float() - th0[k] for k in keys} for t in TASKS}
+    logits = {k: torch.zeros_like(th0[k], requires_grad=True) for k in keys}
+    noise, batches = seeded_generator(0, name, "mask"), seeded_generator(0, name, "batches")
+    x_test = {t: data[t]["test"][0] for t in TASKS}
+
+    def sample(discrete=False):
+        out = {}
+        for k in keys:
+            u = torch.rand(th0[k].shape, generator=noise).clamp(1.1920929e-07, 1 - 1.1920929e-07)
+            m = ((u < torch.sigmoid(logits[k])).float() if discrete else
+                 torch.sigmoid((logits[k] + torch.log(u) - torch.log1p(-u)) / cfg["temperature"]))
+            out[k] = m / m.mean()
+        return out
+
+    def forward(theta, x):
+        h = torch.tanh(x @ theta["0.weight"].T + theta["0.bias"])
+        return h @ theta["2.weight"].T + theta["2.bias"]
+
+    def merged(lam, mask):
+        return {k: th0[k] + mask[k] * sum((lam[i, j] if lam.ndim == 2 else lam[i]) * taus[t][k]
+                                          for i, t in enumerate(TASKS)) for j, k in enumerate(keys)}
+
+    def loss_of(theta):
+        tot = 0
+        for t in TASKS:
+            idx = torch.randint(0, 12, (min(cfg["batch_size"], 12),), generator=batches)
+            p = torch.log_softmax(forward(theta, x_test[t][idx]), -1)
+            tot = tot + (-(p.exp() * p).sum(-1).mean())
+        return tot
+
+    opt = torch.optim.Adam(list(logits.values()), lr=cfg["lr"])
+    if not adamerging:
+        lam = torch.full((3,), cfg["scaling_factor"])
+        for _ in range(cfg["max_steps"]):
+            loss = loss_of(merged(lam, sample()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return merged(lam, {k: v.detach() for k, v in sample().items()})
+    lam = torch.full((3, len(keys)), 0.3, requires_grad=True)
+    base_opt = torch.optim.Adam([lam], lr=cfg["base_lr"])
+    for _ in range(cfg["max_steps"]):
+        mask = sample()
+        inner = loss_of(merged(lam, {k: v.detach() for k, v in mask.items()}))
+        base_opt.zero_grad()
+        inner.backward()
+        with torch.no_grad():
+            lam.fill_(0.3)
+        base_opt.step()
+        outer = loss_of(merged(lam.detach(), mask))
+        opt.zero_grad()
+        outer.backward()
+        opt.step()
+    mask = {k: v.detach() for k, v in sample().items()}
+    with torch.no_grad():
+        lam.fill_(0.3)
+    ada = torch.optim.Adam([lam], lr=cfg["adamerging_lr"])
+    for _ in range(cfg["max_adamerging_steps"]):
+        loss = loss_of(merged(lam, mask))
+        ada.zero_grad()
+        loss.backward()
+        ada.step()
+    return merged(lam.detach(), mask)
+
+
+@pytest.mark.parametrize("adamerging", [False, True])
+def test_concrete_matches_reference_loop(parts, adamerging):
+    base, models, data = parts
+    cfg = {"temperature": 0.5, "lr": 0.05, "max_steps": 4, "batch_size": 5}
+    if adamerging:
+        cfg |= {"base_lr": 0.5, "adamerging_lr": 0.01, "max_adamerging_steps": 3}
+        name = "concrete_adamerging"
+    else:
+        cfg |= {"scaling_factor": 0.3}
+        name = "concrete_task_arithmetic"
+    res = build_method({"name": name, **cfg, "progress": False}).run(make_pool(base, models, data))
+    ref = ref_concrete(base, models, data, cfg, adamerging)
+    for k, v in ref.items():
+        torch.testing.assert_close(res.model.state_dict()[k], v.detach(), rtol=1e-4, atol=1e-5)
+    assert res.metadata["data_used"]["labels_read"] is False
+    same = build_method({"name": name, **cfg, "progress": False}).run(
+        make_pool(base, {t: copy.deepcopy(base) for t in TASKS}, data))
+    for k, v in same.model.state_dict().items():  # no task vector: the mask changes nothing
+        torch.testing.assert_close(v, base.state_dict()[k])
