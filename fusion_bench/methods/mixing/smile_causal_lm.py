@@ -230,8 +230,12 @@ def stream_upscale(pool, out_dir: str | Path, *, gate_k: int, k: int, top_k: int
             try:
                 with torch.no_grad(), _progress(len(keys), show, f"SMILE upscaling ({len(targets)} projections)") as bar:
                     task = bar.add_task("upscaling", total=len(keys))
-                    for key in keys:
+                    step = max(1, len(keys) // 10)
+                    for i, key in enumerate(keys):
                         bar.advance(task)
+                        if not show and i % step == 0 and i:  # no terminal: a line every tenth of the way
+                            print(f"SMILE upscaling: {i}/{len(keys)} tensors, {time.perf_counter() - t0:.0f}s",
+                                  file=sys.stderr, flush=True)
                         if key in biases:
                             continue
                         mt = TARGET_WEIGHT.match(key)
