@@ -492,3 +492,18 @@ def test_cli_output_reloads_and_generates(zoo, family, method, tmp_path, capsys,
         assert rep["cost"]["extra_parameters"] == md["total_parameters"] - md["input_model_parameters"]
     else:
         assert rep["cost"]["extra_parameters"] == 0 and md["seed"] == 3
+
+
+def test_in_memory_engine_saves_a_loadable_model(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = zoo["qwen2"]["_pretrained_"]
+    method = {"name": "mixtral_upscaling", "num_experts": 2, "experts_per_token": 1, "seed": 2}
+    rep = _run(method, {"_pretrained_": base}, tmp_path / "mem", engine="memory")
+    _run(method, {"_pretrained_": base}, tmp_path / "str", engine="streaming")
+    assert rep["engine"] == "memory" and rep["metadata"]["total_parameters"] > rep["metadata"]["input_model_parameters"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "str").eval()
+    assert type(a).__name__ == "Qwen2MoeForCausalLM"
+    torch.testing.assert_close(_logits(a, IDS), _logits(b, IDS))
+    assert (tmp_path / "mem" / "tokenizer.json").exists()
