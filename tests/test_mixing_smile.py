@@ -315,6 +315,10 @@ def test_causal_lm_refusals(tmp_path):
     with pytest.raises(FusionBenchError, match="already exists"):
         build_method({"name": "smile_causal_lm_upscaling", "output_path": str(out)}).run(pool)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(FusionBenchError, match="already exists"):  # the dry run says so before any work
+        build_method({"name": "smile_causal_lm_upscaling", "output_path": str(out)}).check_ready(pool)
+    assert build_method({"name": "smile_causal_lm_upscaling", "output_path": str(tmp_path / "new")}).check_ready(
+        pool) == []
     with pytest.raises(ConfigError, match="top_k"):
         build_method({"name": "smile_causal_lm_upscaling", "top_k": 3}).run(pool)
     with pytest.raises(ModelMismatchError, match="method=smile_upscaling"):

@@ -315,6 +315,26 @@ class SmileCausalLMUpscaling(FusionMethod):
     conformance_skip = ("upscales Hugging Face Llama/Mistral/Qwen2 causal LMs only (the tiny pool is a plain "
                         "nn.Module); tested on tiny Llama and Qwen2 models in tests/test_mixing_smile.py")
 
+    def check_ready(self, modelpool) -> list[str]:
+        """Dry run: the base is a Llama / Mistral / Qwen2 folder, top_k fits, output_path may be written."""
+        c = self.config
+        _check_top_k(c.top_k, len(modelpool.model_names), self.name)
+        notes = []
+        folder = modelpool.hf_folder(modelpool.base_name()) if modelpool.kind(modelpool.base_name()) == "hf" else None
+        if folder is not None and (folder / "config.json").is_file():
+            from fusion_bench.io.checkpoint import read_json_object
+
+            _family_of_config(read_json_object(folder / "config.json", modelpool.base_name()), modelpool.base_name())
+        else:
+            notes.append("the base's model_type is checked when the model is loaded")
+        if c.output_path is not None:
+            from fusion_bench.engine.streaming import pool_input_paths
+            from fusion_bench.io.outputs import check_output
+
+            check_output(c.output_path, kind="dir", overwrite=c.overwrite, inputs=pool_input_paths(modelpool),
+                         what="upscaled model folder", hint="method.overwrite=true")
+        return notes
+
     def run(self, modelpool) -> FusionResult:
         c = self.config
         t0 = time.perf_counter()
