@@ -45,7 +45,7 @@ def _config(family: str):
     kw = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
               tie_word_embeddings=False)
-    return T.LlamaConfig(**kw) if family == "llama" else T.Qwen2Config(**kw)
+    return {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[family](**kw)
 
 
 def _dense(family: str, seed: int, base=None, scale: float = 0.02):
@@ -68,10 +68,11 @@ def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixzoo")
     tok = _tokenizer()
     out = {}
-    for fam in ("llama", "qwen2"):
+    for fam in ("llama", "qwen2", "mistral"):
         base = _dense(fam, 0)
         paths = {}
-        for name, m in [("_pretrained_", base)] + [(f"ft{j}", _dense(fam, 10 + j, base)) for j in range(3)]:
+        fts = [(f"ft{j}", _dense(fam, 10 + j, base)) for j in range(3 if fam != "mistral" else 0)]
+        for name, m in [("_pretrained_", base)] + fts:
             p = root / fam / name
             m.save_pretrained(p)
             tok.save_pretrained(p)
@@ -163,7 +164,7 @@ def test_recombination_draw_is_a_seeded_permutation():
 # ------------------------------------------------------------------------------------------------
 # upcycling
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_upcycled_identical_experts_compute_the_dense_model(zoo, family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +173,7 @@ def test_upcycled_identical_experts_compute_the_dense_model(zoo, family, tmp_pat
                {"_pretrained_": base}, tmp_path / "moe", engine="streaming")
     assert rep["engine"] == "streaming"
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
-    want = "MixtralForCausalLM" if family == "llama" else "Qwen2MoeForCausalLM"
+    want = "Qwen2MoeForCausalLM" if family == "qwen2" else "MixtralForCausalLM"
     assert type(moe).__name__ == want
     dense = AutoModelForCausalLM.from_pretrained(base).eval()
     torch.testing.assert_close(_logits(moe, IDS), _logits(dense, IDS), rtol=1e-4, atol=1e-5)
@@ -182,7 +183,7 @@ def test_upcycled_identical_experts_compute_the_dense_model(zoo, family, tmp_pat
     g = torch.Generator().manual_seed(5)
     gates = torch.randn((L, 4, H), generator=g)
     for layer in range(L):
-        if family == "llama":
+        if family != "qwen2":
             pre = f"model.layers.{layer}.block_sparse_moe."
             names = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
         else:
@@ -207,7 +208,7 @@ def test_upcycled_identical_experts_compute_the_dense_model(zoo, family, tmp_pat
     mm = md["mixed_model"]  # the mixing family's common block
     assert (mm["total_parameters"], mm["active_parameters_per_input"], mm["one_model_parameters"],
             mm["router_parameters"]) == (md["total_parameters"], md["active_parameters_per_token"], n_in,
-                                    L * (4 if family == "llama" else 5) * H)  # + Qwen2-MoE's shared-expert gate
+                                    L * (5 if family == "qwen2" else 4) * H)  # + Qwen2-MoE's shared-expert gate
 
 
 def test_upcycling_in_memory_equals_streamed(zoo, tmp_path):
