@@ -625,3 +625,22 @@ def test_concrete_matches_reference_loop(parts, adamerging):
         make_pool(base, {t: copy.deepcopy(base) for t in TASKS}, data))
     for k, v in same.model.state_dict().items():  # no task vector: the mask changes nothing
         torch.testing.assert_close(v, base.state_dict()[k])
+
+
+def test_adamerging_cross_entropy_diagnostic(parts):
+    """objective=cross_entropy reads the split's labels and lowers the labelled loss (the supervised diagnostic)."""
+    base, models, data = parts
+
+    def ce(model):
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.cross_entropy(model(data[t]["validation"][0]),
+                                                               data[t]["validation"][1])) for t in TASKS)
+
+    res = build_method({"name": "adamerging", "objective": "cross_entropy", "split": "validation", "steps": 30,
+                        "lr": 0.05, "batch_size": 12, "progress": False}).run(make_pool(base, models, data))
+    b = sd_np(base)
+    init = mlp(0)
+    init.load_state_dict({k: torch.as_tensor(b[k] + 0.3 * sum(sd_np(models[t])[k] - b[k] for t in TASKS),
+                                             dtype=torch.float32) for k in b})
+    assert ce(res.model) < ce(init) - 1e-3
+    assert res.metadata["data_used"]["labels_read"] is True and res.metadata["objective"] == "cross_entropy"

@@ -55,7 +55,11 @@ class AdaMergingConfig(MethodConfig):
                                  "test-time adaptation.")
     save_weights: str | None = option(None, help="Write the learned lambdas to this JSON file (reload with "
                                       "method.weights).")
-    split: str = option("test", help="The split whose inputs (never labels) the lambdas adapt to.")
+    split: str = option("test", help="The split whose inputs (never labels, unless objective=cross_entropy) the "
+                        "lambdas adapt to.")
+    objective: str = option("entropy", choices=("entropy", "cross_entropy"), help="entropy: the paper's unsupervised "
+                            "test-time objective; cross_entropy: a supervised diagnostic that reads the split's labels "
+                            "(use split=validation) to separate the objective from the optimisation.")
     adapter: str = option("auto", choices=("auto", "clip", "generic"),
                           help="How models become classifiers: clip (zero-shot text heads of the pool's CLIP), "
                           "generic (model(x) -> logits), auto (clip for CLIP pools).")
@@ -155,7 +159,8 @@ class AdaMerging(TaskDataMethod):
             lam = read_lambdas(cfg.weights, names, keys, cfg.granularity).to(device)
         else:
             lambdas = torch.full(shape, cfg.init_lambda, dtype=torch.float32, device=device, requires_grad=True)
-            data, classifiers, proxy = tv.task_data(self, modelpool)
+            supervised = cfg.objective == "cross_entropy"
+            data, classifiers, proxy = tv.task_data(self, modelpool, with_labels=supervised)
             n_images = {n: len(d) for n, d in data.items()}
             opt = torch.optim.Adam([lambdas], lr=cfg.lr)
             gen = seeded_generator(cfg.seed, "adamerging")
@@ -169,7 +174,9 @@ class AdaMerging(TaskDataMethod):
                         proxy.params = {**merged, **tv.heads.get(n, {})}
                         d = data[n]
                         idx = torch.randint(0, len(d), (min(cfg.batch_size, len(d)),), generator=gen)
-                        loss = loss + entropy(classifiers[n](d.take(idx).to(device)))
+                        logits = classifiers[n](d.take(idx).to(device))
+                        loss = loss + (F.cross_entropy(logits.float(), d.labels[idx].to(device)) if supervised
+                                       else entropy(logits))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -184,12 +191,13 @@ class AdaMerging(TaskDataMethod):
         else:
             lam_meta = {n: {k: float(lam[i, j]) for j, k in enumerate(keys)} for i, n in enumerate(names)}
         meta: dict[str, Any] = dict(
-            adapter=tv.adapter_kind, granularity=cfg.granularity, task_vectors=cfg.task_vectors, lambdas=lam_meta,
+            adapter=tv.adapter_kind, granularity=cfg.granularity, task_vectors=cfg.task_vectors,
+            objective=cfg.objective, lambdas=lam_meta,
             lambda_mean={n: float(lam[i].mean()) for i, n in enumerate(names)})
         if history:
             meta.update(entropy_first=history[0], entropy_last=history[-1],
                         entropy_history=history[:: max(1, len(history) // 50)],
-                        data_used={"split": cfg.split, "labels_read": False, "unlabeled_inputs_per_task": n_images,
+                        data_used={"split": cfg.split, "labels_read": supervised, "unlabeled_inputs_per_task": n_images,
                                    "unlabeled_inputs": int(sum(n_images.values())),
                                    "inputs_seen": cfg.steps * sum(min(cfg.batch_size, v) for v in n_images.values())})
         else:
@@ -215,14 +223,14 @@ class TaskVectors:
     adapter: Any
     adapter_kind: str
 
-    def task_data(self, method: Any, modelpool: ModelPool, split: str | None = None,
-                  max_examples: int | None = None) -> tuple[dict[str, TaskExamples], dict[str, nn.Module], MergedForward]:
+    def task_data(self, method: Any, modelpool: ModelPool, split: str | None = None, max_examples: int | None = None,
+                  with_labels: bool = False) -> tuple[dict[str, TaskExamples], dict[str, nn.Module], MergedForward]:
         """Unlabeled inputs of every task's ``split`` (default: the method's), and each task's classifier around
         one :class:`MergedForward` stand-in (set its ``params`` before calling a classifier)."""
         cfg = method.config
         split = split or cfg.split
         n_max = max_examples if max_examples is not None else getattr(cfg, "max_test_samples", None)
-        data = {n: self.adapter.examples(n, split, n_max, with_labels=False) for n in self.names}
+        data = {n: self.adapter.examples(n, split, n_max, with_labels=with_labels) for n in self.names}
         classifiers, proxy = self.classifiers()
         return data, classifiers, proxy
 
