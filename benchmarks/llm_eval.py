@@ -5,7 +5,8 @@ perplexity before/after.
         [--dtype float32] [--threads 2] [--ppl-window 1024] [--ppl-stride 512] [--ppl-tokens 0]
         [--gen-tokens 32] [--bitdelta-steps 200] [--bitdelta-ppl-tokens 2048] [--out rows.json]
 
-Rows, each measured in its own subprocess (so that its peak RSS is its own):
+Rows, each measured in its own subprocess (so that its peak RSS is its own; ``process_cpu_s`` is that
+subprocess's CPU time, a figure less sensitive than wall time to other jobs on a shared machine):
 
 - ``perplexity <model>``: the ``causal_lm_perplexity`` pool on the test part of the shipped ``builtin`` text
   (windows ``--ppl-window``, stride ``--ppl-stride``; ``--ppl-tokens`` > 0 caps the tokens scored);
@@ -44,6 +45,15 @@ def _tokenizer_folder(model: str, tokenizer: str | None) -> tuple[str, str]:
 
 
 def run_one(args: argparse.Namespace) -> dict:
+    row = _run_one(args)
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    row["process_cpu_s"] = round(ru.ru_utime + ru.ru_stime, 1)  # the whole subprocess: import, load, run
+    return row
+
+
+def _run_one(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
