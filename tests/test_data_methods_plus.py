@@ -644,3 +644,45 @@ def test_adamerging_cross_entropy_diagnostic(parts):
                                              dtype=torch.float32) for k in b})
     assert ce(res.model) < ce(init) - 1e-3
     assert res.metadata["data_used"]["labels_read"] is True and res.metadata["objective"] == "cross_entropy"
+
+
+# ------------------------------------------------------------------------------------------------
+# DAWE
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("merge_mode", ["task_wise", "layer_wise"])
+def test_dawe_per_input_merge_matches_formula(parts, merge_mode):
+    base, models, data = parts
+    res = build_method({"name": "dawe", "merge_mode": merge_mode, "max_steps": 20, "learning_rate": 0.05,
+                        "batch_size": 4, "progress": False}).run(make_pool(base, models, data))
+    m = res.model
+    assert res.metadata["data_used"]["labels_read"] is False
+    x = data["a"]["test"][0][:5]
+    b = sd_np(base)
+    keys = [k for k, _ in base.named_parameters()]
+    with torch.no_grad():
+        out = m(x)
+        feats = base(x)  # phi: the frozen pretrained model (its logits for a plain classifier)
+        codes = m.gate(feats)
+    for i in range(5):
+        c = codes[i].numpy().astype(np.float64)
+        c = c if merge_mode == "task_wise" else c.reshape(3, len(keys))
+        theta = {k: b[k] + sum((c[t] if c.ndim == 1 else c[t, j]) * (sd_np(models[u])[k] - b[k])
+                               for t, u in enumerate(TASKS)) for j, k in enumerate(keys)}
+        h = np.tanh(x[i].double().numpy() @ theta["0.weight"].T + theta["0.bias"])
+        np.testing.assert_allclose(out[i].double().numpy(), h @ theta["2.weight"].T + theta["2.bias"], rtol=1e-4,
+                                   atol=1e-5)
+    assert res.metadata["entropy_last"] < res.metadata["entropy_first"]
+    assert codes.std(0).max() > 0  # coefficients depend on the input
+    n_model = sum(p.numel() for p in base.parameters())
+    assert res.metadata["extra_parameters"] == 3 * n_model + n_model + sum(p.numel() for p in m.gate.parameters())
+
+
+def test_dawe_clip_end_to_end(clip_pool_spec):  # noqa: F811
+    pool = ModelPool(config=clip_pool_spec)
+    res = build_method({"name": "dawe", "max_steps": 2, "batch_size": 2, "progress": False}).run(pool)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = res.model(pixel_values=x)
+        one = res.model(pixel_values=x[1:2])
+    assert out.pooler_output.shape[0] == 3
+    torch.testing.assert_close(out.pooler_output[1:2], one.pooler_output, rtol=1e-4, atol=1e-5)  # per input
