@@ -493,6 +493,7 @@ def test_cli_output_reloads_and_generates(zoo, family, method, tmp_path, capsys,
         assert rep["cost"]["extra_parameters"] == md["total_parameters"] - md["input_model_parameters"]
     else:
         assert rep["cost"]["extra_parameters"] == 0 and md["seed"] == 3
+        assert md["total_parameters"] == md["active_parameters_per_token"] == md["input_model_parameters"]
 
 
 def test_in_memory_engine_saves_a_loadable_model(zoo, tmp_path):

@@ -99,12 +99,18 @@ class ModelRecombination(FusionMethod):
         draw = assign_units(sorted(set(units.values())), len(names), self.config.seed, self.config.model_index)
         return {k: names[draw[units[k]]] for k in keys}
 
-    def _stats(self, who: dict[str, str], names: list[str]) -> dict[str, Any]:
+    def _stats(self, who: dict[str, str], names: list[str], src: Any) -> dict[str, Any]:
         counts = {n: 0 for n in names}
         for m in who.values():
             counts[m] += 1
+        total = 0
+        for k in who:
+            meta = src.meta(k)
+            if meta.dtype.is_floating_point:
+                total += meta.numel
         return {"seed": int(self.config.seed), "granularity_used": None, "tensors_from": counts,
-                "extra_parameters": 0}
+                "total_parameters": int(total), "active_parameters_per_token": int(total),
+                "input_model_parameters": int(total), "extra_parameters": 0}
 
     # -- streaming ---------------------------------------------------------------------------------
     def config_source(self, pool) -> str:
@@ -125,7 +131,7 @@ class ModelRecombination(FusionMethod):
             meta = readers[who[k]].meta(k)
             dt = out_dtype if (out_dtype is not None and meta.dtype.is_floating_point) else meta.dtype
             jobs.append(Job(k, tuple(meta.shape), dt, "copy", {who[k]: k}, copy_from=who[k], in_dtype=meta.dtype))
-        st = self._stats(who, names)
+        st = self._stats(who, names, readers[names[0]])
         st["granularity_used"] = self._granularity(pool)
         self._stream_stats = st
         return jobs, {}
@@ -171,7 +177,7 @@ class ModelRecombination(FusionMethod):
         model = pool.load_model(first)
         if isinstance(model, TensorBag):
             return FusionResult("merged", model=TensorBag(sd), metadata=self._metadata(
-                t0, **{**self._stats(who, names), "granularity_used": self._granularity(pool)}))
+                t0, **{**self._stats(who, names, srcs[first]), "granularity_used": self._granularity(pool)}))
         if pool.kind(first) == "module":
             model = copy.deepcopy(model)
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -180,7 +186,7 @@ class ModelRecombination(FusionMethod):
         if missing or unexpected:
             raise ModelMismatchError(f"Recombined tensors do not fit {type(model).__name__}: missing {missing[:5]}, "
                                      f"unexpected {list(unexpected)[:5]}.")
-        st = self._stats(who, names)
+        st = self._stats(who, names, srcs[first])
         st["granularity_used"] = self._granularity(pool)
         return FusionResult("merged", model=model.eval() if hasattr(model, "eval") else model,
                             metadata=self._metadata(t0, **st))
