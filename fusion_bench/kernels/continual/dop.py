@@ -36,18 +36,6 @@ def dop_subspace(tv: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.
     return u[:, :k], s[:k], vh[:k].T
 
 
-def dop_loss(w: torch.Tensor, target: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-             proj_space: str = "uv") -> torch.Tensor:
-    """``||diag(s) U^T (w - target)||^2`` (``u``) + ``||(w - target) V diag(s)||^2`` (``v``)."""
-    d = w - target
-    loss = w.new_zeros(())
-    if "u" in proj_space:
-        loss = loss + ((s[:, None] * (u.T @ d)) ** 2).sum()
-    if "v" in proj_space:
-        loss = loss + (((d @ v) * s[None, :]) ** 2).sum()
-    return loss
-
-
 def min_norm_2(g1: torch.Tensor, g2: torch.Tensor) -> float:
     """Weight ``gamma`` of ``g1`` in ``min_gamma ||gamma g1 + (1 - gamma) g2||`` (Sener & Koltun 2018,
     their two-point rule: 0.999 when <g1,g2> >= <g1,g1>, 0.001 when <g1,g2> >= <g2,g2>)."""
@@ -80,17 +68,31 @@ def dop_merge_weight(w0: torch.Tensor, w_merged: torch.Tensor, w_new: torch.Tens
         The merged weight (detached, ``w0``'s dtype).
     """
     targets = [w_merged.detach(), w_new.detach()]
-    spaces = [dop_subspace(t - w0, epsilon) for t in targets]
-    with torch.enable_grad():
-        w = torch.nn.Parameter((targets[0] + targets[1]) / 2)
-        opt = torch.optim.Adam([w], lr=lr)
-        coef = [alpha, 1.0 - alpha]
+    # each loss is a quadratic form: L_i = <D, A_i D + D B_i>, grad = 2 (A_i D + D B_i), D = W - W_i, with
+    # A_i = U diag(s^2) U^T (u) and B_i = V diag(s^2) V^T (v): closed-form gradients, no autograd graph
+    forms = []
+    for t in targets:
+        u, s, v = dop_subspace(t - w0, epsilon)
+        a = (u * s.square()) @ u.T if "u" in proj_space else None
+        b = (v * s.square()) @ v.T if "v" in proj_space else None
+        forms.append((t, a, b))
+    w = torch.nn.Parameter((targets[0] + targets[1]) / 2)
+    opt = torch.optim.Adam([w], lr=lr)
+    coef = [alpha, 1.0 - alpha]
+    with torch.no_grad():
         for _ in range(steps):
-            losses = [dop_loss(w, t, *sp, proj_space=proj_space) for t, sp in zip(targets, spaces)]
+            losses, grads = [], []
+            for t, a, b in forms:
+                d = w - t
+                q = torch.zeros_like(d)
+                if a is not None:
+                    q += a @ d
+                if b is not None:
+                    q += d @ b
+                losses.append(float((d * q).sum()))
+                grads.append(2 * q)
             if mgda:
-                grads = [torch.autograd.grad(loss, w, retain_graph=True)[0] for loss in losses]
-                values = [float(loss.detach()) for loss in losses]
-                normed = [g / (v if v != 0 else 1.0) for g, v in zip(grads, values)]
+                normed = [g / (v if v != 0 else 1.0) for g, v in zip(grads, losses)]
                 gamma = min_norm_2(normed[0], normed[1])
                 sol = [gamma, 1.0 - gamma]
                 if ema:
@@ -98,8 +100,6 @@ def dop_merge_weight(w0: torch.Tensor, w_merged: torch.Tensor, w_new: torch.Tens
                     sol = coef
             else:
                 sol = coef
-            total = sol[0] * losses[0] + sol[1] * losses[1]
-            opt.zero_grad()
-            total.backward()
+            w.grad = sol[0] * grads[0] + sol[1] * grads[1]
             opt.step()
     return w.detach()
