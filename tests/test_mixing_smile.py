@@ -412,3 +412,25 @@ def test_cli_on_tiny_clip_zoo(tiny_zoo, tmp_path, capsys):
                               "modelpool.build=false", "taskpool.build=false", "method.report_samples=0",
                               "method.cost_repeats=0", "evaluate=false", f"merged_model_path={tmp_path / 'm'}"], capsys)
     assert code != 0 and "no Hugging Face class to save as" in err and not (tmp_path / "m").exists()
+
+
+def test_fresh_process_reloads_after_import_fusion_bench_models(tmp_path):
+    import subprocess
+    import sys
+
+    pool, _ = _lm_pool(tmp_path, "mistral", n=2)
+    out = tmp_path / "smile"
+    build_method({"name": "smile_causal_lm_upscaling", "gate_k": 2, "k": 4, "output_path": str(out),
+                  "load_output": False}).run(pool)
+    code = ("import sys; import fusion_bench.models; "
+            "lazy = 'transformers.models.mistral.modeling_mistral' not in sys.modules; "
+            "from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); print(type(m).__name__, lazy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == ["SmileMistralForCausalLM", "True"]
+    # without fusion_bench's registration transformers refuses the folder (there is no code in it to run)
+    r = subprocess.run([sys.executable, "-c", "from transformers import AutoModelForCausalLM; "
+                        f"AutoModelForCausalLM.from_pretrained({str(out)!r})"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and "smile_mistral" in r.stderr

@@ -1,6 +1,6 @@
 """SMILE-upscaled causal LMs as registered transformers classes: ``smile_llama``, ``smile_mistral``, ``smile_qwen2``.
 
-Importing this module (``import fusion_bench.models`` does) registers, for each family, a config class
+``import fusion_bench.models`` registers, for each family, a config class
 (``SmileLlamaConfig``: the base config plus ``num_local_experts``, ``num_experts_per_tok``, ``rank_of_router``,
 ``rank_of_expert``; ``model_type = "smile_llama"``) with ``AutoConfig`` and a model class
 (``SmileLlamaForCausalLM``: the transformers ``LlamaForCausalLM`` whose seven projections per decoder layer are
@@ -114,6 +114,37 @@ def register_smile_auto_classes() -> None:
     """Register every family's SMILE classes with ``AutoConfig`` / ``AutoModelForCausalLM`` (idempotent)."""
     for f in FAMILIES:
         smile_classes(f)
+
+
+def _lazy_config_class(family: str) -> type:
+    """What ``import fusion_bench.models`` registers under ``smile_<family>`` in transformers' config mapping: a
+    stand-in whose every use (``from_dict``, as ``AutoConfig.from_pretrained`` calls it, ``from_pretrained``, or a
+    call, as ``AutoConfig.for_model``) builds the real config and model classes, registers them with the Auto
+    classes (replacing the stand-in) and hands over to the real config class. Importing the Llama / Mistral /
+    Qwen2 model code eagerly would add seconds to every ``fusion_bench`` command."""
+
+    def real() -> type:
+        return smile_classes(family)[0]
+
+    def __new__(cls, *args, **kwargs):
+        return real()(*args, **kwargs)
+
+    return type(f"LazySmile{family.capitalize()}Config", (), {
+        "model_type": f"smile_{family}", "__module__": __name__, "__new__": __new__,
+        "from_dict": classmethod(lambda cls, *a, **kw: real().from_dict(*a, **kw)),
+        "from_pretrained": classmethod(lambda cls, *a, **kw: real().from_pretrained(*a, **kw)),
+        "__doc__": f"Stand-in for the SMILE {family} config class until it is first used."})
+
+
+def install_lazy_registration() -> None:
+    """Make transformers' ``AutoConfig`` / ``AutoModelForCausalLM`` know ``smile_llama``, ``smile_mistral`` and
+    ``smile_qwen2`` (cheap: only transformers' config mapping is imported; the real classes are built and registered
+    on first use). Called by ``import fusion_bench.models``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for f in FAMILIES:
+        if f not in _CLASSES:
+            CONFIG_MAPPING.register(f"smile_{f}", _lazy_config_class(f), exist_ok=True)
 
 
 def smile_family(model: Any) -> str | None:
