@@ -86,14 +86,17 @@ class SmileLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linears(cls, base: nn.Linear, finetuned: Sequence[nn.Linear], gate_k: int, k: int,
-                     top_k: int, routing_use_diff: bool = True) -> SmileLinear:
-        """Build from the pretrained layer and the T fine-tuned layers (dtype and device of ``base``)."""
+                     top_k: int, routing_use_diff: bool = True, device: torch.device | str | None = None) -> SmileLinear:
+        """Build from the pretrained layer and the T fine-tuned layers (dtype and device of ``base``; the SVDs run on
+        ``device`` when given, on copies of the weights: the given layers are not moved)."""
         w0 = base.weight.detach()
         layer = cls(base.in_features, base.out_features, len(finetuned), top_k, K.effective_gate_k(gate_k, w0.shape),
                     K.effective_rank(k, w0.shape), base.bias is not None, device=w0.device, dtype=w0.dtype)
+        dev = w0.device if device is None else torch.device(device)
         b0 = base.bias.detach() if base.bias is not None else None
-        factors = [K.smile_factors(w0, m.weight.detach(), gate_k, k, b0,
-                                   m.bias.detach() if m.bias is not None else None, routing_use_diff)
+        factors = [K.smile_factors(w0.to(dev), m.weight.detach().to(dev), gate_k, k,
+                                   b0.to(dev) if b0 is not None else None,
+                                   m.bias.detach().to(dev) if m.bias is not None else None, routing_use_diff)
                    for m in finetuned]
         layer.load_factors(w0, b0, factors)
         return layer
@@ -104,8 +107,8 @@ class SmileLinear(nn.Module):
         self.shared.weight.copy_(w0)
         if b0 is not None:
             self.shared.bias.copy_(b0)
-        self.gate.weight.copy_(torch.cat([f.gate for f in factors]))
-        for e, f in zip(self.experts, factors):
+        self.gate.weight.copy_(torch.cat([f.gate for f in factors]).to(self.gate.weight.device))
+        for e, f in zip(self.experts, factors):  # copy_ casts dtype and moves device
             if self.rank > 0:
                 e.u.copy_(f.u)
                 e.svh.copy_(f.svh)
@@ -157,9 +160,11 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def upscale_linears(base: nn.Module, finetuned: Sequence[nn.Module], *, gate_k: int, k: int, top_k: int,
                     patterns: Sequence[str] = ("*",), exclude: Sequence[str] = (), average_experts: bool = False,
-                    routing_use_diff: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+                    routing_use_diff: bool = True, device: torch.device | str | None = None,
+                    progress: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Upscale ``base`` in place: every ``nn.Linear`` whose module name matches ``patterns`` (and no ``exclude``
-    pattern) becomes a :class:`SmileLinear` built from the same module of each fine-tuned model.
+    pattern) becomes a :class:`SmileLinear` built from the same module of each fine-tuned model (SVDs on ``device``,
+    default: where the weights are; no model is moved).
 
     A layer that no fine-tuned model changed (every delta is exactly zero) is kept as it is (FusionBench does the
     same). With ``average_experts`` the parameters outside the upscaled layers (norms, embeddings, ...) become the
@@ -182,7 +187,7 @@ def upscale_linears(base: nn.Module, finetuned: Sequence[nn.Module], *, gate_k: 
             continue
         if progress is not None:
             progress(n)
-        _set_submodule(base, n, SmileLinear.from_linears(layer, others, gate_k, k, top_k, routing_use_diff))
+        _set_submodule(base, n, SmileLinear.from_linears(layer, others, gate_k, k, top_k, routing_use_diff, device))
         done["upscaled"].append(n)
     if average_experts:
         upscaled = set(done["upscaled"])

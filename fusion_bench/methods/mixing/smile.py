@@ -116,13 +116,12 @@ class SmileUpscaling(FusionMethod):
         base_params = float_numel(base)
         model = copy.deepcopy(base)  # live modules of the pool are never modified
         finetuned = [modelpool.load_model(n) for n in names]
-        device = resolve_device(c.device)
-        from fusion_bench.models.smile import smile_parameter_counts
+        from fusion_bench.models.smile import smile_parameter_counts, upscale_linears
 
         with torch.no_grad():
-            done = _upscale_on(model, finetuned, device, gate_k=c.gate_k, k=c.k, top_k=c.top_k,
-                               patterns=c.linear_patterns, exclude=c.exclude, average_experts=c.average_experts,
-                               routing_use_diff=c.routing_use_diff)
+            done = upscale_linears(model, finetuned, gate_k=c.gate_k, k=c.k, top_k=c.top_k, patterns=c.linear_patterns,
+                                   exclude=c.exclude, average_experts=c.average_experts,
+                                   routing_use_diff=c.routing_use_diff, device=resolve_device(c.device))
         counts = smile_parameter_counts(model, base_params)
         wall = time.perf_counter() - t0
         routing, inference, notes = self._report(modelpool, model, base, names)
@@ -221,19 +220,3 @@ def _refuse_hf_save(model, method: str) -> None:
                                "Python (causal LMs: method=smile_causal_lm_upscaling saves and reloads).")
 
     model.save_pretrained = refuse
-
-
-def _upscale_on(model, finetuned, device, **kw) -> dict[str, list[str]]:
-    """Run :func:`~fusion_bench.models.smile.upscale_linears` with the SVDs on ``device`` (the models are moved
-    there, the result back)."""
-    from fusion_bench.models.smile import upscale_linears
-
-    here = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device != here:
-        model.to(device)
-        finetuned = [m.to(device) for m in finetuned]
-    try:
-        return upscale_linears(model, finetuned, **kw)
-    finally:
-        if device != here:
-            model.to(here)
