@@ -434,3 +434,25 @@ def test_fresh_process_reloads_after_import_fusion_bench_models(tmp_path):
                         f"AutoModelForCausalLM.from_pretrained({str(out)!r})"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode != 0 and "smile_mistral" in r.stderr
+
+
+def test_cli_qwen2_streamed(tmp_path, capsys, monkeypatch):
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    _lm_pool(tmp_path, "qwen2", n=2)
+    out = tmp_path / "smile_qwen2"
+    code, _, err = run_cli(["method=smile_causal_lm_upscaling", "method.gate_k=2", "method.k=4",
+                            f"method.output_path={out}", "method.load_output=false", "modelpool=causal_lm_merge",
+                            f"modelpool.models={{_pretrained_: {tmp_path / 'base'}, math: {tmp_path / 'ft0'}, "
+                            f"code: {tmp_path / 'ft1'}}}", "modelpool.dtype=float32", "~taskpool", "evaluate=false",
+                            f"report_path={tmp_path / 'r.json'}"], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["parameters"]["total"] == rep["metadata"]["total_parameters"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "smile_qwen2"
+    from transformers import AutoModelForCausalLM
+
+    import fusion_bench.models  # noqa: F401
+
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "SmileQwen2ForCausalLM"
