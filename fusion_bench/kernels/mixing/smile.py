@@ -14,9 +14,8 @@ Variant implemented, for a linear layer ``y = W_0 x + b_0`` and T fine-tuned ver
 - the router of task i is ``V_i[:, :gate_k]^T`` (its top ``gate_k`` right singular vectors, ``gate_k`` capped at
   ``min(m, n)``); the routing logit of input x is ``r_i = || V_i[:, :gate_k]^T x ||_2``;
 - the routing weights are ``p = softmax(r)`` over all T experts; the ``top_k`` largest are kept and
-  renormalised to sum to 1 (``lambda_i = p_i / sum_{j in topk} p_j``; the others get 0): the paper's
-  formula and FusionBench's code. There is no scale or temperature on the logits (none in the paper or in
-  FusionBench 0.2.33);
+  renormalised to sum to 1 (``lambda_i = p_i / sum_{j in topk} p_j``; the others get 0), as the authors' code
+  (FusionBench 0.2.33) does; no scale or temperature on the logits (none there either);
 - ``y = W_0 x + b_0 + sum_{i in topk} lambda_i (U_i S_i V_i^T x + db_i)``.
 
 With one expert the weight is 1, so with ``k <= 0`` (or k >= rank) the layer equals the fine-tuned layer.
