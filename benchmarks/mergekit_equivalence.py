@@ -241,6 +241,20 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                              "parameters": {"select_topk": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.3}]},
                              "models": [{"model": L["base"]}, *three(L)]})
     add("sce-no-selection", {"merge_method": "sce", "base_model": Q["base"], "dtype": "float32", "models": three(Q)})
+    # bfloat16 for the methods that are not task arithmetic (mergekit computes in bfloat16)
+    add("linear-bf16", {"merge_method": "linear", "dtype": "bfloat16", "models": three(B, weight=[0.5, 0.3, 0.2])})
+    add("slerp-bf16", {"merge_method": "slerp", "base_model": B["ft0"], "dtype": "bfloat16",
+                       "parameters": {"t": [0.2, 0.7]}, "models": [{"model": B["ft0"]}, {"model": B["ft1"]}]})
+    add("nuslerp-bf16", {"merge_method": "nuslerp", "dtype": "bfloat16",
+                         "models": [{"model": B["ft0"], "parameters": {"weight": 0.6}},
+                                    {"model": B["ft1"], "parameters": {"weight": 0.4}}]})
+    add("multislerp-bf16", {"merge_method": "multislerp", "base_model": B["base"], "dtype": "bfloat16",
+                            "models": three(B, weight=[0.5, 0.3, 0.2])})
+    add("sce-bf16", {"merge_method": "sce", "base_model": B["base"], "dtype": "bfloat16",
+                     "parameters": {"select_topk": 0.5}, "models": three(B)})
+    add("karcher-bf16", {"merge_method": "karcher", "dtype": "bfloat16", "models": three(B)})
+    add("model_stock-bf16", {"merge_method": "model_stock", "base_model": B["base"], "dtype": "bfloat16",
+                             "models": three(B)})
     # arcee_fusion, nearswap, ram, ramplus_tl
     for tag, zz, dt in (("", L, "float32"), ("-bf16", B, "bfloat16")):
         add(f"arcee_fusion{tag}", {"merge_method": "arcee_fusion", "base_model": zz["base"], "dtype": dt,

@@ -747,3 +747,30 @@ def test_tokenizer_blocks_and_slice_keys(zoo):
     assert any("residual_weight" in n for n in plan.notes)  # mergekit 0.1.5 never reads it
     with pytest.raises(ConfigError, match="per-slice base model"):
         load_mergekit_config({**sl, "slices": [{**sl["slices"][0], "base_model": zoo["ft0"]}]})
+
+
+def test_mergekit_karcher_equals_karcher_mean():
+    """The front end's karcher (mergekit's arithmetic and order) is the same mean as fusion_bench's karcher_mean,
+    which is written independently (float64 inputs: equal to rounding)."""
+    from fusion_bench.compat.mergekit import MergekitKarcher
+    from fusion_bench.kernels.merging.karcher import karcher_mean
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 5, generator=g, dtype=torch.float64) + 0.5 for _ in range(3)]
+    got = MergekitKarcher(max_iter=50, tol=1e-12).merge_tensor("k", None, xs, ["a", "b", "c"])
+    torch.testing.assert_close(got, karcher_mean(xs, max_iter=50, tol=1e-12), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["model_stock", "sce", "karcher", "nuslerp", "multislerp"])
+def test_half_precision_methods_compute_in_mergekit_dtype(zoo, method):
+    """dtype: bfloat16 -> these methods compute in bfloat16, as mergekit (float32 for float32 checkpoints)."""
+    doc = {"merge_method": method, "dtype": "bfloat16", "models": [{"model": zoo["ft0"]}, {"model": zoo["ft1"]}]}
+    if method in ("model_stock", "sce"):
+        doc["base_model"] = zoo["_pretrained_"]
+    if method in ("nuslerp", "multislerp"):
+        doc["models"] = [{"model": zoo["ft0"], "parameters": {"weight": 0.6}},
+                         {"model": zoo["ft1"], "parameters": {"weight": 0.4}}]
+    plan = load_mergekit_config(doc)
+    assert plan.method.compute_dtype(torch.float32) == torch.bfloat16
+    plan = load_mergekit_config({k: v for k, v in doc.items() if k != "dtype"})
+    assert plan.method.compute_dtype(torch.float32) == torch.float32  # the checkpoint's dtype

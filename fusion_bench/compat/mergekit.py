@@ -24,7 +24,7 @@ dare_linear        ... random, no consensus
 breadcrumbs(_ties) ... breadcrumbs (exactly int(density n), per-model gamma), [consensus sum]
 della(_linear)     ... della (MagPrune per row, per-model epsilon, L1 rescale), [consensus sum, normalize]
 slerp              :class:`MergekitSlerp` (fusion_bench's SLERP kernel, per-tensor ``t``)
-karcher            ``karcher_mean`` (max_iter, tol; base_model optional, an input when given)
+karcher            :class:`MergekitKarcher` (max_iter, tol; base_model optional, an input when given)
 passthrough        ``passthrough`` (slices of layer ranges, ``scale``, head from the last slice)
 model_stock        :class:`MergekitModelStock` (mergekit's clamp and singularity rule, filter_wise)
 nuslerp            :class:`MergekitNuSlerp` (two models, t = w_2 / (w_1 + w_2), flatten / row-wise, optional base)
@@ -464,7 +464,38 @@ class MergekitSlerp(TensorwiseMerge):
         return slerp(base, tensors[0], float(t))
 
 
-class MergekitModelStock(TensorwiseMerge):
+class _MergekitDtype:
+    """Compute in mergekit's dtype: the config's ``dtype``, else the checkpoint's (mergekit runs its kernels on the
+    tensors as loaded and cast to ``dtype``)."""
+
+    mk_dtype: torch.dtype | None = None
+    #: the dtype the kernel's result is kept in before the output cast (mergekit writes a float32 result of a
+    #: half-precision merge as float32 when out_dtype is not given); None: the input dtype, as TensorwiseMerge
+    mk_result_dtype: torch.dtype | None = None
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.mk_dtype or dtype
+
+    def merge_one(self, key, base, tensors, names):
+        ref = base if base is not None else tensors[0]
+        if self.mk_result_dtype is None or not self.should_merge(key, ref.dtype):
+            return super().merge_one(key, base, tensors, names)
+        from fusion_bench.checks import check_merged_tensor
+        from fusion_bench.errors import ModelMismatchError
+        from fusion_bench.methods.base import all_finite
+
+        cd = self.compute_dtype(ref.dtype)
+        for n, t in zip(names, tensors):
+            if not all_finite(t):
+                raise ModelMismatchError(f"Model '{n}' has non-finite values (NaN/inf) in tensor '{key}'; fix or drop "
+                                         "that checkpoint.")
+        b = base.to(cd) if base is not None else None
+        out = self.merge_tensor(key, b, [t.to(cd) for t in tensors], names).to(self.mk_result_dtype)
+        check_merged_tensor(self, key, out)
+        return out
+
+
+class MergekitModelStock(_MergekitDtype, TensorwiseMerge):
     """mergekit ``model_stock``: theta = t mean_i theta_i + (1 - t) theta_0 with t from the task vectors' angle.
 
     Paper: Jang, Yun and Han, "Model Stock" (ECCV 2024), Eq. 5 for N models. Variant: mergekit 0.1.5's:
@@ -495,19 +526,79 @@ class MergekitModelStock(TensorwiseMerge):
         ws = [t.reshape(b.shape) for t in tensors]
         taus = [w - b for w in ws]
         n = len(taus)
-        cos = torch.zeros(b.shape[0], dtype=b.dtype)
-        pairs = 0
+        coss = []
         for i in range(n):
             for j in range(i + 1, n):
                 den = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)
-                cos += ((taus[i] * taus[j]).sum(dim=-1) / den).clamp(-1, 1)
-                pairs += 1
-        cos = (cos / pairs).unsqueeze(-1)
+                coss.append(((taus[i] * taus[j]).sum(dim=-1) / den).clamp(-1, 1))
+        cos = torch.stack(coss).mean(dim=0).unsqueeze(-1)  # one rounding of the mean in a half dtype, as mergekit
         den = 1 + (n - 1) * cos
         singular = den.abs() < 1e-6
         t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
         avg = sum(ws) / n
         return (t * avg + (1 - t) * b).reshape(shape)
+
+
+class MergekitKarcher(_MergekitDtype, TensorwiseMerge):
+    """mergekit ``karcher``: equal-weight Karcher mean of the tensors' directions times their mean norm, in mergekit
+    0.1.5's arithmetic (its dtype, float32 norms, its order of operations), so half-precision merges are identical.
+
+    Paper: Karcher 1977 (Riemannian centre of mass). Variant: norms n_i = ||x_i|| in float32, units u_i = x_i / n_i
+    rounded to the dtype; inputs with n_i <= tol leave the direction; m = normalise(sum_i a_i u_i) (u_1 if its norm
+    is below tol), a_i the equal weights renormalised over those inputs; at most ``max_iter`` steps: c_i = clamp(<m,
+    u_i>, -1, 1), theta_i = arccos c_i (skipped below tol), g = sum_i a_i theta_i / sin(theta_i) (u_i - c_i m), stop
+    when ||g|| < tol, else m = cos(||g||) m + sin(||g||) g / ||g||, renormalised; result (sum_i n_i / N) m. The same
+    mean as fusion_bench's ``karcher_mean`` (kernels/merging/karcher.py), which works in float32 throughout.
+
+    Args:
+        max_iter: most gradient steps.
+        tol: the stopping tolerance (also the zero threshold of norms and angles).
+    """
+
+    name = "mergekit_karcher"
+    config_class: ClassVar = TensorwiseConfig
+    variant = "mergekit karcher: Riemannian mean of the directions times the mean norm, in mergekit's arithmetic."
+
+    def __init__(self, max_iter: int = 10, tol: float = 1e-5):
+        super().__init__()
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+
+    def merge_tensor(self, key, base, tensors, names):
+        xs = list(tensors) if base is None else [base, *tensors]
+        if len(xs) == 1:
+            return xs[0]
+        tol = self.tol
+        nd = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+        norms = [torch.linalg.vector_norm(x.to(nd)) for x in xs]
+        units = [torch.zeros_like(x) if float(n) == 0.0 else (x / n).to(x.dtype) for x, n in zip(xs, norms)]
+        live = [i for i, n in enumerate(norms) if float(n) > tol]
+        if not live:
+            return sum(x * 0 for x in xs)
+        a0 = 1.0 / len(xs)
+        alphas = [a0 / (a0 * len(live))] * len(live)
+        us = [units[i] for i in live]
+        m = torch.zeros_like(us[0])
+        for a, u in zip(alphas, us):
+            m += a * u
+        mn = torch.linalg.vector_norm(m.to(nd))
+        m = us[0].clone() if float(mn) < tol else (m / mn).to(m.dtype)
+        for _ in range(self.max_iter):
+            g = torch.zeros_like(m)
+            for a, u in zip(alphas, us):
+                c = torch.clamp(torch.dot(m.flatten(), u.flatten()), -1.0, 1.0)
+                th = torch.arccos(c)
+                if float(th) < tol:
+                    continue
+                g += a * (th / torch.sin(th)) * (u - c * m)
+            gn = torch.linalg.vector_norm(g.to(nd))
+            if float(gn) < tol:
+                break
+            m = (torch.cos(gn) * m + torch.sin(gn) * (g / gn)).to(m.dtype)
+            un = torch.linalg.vector_norm(m.to(nd))
+            if float(un) > tol:
+                m = (m / un).to(m.dtype)
+        return sum(a0 * n for n in norms) * m
 
 
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -556,7 +647,7 @@ class MergekitGTA(GeneralizedTaskArithmetic):
                                  scaling_factor=lam)
 
 
-class MergekitNuSlerp(TensorwiseMerge):
+class MergekitNuSlerp(_MergekitDtype, TensorwiseMerge):
     """mergekit ``nuslerp``: SLERP of two models (or of their task vectors from base_model) at t = w_2 / (w_1 + w_2).
 
     Paper: Shoemake 1985. Variant: :func:`fusion_bench.kernels.merging.nuslerp.nuslerp` (mergekit 0.1.5): t = 0.5
@@ -593,7 +684,7 @@ class MergekitNuSlerp(TensorwiseMerge):
         return base + nuslerp(tensors[0] - base, tensors[1] - base, t, **opts)
 
 
-class MergekitMultiSlerp(TensorwiseMerge):
+class MergekitMultiSlerp(_MergekitDtype, TensorwiseMerge):
     """mergekit ``multislerp``: barycentric SLERP of N models (or task vectors from base_model), weights w_i.
 
     Reference: Goddard, "Multi-SLERP". Variant: :func:`fusion_bench.kernels.merging.nuslerp.multislerp` (mergekit
@@ -632,7 +723,7 @@ class MergekitMultiSlerp(TensorwiseMerge):
             raise ConfigError(f"mergekit multislerp, tensor '{key}': {e}.") from None
 
 
-class MergekitSCE(TensorwiseMerge):
+class MergekitSCE(_MergekitDtype, TensorwiseMerge):
     """mergekit ``sce``: select by variance, calculate weights, erase minority signs, merge.
 
     Paper: Wan et al. 2024 (FuseChat, arXiv 2408.07990). Variant: :func:`fusion_bench.kernels.merging.sce.sce`
@@ -655,37 +746,6 @@ class MergekitSCE(TensorwiseMerge):
         from fusion_bench.kernels.merging.sce import sce
 
         return sce(base, tensors, float(self.resolver.value("select_topk", key, None, default=1.0)))
-
-
-class _MergekitDtype:
-    """Compute in mergekit's dtype: the config's ``dtype``, else the checkpoint's (mergekit runs its kernels on the
-    tensors as loaded and cast to ``dtype``)."""
-
-    mk_dtype: torch.dtype | None = None
-    #: the dtype the kernel's result is kept in before the output cast (mergekit writes a float32 result of a
-    #: half-precision merge as float32 when out_dtype is not given); None: the input dtype, as TensorwiseMerge
-    mk_result_dtype: torch.dtype | None = None
-
-    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return self.mk_dtype or dtype
-
-    def merge_one(self, key, base, tensors, names):
-        ref = base if base is not None else tensors[0]
-        if self.mk_result_dtype is None or not self.should_merge(key, ref.dtype):
-            return super().merge_one(key, base, tensors, names)
-        from fusion_bench.checks import check_merged_tensor
-        from fusion_bench.errors import ModelMismatchError
-        from fusion_bench.methods.base import all_finite
-
-        cd = self.compute_dtype(ref.dtype)
-        for n, t in zip(names, tensors):
-            if not all_finite(t):
-                raise ModelMismatchError(f"Model '{n}' has non-finite values (NaN/inf) in tensor '{key}'; fix or drop "
-                                         "that checkpoint.")
-        b = base.to(cd) if base is not None else None
-        out = self.merge_tensor(key, b, [t.to(cd) for t in tensors], names).to(self.mk_result_dtype)
-        check_merged_tensor(self, key, out)
-        return out
 
 
 def _mergekit_methods():
@@ -1213,8 +1273,7 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
     elif method_name == "slerp":
         method = MergekitSlerp(resolver)
     elif method_name == "karcher":
-        opts = {k: gp[k] for k in ("max_iter", "tol") if k in gp}
-        method = build_method({"name": "karcher_mean", **opts})
+        method = MergekitKarcher(**{k: gp[k] for k in ("max_iter", "tol") if k in gp})
     elif method_name == "nuslerp":
         if len(entries) != 2:
             raise ConfigError(f"mergekit nuslerp merges exactly two models besides base_model, got {len(entries)} "
@@ -1277,6 +1336,8 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
             resolver.gta_params("model.embed_tokens.weight", [e.name])
         for k in keys:  # and on a lambda out of range on any tensor
             resolver.gta_extras(k, [e.name for e in entries])
+    if isinstance(method, (MergekitModelStock, MergekitNuSlerp, MergekitMultiSlerp, MergekitSCE, MergekitKarcher)):
+        method.mk_dtype = _HALF.get(str(cfg.get("dtype") or "")) or _checkpoint_dtype(ref_path)
     if random_seed is not None and hasattr(method, "config") and hasattr(method.config, "seed"):
         from fusion_bench.config_schema import SEED_RANGE
 
