@@ -193,6 +193,10 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                                           "tokenizer_source": "base",
                                           "models": [{"model": V["base"], "parameters": {"weight": 1.0}},
                                                      {"model": V["ft2"], "parameters": {"weight": 1.0}}]})
+    add("vocab-mismatch-tokenizer-block", {"merge_method": "linear", "base_model": V["base"], "dtype": "float32",
+                                           "tokenizer": {"source": "base"},
+                                           "models": [{"model": V["base"], "parameters": {"weight": 1.0}},
+                                                      {"model": V["ft2"], "parameters": {"weight": 1.0}}]})
     # features
     add("model_stock", {"merge_method": "model_stock", "base_model": L["base"], "dtype": "float32",
                         "models": three(L)})

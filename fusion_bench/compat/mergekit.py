@@ -30,11 +30,19 @@ model_stock        :class:`MergekitModelStock` (mergekit's clamp and singularity
 nuslerp            :class:`MergekitNuSlerp` (two models, t = w_2 / (w_1 + w_2), flatten / row-wise, optional base)
 multislerp         :class:`MergekitMultiSlerp` (barycentric SLERP, normalize_weights, eps, optional base)
 sce                :class:`MergekitSCE` (select_topk by variance, mean-square weights, sign erase)
+arcee_fusion       ``arcee_fusion`` (importance outliers by a Tukey fence; one model besides the base)
+nearswap           ``nearswap`` (t / distance weights; ``t`` per tensor; one model besides the base)
+ram, ramplus_tl    ``ram``, ``ramplus_tl`` (mean of the changed task vectors; RAM+ unique-entry lambdas)
 =================  ==========================================================================
 
+Model references may carry a LoRA (``MODEL+LORA`` or ``{model, lora}``): the adapter is applied first, as mergekit
+does (:mod:`fusion_bench.compat.lora_apply`). ``modules: {default: ...}`` (the one module of a causal LM),
+``chat_template`` (text or ``auto``) and ``tokenizer: {source}`` are accepted; ``union`` vocabularies, token
+overrides and multi-module architectures are refused in one line.
+
 Every generalized task arithmetic method takes ``lambda`` (per tensor) and computes, as mergekit, in ``dtype``
-(else the checkpoint dtype) in mergekit's order of operations (:class:`MergekitGTA`); the other methods compute
-in float32 (float64 for float64 inputs). The output is written in ``out_dtype`` (else ``dtype``, else the base
+(else the checkpoint dtype) in mergekit's order of operations (:class:`MergekitGTA`); so do every other method but
+``linear`` and ``slerp``, which compute in float32 (float64 for float64 inputs). The output is written in ``out_dtype`` (else ``dtype``, else the base
 model's dtype). Random masks come from
 fusion_bench's per-tensor seeded generators, not mergekit's global RNG, so DARE/DELLA merges are
 equal in distribution, not bit for bit.
@@ -1372,7 +1380,7 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
         notes.append("--allow-crimes: architectures differ; tensors are merged by name (shapes must agree)")
     dtype = cfg.get("out_dtype") or cfg.get("dtype")
     if cfg.get("dtype") and cfg.get("out_dtype") and cfg["dtype"] != cfg["out_dtype"]:
-        notes.append(f"computation in {cfg['dtype']} for the task-arithmetic family (float32 otherwise); output written as {cfg['out_dtype']}")
+        notes.append(f"computation in {cfg['dtype']} (linear and slerp: float32); output written as {cfg['out_dtype']}")
     tok = cfg.get("tokenizer_source")
     if cfg.get("tokenizer") is not None:
         tcfg = cfg["tokenizer"]
