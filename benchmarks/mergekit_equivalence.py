@@ -271,6 +271,8 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
         add(f"ramplus_tl{tag}", {"merge_method": "ramplus_tl", "base_model": zz["base"], "dtype": dt,
                                  "parameters": {"epsilon": 0.025, "r": 0.5, "alpha": [0.3, 0.8]},
                                  "models": three(zz)})
+    add("nearswap-t-as-1e-2", {"merge_method": "nearswap", "base_model": L["base"], "dtype": "float32",
+                               "parameters": {"t": "1e-2"}, "models": [{"model": L["ft1"]}]})
     add("ram-default-epsilon", {"merge_method": "ram", "base_model": Q["base"], "dtype": "float32",
                                 "models": three(Q)})
     add("nearswap-no-t", {"merge_method": "nearswap", "base_model": L["base"], "dtype": "float32",

@@ -774,3 +774,15 @@ def test_half_precision_methods_compute_in_mergekit_dtype(zoo, method):
     assert plan.method.compute_dtype(torch.float32) == torch.bfloat16
     plan = load_mergekit_config({k: v for k, v in doc.items() if k != "dtype"})
     assert plan.method.compute_dtype(torch.float32) == torch.float32  # the checkpoint's dtype
+
+
+def test_numbers_written_without_a_dot(zoo, tmp_path):
+    """YAML 1.1 reads 1e-2 as a string; mergekit's validation turns it into a number, and so does fusion_bench."""
+    text = (f"merge_method: nearswap\nbase_model: {zoo['_pretrained_']}\nparameters:\n  t: 1e-2\n"
+            f"models:\n  - model: {zoo['ft0']}\n")
+    (tmp_path / "ns.yml").write_text(text)
+    plan = load_mergekit_config(str(tmp_path / "ns.yml"))
+    assert plan.method.resolver.value("t", "model.norm.weight", None) == 0.01
+    with pytest.raises(ConfigError, match="not a number"):
+        load_mergekit_config({"merge_method": "nearswap", "base_model": zoo["_pretrained_"],
+                              "parameters": {"t": "abc"}, "models": [{"model": zoo["ft0"]}]})

@@ -816,6 +816,55 @@ TOKENIZER_REFUSED = {
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 
 
+_FLOAT_RX = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+
+
+def _coerce_value(v: Any) -> Any:
+    if isinstance(v, str) and _FLOAT_RX.fullmatch(v.strip()):
+        return float(v)  # PyYAML reads 1e-5 (no dot) as a string; mergekit's validation makes it a number
+    if isinstance(v, list):
+        return [_coerce_value(e) for e in v]
+    if isinstance(v, Mapping):
+        return {k: (_coerce_value(e) if k == "value" else e) for k, e in v.items()}
+    return v
+
+
+def _coerce_params(params: Any) -> Any:
+    if not isinstance(params, Mapping):
+        return params
+    return {k: _coerce_value(v) for k, v in params.items()}
+
+
+def _coerce_numbers(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the config whose parameter values written as numeric strings (``1e-5``, which YAML 1.1 reads as a
+    string) are numbers, as mergekit's validation makes them."""
+    import copy
+
+    out = copy.deepcopy(dict(cfg))
+
+    def fix_inputs(holder: Any) -> None:
+        if not isinstance(holder, Mapping):
+            return
+        if "parameters" in holder:
+            holder["parameters"] = _coerce_params(holder["parameters"])
+        for m in holder.get("models") or [] if isinstance(holder.get("models"), list) else []:
+            if isinstance(m, dict) and "parameters" in m:
+                m["parameters"] = _coerce_params(m["parameters"])
+        for sl in holder.get("slices") or [] if isinstance(holder.get("slices"), list) else []:
+            if isinstance(sl, dict):
+                if "parameters" in sl:
+                    sl["parameters"] = _coerce_params(sl["parameters"])
+                for src in sl.get("sources") or [] if isinstance(sl.get("sources"), list) else []:
+                    if isinstance(src, dict) and "parameters" in src:
+                        src["parameters"] = _coerce_params(src["parameters"])
+
+    fix_inputs(out)
+    if isinstance(out.get("modules"), dict):
+        for m in out["modules"].values():
+            fix_inputs(m)
+    return out
+
+
 def _model_parameters(cfg: Mapping[str, Any], method_name: str) -> dict[str, Any]:
     """where -> parameters of every model entry and slice source (per-model parameters in mergekit)."""
     out: dict[str, Any] = {}
@@ -1159,6 +1208,7 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
     if not isinstance(cfg.get("parameters") or {}, Mapping):
         raise ConfigError(f"mergekit 'parameters' must be a mapping of parameter names to values, got "
                           f"{cfg['parameters']!r}.")
+    cfg = _coerce_numbers(cfg)
     gparams = dict(cfg.get("parameters") or {})
     module_params: dict[str, Any] = {}
     if "modules" in cfg:
