@@ -326,6 +326,9 @@ def test_cli_prunes_saves_and_reloads(tiny_pool, tmp_path, capsys):
     ppl_task = next(iter(after.values()))["perplexity"]
     assert ppl_task == pytest.approx(md["perplexity_after"]["perplexity"], rel=1e-4)
     assert md["perplexity_before"]["perplexity"] != md["perplexity_after"]["perplexity"]
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert 0 <= on_disk - md["bytes_dense"] < 64 * 1024  # safetensors stores the zeros: dense bytes + a header
+    assert md["bytes_nm_compressed_estimate"] <= md["bytes_sparse_bitmask_estimate"] < md["bytes_dense"]
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     w = reloaded.state_dict()["model.layers.1.self_attn.o_proj.weight"]
     assert nm_ok(w, 2, 4) and not torch.equal(w, torch.zeros_like(w))
