@@ -81,7 +81,7 @@ class FusionMethod(ABC):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     summary: ClassVar[str] = ""
     variant: ClassVar[str] = ""
-    family: ClassVar[Literal["merging", "ensemble", "mixing", "reference", "training", "compression"]] = "merging"
+    family: ClassVar[Literal["merging", "ensemble", "mixing", "reference", "training", "compression", "continual"]] = "merging"
     requires_pretrained: ClassVar[bool] = False
     uses_data: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
