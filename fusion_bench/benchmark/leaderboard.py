@@ -584,15 +584,15 @@ def _fmt_num(v: Any, digits: int = 2) -> str:
 def to_markdown(doc: dict[str, Any]) -> str:
     tasks = doc["tasks"]
     head = ["method", "kind", *tasks, "avg", "norm", "gain kept", "merge s", "peak MB", "extra params",
-            "extra storage", "total params", "active params", "inference ×", "task id", "data"]
+            "extra storage", "task id", "data", "total params", "active params", "inference ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _sorted_rows(doc):
         cells = [_label(r), r["kind"], *[_pct(r["accuracy"][t]).strip() for t in tasks], _pct(r["average"]).strip(),
                  _pct(r["normalized"]).strip(), _pct(r.get("gain_kept")).strip(), _fmt_num(r.get("merge_time_s")), _fmt_num(r.get("peak_rss_mb"), 0),
                  _fmt_num(r.get("extra_parameters")), _fmt_bytes(r.get("extra_storage_bytes")),
+                 "needed" if r.get("needs_task_id") else "no", r.get("data", ""),
                  _fmt_num(r.get("total_parameters")), _fmt_num(r.get("active_parameters")),
-                 _fmt_num(r.get("inference_cost_ratio")),
-                 "needed" if r.get("needs_task_id") else "no", r.get("data", "")]
+                 _fmt_num(r.get("inference_cost_ratio"))]
         lines.append("| " + " | ".join(cells) + " |")
     z = doc["zoo"]
     zoo_name = (f"Text zoo (MiniLM, {z.get('variant', 'full')} fine-tuning), scale" if z.get("track") == "text"
