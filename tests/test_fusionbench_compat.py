@@ -331,3 +331,19 @@ def test_svc_base_method_options_translate_once():
     register_method_configs()
     cfg = preflight(argv)
     assert cfg.method.base_options.density == 0.1 and cfg.method.base_options.trim_scope == "global"
+
+
+@pytest.mark.parametrize("fb", sorted(TABLE["method"]))
+def test_every_mapped_option_is_an_option_of_ours(fb):
+    """A FusionBench option mapped by name must land on an option our method has (else it would fail only
+    when a user sets it)."""
+    import dataclasses
+
+    from fusion_bench.methods import get_method_class
+
+    spec = TABLE["method"][fb]
+    fields = {f.name for f in dataclasses.fields(get_method_class(spec.ours).config_class)}
+    for fb_opt, target in spec.options.items():
+        name = target[0] if isinstance(target, tuple) else target
+        if isinstance(name, str) and name != "ignored":
+            assert name.split(".")[0] in fields, (fb, fb_opt, name)

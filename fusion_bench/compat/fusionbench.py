@@ -150,6 +150,44 @@ def _svc(base: str, alpha: float, base_options: dict[str, Any] | None = None, **
                   note=f"SVC (Li et al. 2026) after {base} with FusionBench's base options")
 
 
+_SMILE_CLIP = Method(
+    "smile_upscaling", {"gate_k": 1, "k": 128, "top_k": 1, "routing_use_diff": True, "average_experts": False},
+    {"gate_k": "gate_k", "k": "k", "top_k": "top_k", "routing_use_diff": "routing_use_diff",
+     "average_experts": "average_experts", "upscaling_accelerator": "device", "device": IGNORED,
+     "full_matrices": IGNORED,
+     "model_path": _only("null", "none", why="an upscaled CLIP vision model has no Hugging Face class to save as")},
+    note="SMILE (Tang et al. 2024): experts stored dense when smaller than their factors (same output); "
+         "docs/mixing_smile.md")
+
+
+def _smile_lm(k: int) -> Method:
+    """FusionBench's SMILE configs for causal LMs (Mistral / Qwen2 / auto)."""
+    return Method(
+        "smile_causal_lm_upscaling", {"gate_k": 8, "k": k, "top_k": 1},
+        {"rank_of_router": "gate_k", "rank_of_expert": "k", "num_experts_per_tok": "top_k",
+         "model_save_path": "output_path", "model_path": "output_path", "accelerator": "device", "device": IGNORED,
+         "save_with_remote_code": IGNORED, "model_type": IGNORED,
+         "model_dtype": _only("null", "none", why="set the dtype of the inputs with modelpool.dtype")},
+        note="the model reloads with AutoModelForCausalLM after `import fusion_bench.models` (no remote code); "
+             "docs/mixing_smile.md")
+
+
+def _continual(ours: str, defaults: dict[str, Any], **options: Any) -> Method:
+    """FusionBench's continual-merging configs: shuffle_order=true by default; its seed=null (a new random order
+    every run) becomes our explicit method.seed (0 unless given)."""
+    return Method(
+        ours, {"shuffle_order": True, **defaults},
+        {"shuffle_order": "shuffle_order", "seed": "seed", "save_on_every_step": IGNORED,
+         "evaluate_on_every_step": IGNORED, "num_ray_actors": IGNORED, **options},
+        note="the final merged model of one seeded order; for evaluation after every step over several orders "
+             "add program=continual (docs/continual.md)")
+
+
+_DOP_OPTIONS = {k: k for k in ("lr", "num_steps", "mgda", "alpha", "ema", "ema_beta", "svd_epsilon", "svd_proj_space")}
+_BITDELTA_DATA = ("FusionBench's calibration dataset options are not read here; give the calibration text as "
+                  "method.calibration_data=<file, saved dataset or hub id> (docs/llm_evaluation.md)")
+
+
 #: the one table: FusionBench config group names -> ours (see the module docstring)
 TABLE: dict[str, Any] = {
     "method": {
@@ -250,6 +288,55 @@ TABLE: dict[str, Any] = {
         "singular_value_calibration/wudi": _svc("wudi_merging", 1.0, {"iterations": 400},
                                                 **{"base_method.iter_num": "base_options.iterations"}),
         "max_model_predictor": Method("max_model_predictor"),
+        # mixing / upscaling (issue 14)
+        "smile_upscaling": _SMILE_CLIP,
+        "smile_upscaling/smile_upscaling": _SMILE_CLIP,
+        "smile_upscaling/smile_mistral_upscaling": _smile_lm(512),
+        "smile_upscaling/smile_qwen2_upscaling": _smile_lm(64),
+        "smile_upscaling/causal_lm_upscaling": _smile_lm(64),
+        "mixtral_moe_upscaling": Method(
+            "mixtral_upscaling", {"num_experts": 4, "experts_per_token": 2},
+            {"num_experts": "num_experts", "experts_per_token": "experts_per_token",
+             "save_checkpoint": _only("null", "none", why="use merged_model_path=<folder>")},
+            note="attention copied and routers drawn by method.gate_mode (FusionBench 0.2.33 leaves both "
+                 "uninitialised); docs/mixing_llm.md"),
+        "mixtral_moe_merging": Method(
+            "mixtral_merging", {"experts_per_token": 2},
+            {"experts_per_token": "experts_per_token", "num_experts": IGNORED,
+             "save_checkpoint": _only("null", "none", why="use merged_model_path=<folder>")},
+            note="experts = the pool's models except _pretrained_ (in order), other tensors from _pretrained_, "
+                 "routers by method.gate_mode; docs/mixing_llm.md"),
+        "depth_upscaling": Method(
+            "depth_upscaling", {}, {"layer_indices": "layer_indices",
+                                    "model_save_path": _only("null", "none", why="use merged_model_path=<folder>")},
+            note="'range(a, b)' strings are parsed, never evaluated"),
+        "model_recombination": Method(
+            "model_recombination", {}, {"return_modelpool": _only(
+                "null", "none", "false", why="results are one model here; run method.model_index=0..N-1 for the "
+                "other recombined models")},
+            note="per-unit permutations seeded from method.seed (FusionBench shuffles with the global random state)"),
+        # continual merging (issue 15): one final model here; program=continual evaluates after every step
+        "opcm/opcm": _continual("opcm", {"alpha": 0.5}, alpha="alpha"),
+        "opcm/opcm_general": _continual("opcm", {"alpha": 0.5}, alpha="alpha"),
+        "dop/dop": _continual("dop", {}, **_DOP_OPTIONS),
+        "dop/dop_general": _continual("dop", {}, **_DOP_OPTIONS),
+        "opcm/task_arithmetic": _continual("continual_task_arithmetic", {"scaling_factor": 0.3},
+                                           scaling_factor="scaling_factor"),
+        "opcm/ties_merging": _continual("continual_ties_merging",
+                                        {"scaling_factor": 0.5, "threshold": 20.0, "merge_func": "sum"},
+                                        scaling_factor="scaling_factor", threshold="threshold",
+                                        merge_func="merge_func", remove_keys="remove_keys"),
+        "opcm/weight_average": _continual("continual_weight_average", {}),
+        # compression (issue 16)
+        "bitdelta/bitdelta": Method(
+            "bitdelta", {"num_steps": 100, "lr": 1e-4, "batch_size": 4, "seq_len": 128},
+            {"lr": "lr", "batch_size": "batch_size", "num_steps": "num_steps", "max_length": "seq_len",
+             "save_dir": "save_delta", "save_full_model": IGNORED,
+             "dataset_name": _only("c4", why=_BITDELTA_DATA), "subset": _only("en", why=_BITDELTA_DATA),
+             "split": _only("train", why=_BITDELTA_DATA)},
+            note="BitDelta with FusionBench's 100 distillation steps of 4 x 128 tokens; the calibration text is "
+                 "method.calibration_data (default: the text that ships with fusion_bench, not C4 as FusionBench; "
+                 "give a C4 copy there for its data)"),
     },
     # FusionBench's adamerging/clip variants (method.name=...) -> our granularity
     "adamerging_names": {"clip_layer_wise_adamerging": "layer_wise", "clip_task_wise_adamerging": "task_wise"},
@@ -276,6 +363,7 @@ TABLE: dict[str, Any] = {
         "flan-t5_glue_text_generation": "flan-t5_glue_text_generation",
         "gpt-2_glue": "gpt2_glue",
         "dummy": "dummy",
+        "LMEvalHarnessTaskPool/lm_eval": "lm_eval_fusionbench",
     },
     # FusionBench top-level keys -> ours (None: accepted, no effect here; a check: only that value)
     "top": {
@@ -295,6 +383,9 @@ TABLE: dict[str, Any] = {
             "method=magnitude_diff_pruning method.model=<name> (FusionBench 0.2.33 with its default rescale: false "
             "multiplies the kept differences by False, i.e. 0, and returns the pretrained weights; fusion_bench does "
             "not reproduce that; method.rescale=true rescales by 1/prune_ratio)"),
+        **{f"smile_upscaling/{n}": "method=smile_upscaling or smile_causal_lm_upscaling (FusionBench's SMILE analysis "
+                                   "tools have no equal here)"
+           for n in ("singular_projection_merging", "error_accumulation", "projected_energy")},
         "linear/simple_average_for_causallm": "method=simple_average with a causal-LM modelpool",
         "linear/task_arithmetic_for_causallm": "method=task_arithmetic with a causal-LM modelpool",
         "linear/ties_merging_for_causallm": "method=ties_merging with a causal-LM modelpool",
