@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=32, help="SparseLo rank.")
     p.add_argument("--ppl-window", type=int, default=512)
     p.add_argument("--ppl-tokens", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: on a shared, "
+                   "oversubscribed CPU more threads made SparseGPT's column loop 14x slower)")
     p.add_argument("--dtype", default="float32", help="Load (and calibrate) the model in this dtype (CPU: float32 "
                    "is faster than bf16).")
     p.add_argument("--out", default=None, help="Write the rows as JSON here.")
@@ -134,19 +135,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
         return rows[0]
 
+    def line(r: dict) -> str:
+        ws = "-" if r["layer_working_set_mb"] is None else f"{r['layer_working_set_mb']}"
+        return (f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {r['ppl_before']:.2f} | "
+                f"{r['ppl_after']:.2f} | {r['time_s']} | {r['peak_rss_gb']} | {ws} |")
+
     dense = child("dense")
     rows = []
     for name in args.methods:
         r = child(name)
         r["ppl_before"] = dense["ppl"]
         rows.append(r)
+        print("ROWLINE " + line(r), flush=True)  # each row as soon as it is measured
     head = "| method | pattern | sparsity reached | perplexity before | perplexity after | time (s) | peak RSS (GB) | " \
            "one layer's working set (MB) |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ws = "-" if r["layer_working_set_mb"] is None else f"{r['layer_working_set_mb']}"
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {r['ppl_before']:.2f} | "
-                     f"{r['ppl_after']:.2f} | {r['time_s']} | {r['peak_rss_gb']} | {ws} |")
+    lines += [line(r) for r in rows]
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps({"dense": dense, "rows": rows, "tokenizer": tok_note}, indent=2))
