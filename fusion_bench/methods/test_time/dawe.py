@@ -86,7 +86,7 @@ class DAWEModel(nn.Module):
     own merge (``batch_reduce=False``) or from one merge with the batch-mean coefficients.
     """
 
-    def __init__(self, base: nn.Module, features: nn.Module, gate: nn.Module, theta0: dict[str, torch.Tensor],
+    def __init__(self, base: nn.Module, features: nn.Module, gate: nn.Module,
                  vectors: dict[str, list[torch.Tensor]], keys: list[str], merge_mode: str, batch_reduce: bool,
                  clip: bool):
         super().__init__()
@@ -200,7 +200,7 @@ class DAWE(TaskDataMethod):
         out_dim = len(tv.names) * (1 if cfg.merge_mode == "task_wise" else len(tv.keys))
         gate = make_gate(hidden, out_dim, cfg.gate_hidden_layers, cfg.init_lambda,
                          seeded_generator(cfg.seed, "dawe", "gate")).to(tv.device)
-        model = DAWEModel(base, features, gate, tv.theta0, tv.vectors, tv.keys, cfg.merge_mode, True, clip)
+        model = DAWEModel(base, features, gate, tv.vectors, tv.keys, cfg.merge_mode, True, clip)
         classifiers = {n: tv.adapter.classifier(model, n).to(tv.device) for n in tv.names}
         opt = torch.optim.Adam(list(gate.parameters()), lr=cfg.learning_rate)
         gen = seeded_generator(cfg.seed, "dawe", "batches")
