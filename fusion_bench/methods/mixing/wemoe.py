@@ -231,11 +231,11 @@ class _RoutedMoEMethod(TaskDataMethod):
                device: torch.device, log: _Log) -> list[float]:
         cfg = self.config
         params = router_parameters(model)
-        for p in params:
-            p.requires_grad_(True)
         set_batch_reduce(model, cfg.batch_reduce)
         if cfg.steps == 0 or not params:
             return []
+        for p in params:
+            p.requires_grad_(True)
         classifiers = {n: adapter.classifier(model, n).to(device) for n in names}
         for c in classifiers.values():
             for p in c.parameters():
