@@ -806,13 +806,6 @@ def _yaml_error_text(e: Exception) -> str:
 
 SLICE_KEYS = {"sources", "parameters", "residual_weight"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
-#: tokenizer settings refused, with the reason
-TOKENIZER_REFUSED = {
-    "tokens": "per-token embedding overrides need mergekit's vocabulary builder (tokens added or re-sourced across "
-              "vocabularies), which fusion_bench does not implement; remove tokenizer.tokens",
-    "pad_to_multiple_of": "padding the vocabulary needs mergekit's tokenizer rebuild; pad the merged model with "
-                          "resize_token_embeddings(pad_to_multiple_of=...) afterwards",
-}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 
 
@@ -1143,6 +1136,8 @@ class MergekitPlan:
     chat_template: str | None = None
     #: every model the config references (for chat_template: auto)
     referenced: list[str] | None = None
+    #: the output tokenizer built from mergekit's tokenizer settings (saved with the merge), else None
+    tokenizer: Any = None
 
 
 def load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed: int | None = None,
@@ -1272,7 +1267,8 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
 
         if any("scale" in p for sp in slice_params for p in sp[:2]) or "scale" in gp:
             method.tensor_scale = scale
-        return MergekitPlan(method, pool, method_name, notes, chat_template, list(dict.fromkeys(models.values())))
+        return MergekitPlan(method, pool, method_name, notes, chat_template, list(dict.fromkeys(models.values())),
+                            getattr(pool, "_mergekit_tokenizer", None))
     slice_defs: list[SliceDef] | None = None
     if cfg.get("slices"):
         if cfg.get("models"):
@@ -1404,7 +1400,8 @@ def _load_mergekit_config(config: str | Path | Mapping[str, Any], *, random_seed
             raise ConfigError(f"--random-seed {random_seed} is out of range [{lo}, {hi}].")
         method.config.seed = int(random_seed)
     pool = _make_pool(CausalLMPool, models, cfg, notes, allow_crimes)
-    return MergekitPlan(method, pool, method_name, notes, chat_template, list(dict.fromkeys(models.values())))
+    return MergekitPlan(method, pool, method_name, notes, chat_template, list(dict.fromkeys(models.values())),
+                        getattr(pool, "_mergekit_tokenizer", None))
 
 
 def _architecture(path: str) -> tuple[Any, Any] | None:
@@ -1432,6 +1429,8 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
     if cfg.get("dtype") and cfg.get("out_dtype") and cfg["dtype"] != cfg["out_dtype"]:
         notes.append(f"computation in {cfg['dtype']} (linear and slerp: float32); output written as {cfg['out_dtype']}")
     tok = cfg.get("tokenizer_source")
+    tokens_cfg = None
+    pad = None
     if cfg.get("tokenizer") is not None:
         tcfg = cfg["tokenizer"]
         if not isinstance(tcfg, Mapping):
@@ -1441,20 +1440,12 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
         for k in tcfg:
             if k not in TOKENIZER_KEYS:
                 raise ConfigError(f"Unknown mergekit key 'tokenizer.{k}'.{did_you_mean(str(k), TOKENIZER_KEYS)}")
-            if k in TOKENIZER_REFUSED and tcfg[k] is not None:
-                raise ConfigError(f"mergekit tokenizer.{k} is not supported: {TOKENIZER_REFUSED[k]}.")
         tok = tcfg.get("source", "union")  # mergekit's default source is the union of the vocabularies
-    vocab_source = None
-    if tok == "union":
-        raise ConfigError("mergekit tokenizer source 'union' (the default of a 'tokenizer:' block) is not supported: "
-                          "fusion_bench does not build merged vocabularies; use source: base or a model path (rows the "
-                          "models share are merged, the rest come from that model).")
-    if tok not in (None, "base"):
-        path = _model_ref(tok, "tokenizer_source")
-        names = [n for n, p in models.items() if p == path]
-        if not names:
-            raise ConfigError(f"tokenizer_source='{path}' is not one of the merged models.")
-        vocab_source = names[0]
+        tokens_cfg = tcfg.get("tokens")
+        pad = tcfg.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise ConfigError(f"mergekit tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}.")
+    pool_cfg = {"models": models, "dtype": dtype, "vocab_policy": "shared_rows"}
     if tok is None:  # mergekit refuses embeddings of different sizes unless a tokenizer setting aligns them
         sizes = {}
         for n, p in models.items():
@@ -1466,10 +1457,31 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
         if len(set(sizes.values())) > 1:
             raise ConfigError(f"mergekit config: the models' vocabularies differ in size ({sizes}) and no tokenizer "
                               "setting is given; mergekit refuses this: add tokenizer_source: base (or a model path).")
-    pool_cfg = {"models": models, "dtype": dtype, "vocab_policy": "shared_rows"}
-    if vocab_source is not None:
-        pool_cfg["vocab_source"] = vocab_source
-    return cls(config=pool_cfg)
+        return cls(config=pool_cfg)
+    from fusion_bench.compat import mergekit_vocab
+    from fusion_bench.modelpool.causal_lm import DEFAULT_EMBEDDING_PATTERNS
+
+    if tok not in ("union", "base"):
+        if not isinstance(tok, (str, Mapping)):
+            raise ConfigError(f"mergekit tokenizer source must be union, base or a model, got {tok!r}.")
+        tok = _model_ref(tok, "tokenizer_source")
+    if not cfg.get("base_model"):
+        notes.append("tokenizer settings without base_model: the first model's tokenizer is the base one (mergekit "
+                     "takes the first of its unordered model set)")
+    tokens = mergekit_vocab.parse_tokens(tokens_cfg, _model_ref)
+    for t, ts in tokens.items():
+        if ts.model is not None and ts.model not in models.values():
+            raise ConfigError(f"tokenizer.tokens[{t!r}]: model {ts.model} is not one of the merged models.")
+    print("aligning the vocabularies to the output tokenizer (mergekit's tokenizer settings)...", flush=True)
+    aligned, tokenizer, size = mergekit_vocab.align_models(
+        models, _model_ref(cfg["base_model"], "base_model") if cfg.get("base_model") else None, tok, tokens, pad,
+        cfg.get("dtype"), list(DEFAULT_EMBEDDING_PATTERNS))
+    notes.append(f"output vocabulary: {len(tokenizer.get_vocab())} tokens ({tok if tok in ('union', 'base') else 'from ' + tok})"
+                 + (f", padded to {size}" if size != len(tokenizer.get_vocab()) else ""))
+    pool_cfg["models"] = aligned
+    pool = cls(config=pool_cfg)
+    pool._mergekit_tokenizer = tokenizer
+    return pool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1561,7 +1573,12 @@ def main(argv: list[str] | None = None) -> int:
                            max_shard_size=max_shard, prefetch=args.prefetch,
                            overwrite=args.overwrite, overwrite_hint="--overwrite",
                            copy_side_files=True if args.copy_tokenizer else "no_tokenizer")
-    if plan.chat_template:
+    if plan.tokenizer is not None:  # as mergekit: the built tokenizer is saved whatever --copy-tokenizer says
+        plan.tokenizer.save_pretrained(args.out_dir)
+        if plan.chat_template:
+            got = set_chat_template(args.out_dir, plan.chat_template, plan.referenced or [])
+            print("note: chat template " + ("set" if got else "not set: no referenced model has one (as mergekit)"))
+    elif plan.chat_template:
         if not args.copy_tokenizer:
             print("note: chat_template given with --no-copy-tokenizer: no tokenizer is written, so no template "
                   "(as mergekit)")
