@@ -48,6 +48,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.test_mergekit_tokenizer import build_token_zoo  # noqa: E402
 from tests.test_streaming_helpers import load_sd, make_model, tiny_config, tiny_tokenizer  # noqa: E402
 
 LAYERS = 4
@@ -298,6 +299,26 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                                                     "residual_weight": 0.3}]})
     add("tokenizer-union", {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
                             "models": three(L, weight=1.0)})
+    # tokenizer settings: three models whose word-level tokenizers overlap in part (tests/test_mergekit_tokenizer.py)
+    T = z["tok"]
+
+    def lin(names: list[str], weights: list[float], **extra) -> dict:
+        return {"merge_method": "linear", "base_model": T["base"], "dtype": "float32",
+                "models": [{"model": T[n], "parameters": {"weight": w}} for n, w in zip(names, weights)], **extra}
+    add("tok-union-linear", lin(["base", "ft0", "ft1"], [0.5, 0.3, 0.2], tokenizer_source="union"))
+    add("tok-union-ties", {"merge_method": "ties", "base_model": T["base"], "dtype": "float32",
+                           "tokenizer_source": "union", "parameters": {"density": 0.5},
+                           "models": [{"model": T["ft0"], "parameters": {"weight": 0.6}},
+                                      {"model": T["ft1"], "parameters": {"weight": 0.4}}]})
+    add("tok-block-default-union", lin(["base", "ft0"], [1.0, 1.0], tokenizer={}))
+    add("tok-source-base", lin(["base", "ft0", "ft1"], [0.2, 0.5, 0.3], tokenizer_source="base"))
+    add("tok-source-model", lin(["base", "ft0", "ft1"], [0.2, 0.5, 0.3], tokenizer={"source": T["ft0"]}))
+    add("tok-tokens-pad", lin(["base", "ft0", "ft1"], [0.4, 0.4, 0.2], tokenizer={
+        "source": "union", "pad_to_multiple_of": 16,
+        "tokens": {"<s>": {"source": {"kind": "zero"}, "force": True},
+                   "x5": {"source": T["ft1"]},
+                   "w20": {"source": {"kind": "model_token", "model": T["ft0"], "token_id": 7}, "force": True},
+                   "brand_new": {"source": {"kind": "model_token", "model": T["base"], "token": "w5"}}}}))
     add("chat-template-named", {"merge_method": "linear", "dtype": "float32", "chat_template": "chatml",
                                 "models": three(L, weight=1.0)})
     # LoRA references (mergekit applies the adapter with PEFT first)
@@ -385,6 +406,27 @@ def compare_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         ok &= not bad
     extra = f", {worst_ulps:.1f} bf16 ulp" if worst_ulps else ""
     return ok, f"max |diff| {worst:.3g} ({worst_key}{extra})"
+
+
+def align_by_token(mk: Path, fb: Path, b: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Compare the saved vocabularies; return fusion_bench's vocabulary tensors with their rows in mergekit's ids.
+    mergekit 0.1.5 appends a union's new tokens in the Rust tokenizer's hash-map order (it changes from run to
+    run); fusion_bench appends them by id, so rows are matched by token string."""
+    from transformers import AutoTokenizer
+
+    va, vb = (AutoTokenizer.from_pretrained(str(x)).get_vocab() for x in (mk, fb))
+    if set(va) != set(vb):
+        return b, f"FAIL saved vocabularies differ: only mergekit {sorted(set(va) - set(vb))[:5]}, only fusion_bench {sorted(set(vb) - set(va))[:5]}"
+    ca, cb = (json.loads((x / "config.json").read_text())["vocab_size"] for x in (mk, fb))
+    if ca != cb:
+        return b, f"FAIL config vocab_size {ca} vs {cb}"
+    moved = sum(va[t] != vb[t] for t in va)
+    n = len(va)
+    idx = torch.arange(ca)
+    for t, i in va.items():
+        idx[i] = vb[t]
+    out = {k: (t[idx] if k.endswith(("embed_tokens.weight", "lm_head.weight")) else t) for k, t in b.items()}
+    return out, f"same {n}-token vocabulary, vocab_size {ca}, {moved} ids differ (rows matched by token)"
 
 
 def compare_random(base: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool, str]:
@@ -574,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (root / "ft2").exists():
             build_zoo(root, fam, dt, big_vocab=big)
         z[name] = {k: str(root / k) for k in ("base", "ft0", "ft1", "ft2")}
+    z["tok"] = build_token_zoo(work / "zoo" / "tok")
     ad = work / "zoo" / "adapters"
     specs = {"llama_ft0": (z["llama"]["ft0"], 11, {}),
              "llama_base": (z["llama"]["base"], 12, {"use_rslora": True, "rank_pattern": {"down_proj": 2},
@@ -620,7 +663,14 @@ def main(argv: list[str] | None = None) -> int:
                 ok, msg = compare_random(load_sd(base_path), a, b)
             else:
                 bp = doc.get("base_model")
+                tok_msg = ""
+                if doc.get("tokenizer_source") is not None or doc.get("tokenizer") is not None:
+                    b, tok_msg = align_by_token(d / "mk", d / "fb", b)
                 ok, msg = compare_exact(a, b, load_sd(bp) if bp and doc.get("dtype") == "bfloat16" else None)
+                if tok_msg.startswith("FAIL"):
+                    ok, msg = False, tok_msg[5:]
+                elif tok_msg:
+                    msg += ", " + tok_msg
             if ok and doc.get("chat_template"):
                 from transformers import AutoTokenizer
 
