@@ -155,7 +155,11 @@ def test_tokenizer_source_and_dtype(zoo):
     plan = load_mergekit_config({"merge_method": "ties", "base_model": zoo["_pretrained_"], "dtype": "bfloat16",
                                  "tokenizer_source": zoo["ft1"],
                                  "models": [{"model": zoo["ft1"], "parameters": {"weight": 1, "density": 0.5}}]})
-    assert plan.pool.config.vocab_source == "ft1" and plan.pool.dtype == torch.bfloat16
+    from transformers import AutoTokenizer
+
+    # the output tokenizer is ft1's; the models' rows are aligned to it (tests/test_mergekit_tokenizer.py)
+    assert plan.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(zoo["ft1"]).get_vocab()
+    assert plan.pool.dtype == torch.bfloat16
 
 
 def test_errors(zoo, tmp_path, capsys):
@@ -165,8 +169,8 @@ def test_errors(zoo, tmp_path, capsys):
         load_mergekit_config({**base, "merge_methd": "ties"})
     with pytest.raises(ConfigError, match="not supported"):
         load_mergekit_config({**base, "merge_method": "core_space"})
-    with pytest.raises(ConfigError, match="union"):
-        load_mergekit_config({**base, "tokenizer_source": "union"})
+    with pytest.raises(ConfigError, match="union, base or a model"):
+        load_mergekit_config({**base, "tokenizer_source": 3})
     with pytest.raises(ConfigError, match="'weight' is missing"):
         load_mergekit_config({**base, "models": [{"model": zoo["ft0"], "parameters": {"density": 0.5}}]})
     with pytest.raises(ConfigError, match="needs base_model"):
@@ -731,12 +735,12 @@ def test_tokenizer_blocks_and_slice_keys(zoo):
     base = {"merge_method": "linear", "models": [{"model": zoo["ft0"], "parameters": {"weight": 1.0}}]}
     plan = load_mergekit_config({**base, "tokenizer": {"source": "base"}})
     assert plan.pool.config.vocab_policy == "shared_rows"
-    with pytest.raises(ConfigError, match="'union'"):  # mergekit's default source of a tokenizer block
-        load_mergekit_config({**base, "tokenizer": {"pad_to_multiple_of": None}})
-    with pytest.raises(ConfigError, match="tokenizer.tokens is not supported"):
-        load_mergekit_config({**base, "tokenizer": {"source": "base", "tokens": {"<x>": {"source": zoo["ft0"]}}}})
-    with pytest.raises(ConfigError, match="pad_to_multiple_of is not supported"):
-        load_mergekit_config({**base, "tokenizer": {"source": "base", "pad_to_multiple_of": 64}})
+    # mergekit's default source of a tokenizer block is the union (tests/test_mergekit_tokenizer.py)
+    assert load_mergekit_config({**base, "tokenizer": {"pad_to_multiple_of": None}}).tokenizer is not None
+    with pytest.raises(ConfigError, match="zero or model_token"):
+        load_mergekit_config({**base, "tokenizer": {"source": "base", "tokens": {"<x>": {"source": {"kind": "x"}}}}})
+    with pytest.raises(ConfigError, match="pad_to_multiple_of must be a positive integer"):
+        load_mergekit_config({**base, "tokenizer": {"source": "base", "pad_to_multiple_of": -64}})
     with pytest.raises(ConfigError, match="tokenizer.sorce"):
         load_mergekit_config({**base, "tokenizer": {"sorce": "base"}})
     with pytest.raises(ConfigError, match="not both"):

@@ -37,8 +37,10 @@ ram, ramplus_tl    ``ram``, ``ramplus_tl`` (mean of the changed task vectors; RA
 
 Model references may carry a LoRA (``MODEL+LORA`` or ``{model, lora}``): the adapter is applied first, as mergekit
 does (:mod:`fusion_bench.compat.lora_apply`). ``modules: {default: ...}`` (the one module of a causal LM),
-``chat_template`` (text or ``auto``) and ``tokenizer: {source}`` are accepted; ``union`` vocabularies, token
-overrides and multi-module architectures are refused in one line.
+``chat_template`` (text or ``auto``) and the tokenizer settings (``tokenizer_source`` / ``tokenizer: {source: union|base|
+MODEL, tokens, pad_to_multiple_of}``: the output vocabulary is built and every model's embedding rows are aligned
+to it by token, :mod:`fusion_bench.compat.mergekit_vocab`) are accepted; multi-module architectures are refused
+in one line.
 
 Every generalized task arithmetic method takes ``lambda`` (per tensor) and computes, as mergekit, in ``dtype``
 (else the checkpoint dtype) in mergekit's order of operations (:class:`MergekitGTA`); so do every other method but
