@@ -319,6 +319,14 @@ def configs(z: dict[str, dict[str, str]]) -> list[tuple[str, dict, str]]:
                    "x5": {"source": T["ft1"]},
                    "w20": {"source": {"kind": "model_token", "model": T["ft0"], "token_id": 7}, "force": True},
                    "brand_new": {"source": {"kind": "model_token", "model": T["base"], "token": "w5"}}}}))
+    add("tok-passthrough-union", {"merge_method": "passthrough", "base_model": T["base"], "dtype": "float32",
+                                  "tokenizer_source": "union",
+                                  "slices": [{"sources": [{"model": T["ft0"], "layer_range": [0, 1]}]},
+                                             {"sources": [{"model": T["ft1"], "layer_range": [1, 2]}]}]})
+    add("tok-union-bf16", {"merge_method": "task_arithmetic", "base_model": T["base"], "dtype": "bfloat16",
+                           "tokenizer_source": "union",
+                           "models": [{"model": T["ft0"], "parameters": {"weight": 0.7}},
+                                      {"model": T["ft1"], "parameters": {"weight": 0.4}}]})
     add("chat-template-named", {"merge_method": "linear", "dtype": "float32", "chat_template": "chatml",
                                 "models": three(L, weight=1.0)})
     # LoRA references (mergekit applies the adapter with PEFT first)

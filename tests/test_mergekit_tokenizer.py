@@ -215,3 +215,18 @@ def test_pad_must_be_positive(zoo):
 
     with pytest.raises(ConfigError, match="pad_to_multiple_of"):
         load_mergekit_config(_linear_doc(zoo, ["base", "ft0"], [1.0, 1.0], tokenizer={"pad_to_multiple_of": 0}))
+
+
+def test_passthrough_rows_from_the_slice_models_only(zoo, tmp_path):
+    """mergekit fills a token's row from the models that feed that tensor: the embeddings from the first slice's
+    model, the head from the last slice's; a token the feeding model lacks is zero there."""
+    doc = {"merge_method": "passthrough", "base_model": zoo["base"], "dtype": "float32", "tokenizer_source": "union",
+           "slices": [{"sources": [{"model": zoo["ft0"], "layer_range": [0, 1]}]},
+                      {"sources": [{"model": zoo["ft1"], "layer_range": [1, 2]}]}]}
+    out = _run(tmp_path, doc)
+    union = _union(["base", "ft0", "ft1"])
+    sd = load_sd(out)
+    for key, src in (("model.embed_tokens.weight", "ft0"), ("lm_head.weight", "ft1")):
+        want = _reference_rows(zoo, [src], union, key)[src]
+        torch.testing.assert_close(sd[key], want, rtol=0, atol=0)
+        assert (want.abs().sum(1) == 0).any()  # some tokens are missing from that model: zero rows

@@ -1474,10 +1474,15 @@ def _make_pool(cls: Any, models: dict[str, str], cfg: Mapping[str, Any], notes: 
     for t, ts in tokens.items():
         if ts.model is not None and ts.model not in models.values():
             raise ConfigError(f"tokenizer.tokens[{t!r}]: model {ts.model} is not one of the merged models.")
+    contributors = None
+    if cfg.get("slices"):  # mergekit: embeddings from the first slice's sources, the head from the last slice's
+        def srcs(sl: Any, i: int) -> list[str]:
+            return [_model_ref(s.get("model"), f"slices[{i}].sources[].model") for s in (sl.get("sources") or [])]
+        contributors = {"pre": srcs(cfg["slices"][0], 0), "post": srcs(cfg["slices"][-1], len(cfg["slices"]) - 1)}
     print("aligning the vocabularies to the output tokenizer (mergekit's tokenizer settings)...", flush=True)
     aligned, tokenizer, size = mergekit_vocab.align_models(
         models, _model_ref(cfg["base_model"], "base_model") if cfg.get("base_model") else None, tok, tokens, pad,
-        cfg.get("dtype"), list(DEFAULT_EMBEDDING_PATTERNS))
+        cfg.get("dtype"), list(DEFAULT_EMBEDDING_PATTERNS), contributors)
     notes.append(f"output vocabulary: {len(tokenizer.get_vocab())} tokens ({tok if tok in ('union', 'base') else 'from ' + tok})"
                  + (f", padded to {size}" if size != len(tokenizer.get_vocab()) else ""))
     pool_cfg["models"] = aligned

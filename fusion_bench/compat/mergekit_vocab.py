@@ -331,10 +331,14 @@ def _read(path: Path, fname: str, key: str) -> torch.Tensor:
 
 
 def align_models(models: dict[str, str], base_path: str | None, source: str, tokens: dict[str, TokenSource],
-                 pad_to_multiple_of: int | None, dtype: str | None, embedding_patterns: list[str]):
+                 pad_to_multiple_of: int | None, dtype: str | None, embedding_patterns: list[str],
+                 contributors: dict[str, list[str]] | None = None):
     """Write each model with its vocabulary tensors aligned to the output tokenizer; returns
     (name -> aligned folder, tokenizer, output vocab size). ``base_path``: mergekit's base_model (its rows fill
-    the tokens other models lack; None: no base, the first model's tokenizer is the base tokenizer)."""
+    the tokens other models lack; None: no base, the first model's tokenizer is the base tokenizer).
+    ``contributors``: as mergekit, the default rows of a tensor come from the models that feed it: {'pre': the
+    first slice's models (embeddings), 'post': the last slice's (output head)}; None: every model, in
+    mergekit's order (the config's models, then the base when it is not listed)."""
     import fnmatch
 
     from safetensors.torch import save_file
@@ -354,18 +358,23 @@ def align_models(models: dict[str, str], base_path: str | None, source: str, tok
     keys = [k for k in files[base] if any(fnmatch.fnmatchcase(k, pat) for pat in embedding_patterns)]
     cast = _DTYPES.get(str(dtype)) if dtype else None
     aligned: dict[str, dict[str, torch.Tensor]] = {p: {} for p in order}
-    mk_order = [models[nm] for nm in models]  # mergekit's model order for the averages
-    mk_order = list(dict.fromkeys(mk_order))
+    mk_order = [p for p in paths if p != base_path] + ([base_path] if base_path in paths else [])
     for k in keys:
-        have = [p for p in mk_order if k in files[p]]
-        ts = {}
-        for p in have:
-            t = _read(Path(p), files[p][k], k)
-            ts[p] = t.to(cast) if cast is not None else t
-        res = align_rows(ts, vocab_out, {p: perms[p] for p in have}, vocabs, tokens,
-                         base_path, pad_to_multiple_of)
-        for p, t in res.items():
-            aligned[p][k] = t.contiguous()
+        kind = "post" if k.startswith(("lm_head", "embed_out")) else "pre"
+        feeds = contributors[kind] if contributors else mk_order
+        groups = [[p for p in feeds if k in files.get(p, {})]]
+        groups += [[p] for p in paths if p not in groups[0] and k in files[p]]  # unused by the merge; sized alike
+        for have in groups:
+            if not have:
+                continue
+            ts = {}
+            for p in have:
+                t = _read(Path(p), files[p][k], k)
+                ts[p] = t.to(cast) if cast is not None else t
+            res = align_rows(ts, vocab_out, {p: perms[p] for p in have}, vocabs, tokens,
+                             base_path, pad_to_multiple_of)
+            for p, t in res.items():
+                aligned[p][k] = t.contiguous()
     root = _tmp_root()
     out: dict[str, str] = {}
     done: dict[str, str] = {}
