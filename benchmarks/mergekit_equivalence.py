@@ -425,6 +425,10 @@ def align_by_token(mk: Path, fb: Path, b: dict[str, torch.Tensor]) -> tuple[dict
     va, vb = (AutoTokenizer.from_pretrained(str(x)).get_vocab() for x in (mk, fb))
     if set(va) != set(vb):
         return b, f"FAIL saved vocabularies differ: only mergekit {sorted(set(va) - set(vb))[:5]}, only fusion_bench {sorted(set(vb) - set(va))[:5]}"
+    aa, ab = ({t["content"]: {k: v for k, v in t.items() if k != "id"}
+               for t in json.loads((x / "tokenizer.json").read_text())["added_tokens"]} for x in (mk, fb))
+    if aa != ab:
+        return b, f"FAIL added tokens differ: {sorted(c for c in set(aa) | set(ab) if aa.get(c) != ab.get(c))[:3]}"
     ca, cb = (json.loads((x / "config.json").read_text())["vocab_size"] for x in (mk, fb))
     if ca != cb:
         return b, f"FAIL config vocab_size {ca} vs {cb}"
@@ -434,7 +438,8 @@ def align_by_token(mk: Path, fb: Path, b: dict[str, torch.Tensor]) -> tuple[dict
     for t, i in va.items():
         idx[i] = vb[t]
     out = {k: (t[idx] if k.endswith(("embed_tokens.weight", "lm_head.weight")) else t) for k, t in b.items()}
-    return out, f"same {n}-token vocabulary, vocab_size {ca}, {moved} ids differ (rows matched by token)"
+    return out, (f"same {n}-token vocabulary and added tokens, vocab_size {ca}, {moved} ids differ (rows matched "
+                 "by token)")
 
 
 def compare_random(base: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool, str]:

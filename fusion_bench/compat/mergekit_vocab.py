@@ -234,7 +234,7 @@ def _default_row(tok, i, c: TokenSource, tensors, perms, original_vocabs, shape,
         raise ConfigError(f"tokenizer.tokens[{tok!r}] has no source; give source: {{kind: zero}} or a model.")
     m = c.model
     if m not in tensors:
-        raise ConfigError(f"tokenizer.tokens[{tok!r}]: model {m} is not one of the merged models.")
+        raise ConfigError(f"tokenizer.tokens[{tok!r}]: model {m} does not feed this tensor (not merged here, as mergekit).")
     if c.kind == "model_token":
         j = c.token_id
         if j is None:
