@@ -98,7 +98,8 @@ def test_our_names_are_unchanged():
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["method=concrete_subspace/clip_concrete_task_arithmetic"], "not supported"),
+    (["method=trust_region/clip_task_arithmetic"], "zero_shot=true"),
+    (["method=concrete_subspace/clip_safe_concrete_task_arithmetic"], "not supported"),
     (["method=pruning/magnitude_diff_pruning"], "returns the pretrained weights"),
     (["method=task_singular_vector/TaskSingularVectorMerging", "method.alpha=[1,0.5]"], "one number"),
     (["method=task_singular_vector/TaskSingularVectorMerging", "method.return_single_task_models=true"],

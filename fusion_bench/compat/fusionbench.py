@@ -183,6 +183,64 @@ def _continual(ours: str, defaults: dict[str, Any], **options: Any) -> Method:
              "add program=continual (docs/continual.md)")
 
 
+_CONCRETE_FIXED = {"optimizer": _only("adam"), "merge_dtype": _only("null", "none"), "clamp_weights": _only("false"),
+                   "mask_checkpoint": _only("null", "none"), "skip_training": _only("false"), "save_interval": IGNORED,
+                   "tie_weights": IGNORED, "strict": IGNORED, "num_workers": IGNORED, "cache_dir": IGNORED}
+
+
+def _concrete_ada(granularity: str) -> Method:
+    """FusionBench's concrete AdaMerging configs (layer- or task-wise)."""
+    fixed = {k: v for k, v in _CONCRETE_FIXED.items() if k not in ("clamp_weights", "skip_training")}
+    return Method(
+        "concrete_adamerging", {"granularity": granularity, "init_lambda": 0.3, "max_steps": 1000,
+                                "max_adamerging_steps": 1000, "lr": 1e-3, "base_lr": 1.0, "adamerging_lr": 1e-3,
+                                "temperature": 0.5, "initial_logits": 0.0, "batch_size": 16},
+        {"scaling_factor": "init_lambda", "max_steps": "max_steps", "max_adamerging_steps": "max_adamerging_steps",
+         "lr": "lr", "base_lr": "base_lr", "adamerging_lr": "adamerging_lr", "temperature": "temperature",
+         "initial_logits": "initial_logits", "batch_size": "batch_size", "eval_mask_type": "eval_mask_type",
+         "clamp_weights": "clamp_lambdas", "name": IGNORED, **fixed})
+
+
+_CALIBRATION_DATA = ("FusionBench's calibration set options are not read here; give the calibration text as "
+                     "method.calibration_data=<file, saved dataset or hub id> (docs/compression.md)")
+_CALIBRATION_NOTE = ("the calibration text is method.calibration_data (default: the text that ships with fusion_bench, "
+                     "not FusionBench's C4; give a C4 copy there for its data)")
+
+
+def _pruning(ours: str, *, data: bool = False, note: str = "", **extra: Any) -> Method:
+    """FusionBench's Llama pruning / SparseLo configs: per-row groups, unstructured unless method.nm is given."""
+    defaults: dict[str, Any] = {"sparsity": 0.5, **extra}
+    options: dict[str, Any] = {
+        "sparsity_ratio": "sparsity", "device": IGNORED, "dtype": _only("null", "none", why="set modelpool.dtype"),
+        "prune_type": _only("unstructured", why="for N:M sparsity give method.nm=2:4 (or 4:8)"),
+        "n": IGNORED, "m": IGNORED, "model_save_path": IGNORED}
+    if ours in ("magnitude_pruning", "random_pruning"):
+        defaults["group"] = "row"
+    if data:
+        defaults.update({"n_samples": 128, "seed": 0})
+        options.update({"nsamples": "n_samples", "seed": "seed",
+                        "use_variant": _only("false", why="Wanda's alpha-search variant is not implemented")})
+        note = (note + "; " if note else "") + _CALIBRATION_NOTE
+    if ours == "sparselo":
+        options.update({"rank": "rank", "variant": "variant", "num_iterations": "num_iterations",
+                        "use_reference_model": _only("false")})
+    return Method(ours, defaults, options, note=note)
+
+
+_WEMOE_OPTIONS = {
+    "name": IGNORED,  # clip_weight_ensembling_moe / sparse_clip_weight_ensembling_moe / clip_rankone_moe
+    "init_lambda": "init_lambda", "router_hidden_layers": "router_hidden_layers", "batch_reduce": "batch_reduce",
+    "lr": "lr", "max_steps": "steps", "batch_size": "batch_size",
+    "optimizer": _only("adam", why="fusion_bench's WEMoE uses Adam."),
+    "checkpoint": _only("false", why="loading trained routers is not supported; the routers are trained."),
+    "save_checkpoint": _only("false", why="saving the routers is not supported."),
+    "use_grad_accumulate": IGNORED,  # per-task backward or summed loss: the same gradient
+    "devices": IGNORED, "num_workers": IGNORED, "cache_dir": IGNORED, "fast_dev_run": IGNORED,
+}
+_WEMOE_DEFAULTS = {"init_lambda": 0.3, "batch_reduce": True, "lr": 1e-4, "steps": 1000, "batch_size": 16,
+                   "split": "test", "eval_routing": "per_batch"}
+
+
 _DOP_OPTIONS = {k: k for k in ("lr", "num_steps", "mgda", "alpha", "ema", "ema_beta", "svd_epsilon", "svd_proj_space")}
 _BITDELTA_DATA = ("FusionBench's calibration dataset options are not read here; give the calibration text as "
                   "method.calibration_data=<file, saved dataset or hub id> (docs/llm_evaluation.md)")
@@ -294,6 +352,21 @@ TABLE: dict[str, Any] = {
         "smile_upscaling/smile_mistral_upscaling": _smile_lm(512),
         "smile_upscaling/smile_qwen2_upscaling": _smile_lm(64),
         "smile_upscaling/causal_lm_upscaling": _smile_lm(64),
+        "wemoe/weight_ensembling_moe": Method(
+            "we_moe", {**_WEMOE_DEFAULTS, "router_hidden_layers": 2}, _WEMOE_OPTIONS,
+            note="merge_lambda = init_lambda; eval_routing=per_batch reproduces FusionBench's evaluation (its MoE "
+                 "layers keep averaging the routing over each batch)"),
+        "wemoe/sparse_weight_ensembling_moe": Method(
+            "sparse_we_moe", {**_WEMOE_DEFAULTS, "router_hidden_layers": 2, "tv_prune_ratio": 0.9,
+                              "shared_gate": True, "position_encoding": False, "position_encoding_dim": 8,
+                              "post_sparse_gate": False, "gate_prune_ratio": 0.0},
+            {**_WEMOE_OPTIONS, **{k: k for k in ("tv_prune_ratio", "shared_gate", "position_encoding",
+                                                 "position_encoding_dim", "post_sparse_gate", "gate_prune_ratio")}},
+            note="the kept count is exact (round((1-ratio) n)); FusionBench keeps |tau| > quantile(ratio), which "
+                 "differs only where magnitudes tie"),
+        "rankone_moe/rankone_moe": Method(
+            "rankone_moe", {**_WEMOE_DEFAULTS, "router_hidden_layers": 1, "rank_k": 32, "select_k": -1},
+            {**_WEMOE_OPTIONS, "rank_k": "rank_k", "select_k": "select_k", "svd_accelerator": IGNORED}),
         "mixtral_moe_upscaling": Method(
             "mixtral_upscaling", {"num_experts": 4, "experts_per_token": 2},
             {"num_experts": "num_experts", "experts_per_token": "experts_per_token",
@@ -327,7 +400,65 @@ TABLE: dict[str, Any] = {
                                         scaling_factor="scaling_factor", threshold="threshold",
                                         merge_func="merge_func", remove_keys="remove_keys"),
         "opcm/weight_average": _continual("continual_weight_average", {}),
+        # data-using methods (issue 15)
+        "regmean_plusplus/clip_regmean_plusplus": Method(
+            "regmean_plusplus", {"num_regmean_examples": 256, "reduce_non_diagonal_ratio": 0.95, "batch_size": 32,
+                                 "keep_pretrained": ["*post_layernorm.*"]},
+            {"num_regmean_examples": "num_regmean_examples", "reduce_non_diagonal_ratio": "reduce_non_diagonal_ratio",
+             "exclude_param_names_regex": _NO_REGEX, "weight_transpose": _only("true"), **_DATA_LOADER},
+            note="embeddings averaged and the final layer norm kept pretrained, as FusionBench"),
+        "fw_merging/fw_hard": Method(
+            "frank_wolfe_hard", {"max_iters": 10, "step_size": 0.1, "dataset_size": 100, "scaling_factor": 0.3,
+                                 "loss_fn": "cross_entropy", "granularity": "task"},
+            {"max_iters": "max_iters", "step_size": "step_size", "dataset_size": "dataset_size",
+             "scaling_factor": "scaling_factor", "granularity": "granularity", "loss_fn": "loss_fn",
+             "merge_fn": _only("task_arithmetic", why="fw_hard with merge_fn=ties is not implemented here"),
+             "init_weight": _only("", "null", "none", why="give method.init=base or task_arithmetic; initial "
+                                  "weight files are not read"),
+             "tasks": _only("[]", "null", "none"), "max_num_models": IGNORED, "threshold": IGNORED}),
+        "fw_merging/fw_soft": Method(
+            "frank_wolfe_soft", {"max_iters": 10, "dataset_size": 100, "ada_iters": 500, "ada_coeff": 1e-8,
+                                 "granularity": "task"},
+            {"max_iters": "max_iters", "dataset_size": "dataset_size", "ada_iters": "ada_iters",
+             "ada_coeff": "ada_coeff", "granularity": "granularity", "step_size": IGNORED,
+             "merge_fn": _only("adamerging"), "ada_loss": _only("entropy_loss"),
+             "init_weight": _only("", "null", "none"), "tasks": _only("[]", "null", "none"),
+             "max_num_models": IGNORED}),
+        "concrete_subspace/clip_concrete_task_arithmetic": Method(
+            "concrete_task_arithmetic", {"scaling_factor": 0.3, "max_steps": 2000, "lr": 1e-3, "temperature": 0.5,
+                                         "initial_logits": 0.0, "batch_size": 16, "eval_mask_type": "continuous"},
+            {"scaling_factor": "scaling_factor", "max_steps": "max_steps", "lr": "lr", "temperature": "temperature",
+             "initial_logits": "initial_logits", "batch_size": "batch_size", "eval_mask_type": "eval_mask_type",
+             **_CONCRETE_FIXED}),
+        "concrete_subspace/clip_concrete_layer_wise_adamerging": _concrete_ada("layer_wise"),
+        "concrete_subspace/clip_concrete_task_wise_adamerging": _concrete_ada("task_wise"),
+        "surgery/adamerging_surgery": Method(
+            "representation_surgery", {"base_method": "adamerging", "surgery_steps": 1000, "batch_size": 16,
+                                       **{f"base_options.{k}": v for k, v in (("steps", 1000), ("lr", 1e-3),
+                                                                                ("init_lambda", 0.3), ("batch_size", 16),
+                                                                                ("clamp_lambdas", False))}},
+            {"surgery_steps": "surgery_steps", "batch_size": "batch_size", "eval_iterations": IGNORED,
+             "weights": _only("null", "none"), "optimizer": _only("adam"), "name": IGNORED,
+             "init_values": _only("0.3"), "lr": _only("1e-3", "0.001"), "max_steps": _only("1000"),
+             "clamp_weights": _only("false"), "tie_weights": IGNORED, "strict": IGNORED, "devices": IGNORED,
+             "num_workers": IGNORED, "cache_dir": IGNORED, "save_merging_weights": IGNORED, "fast_dev_run": IGNORED},
+            note="one model per task (task id needed); FusionBench returns the AdaMerging model and the surgery "
+                 "wrapper"),
         # compression (issue 16)
+        "pruning/llama_magnitude_pruning": _pruning("magnitude_pruning"),
+        "pruning/llama_random_pruning": _pruning("random_pruning", note="a random mask from our seeded generator: equal "
+                                                 "to FusionBench's in distribution, not element by element"),
+        "pruning/llama_wanda_pruning": _pruning("wanda_pruning", data=True),
+        "pruning/llama_sparsegpt_pruning": _pruning("sparsegpt_pruning", data=True),
+        "sparselo_pruning/llama_sparselo": _pruning("sparselo", data=True, algorithm="one_shot"),
+        "sparselo_pruning/llama_iterative_sparselo": _pruning("sparselo", data=True, algorithm="iterative"),
+        "expert_sparsity/mixtral": Method(
+            "expert_pruning", {"num_preserved_experts": 4, "seq_len": 2048, "n_samples": 128, "batch_size": 8,
+                               "seed": 42, "mode": "layerwise"},
+            {"num_preserved_experts": "num_preserved_experts", "max_block_size": "seq_len",
+             "n_blocks_for_stat": "n_samples", "batch_size": "batch_size", "seed": "seed", "num_workers": IGNORED,
+             "calib_set": _only("c4", why=_CALIBRATION_DATA), "model_save_path": IGNORED},
+            note="layer-wise expert pruning (Lu et al. 2024); " + _CALIBRATION_NOTE),
         "bitdelta/bitdelta": Method(
             "bitdelta", {"num_steps": 100, "lr": 1e-4, "batch_size": 4, "seq_len": 128},
             {"lr": "lr", "batch_size": "batch_size", "num_steps": "num_steps", "max_length": "seq_len",
@@ -386,6 +517,16 @@ TABLE: dict[str, Any] = {
         **{f"smile_upscaling/{n}": "method=smile_upscaling or smile_causal_lm_upscaling (FusionBench's SMILE analysis "
                                    "tools have no equal here)"
            for n in ("singular_projection_merging", "error_accumulation", "projected_energy")},
+        "trust_region/clip_task_arithmetic": (
+            "method=trust_region_task_arithmetic (FusionBench 0.2.33 with its default zero_shot: false stores every "
+            "task's gradients under one key, its conflict score is 0 and it returns the pretrained model; ours computes "
+            "the paper's score, and method.zero_shot=true is FusionBench's zero-shot variant)"),
+        "dawe/dawe_for_clip": (
+            "method=dawe (its gate reads the pool's frozen pretrained CLIP features, not FusionBench's hub ResNet-18, "
+            "so the result differs from FusionBench's)"),
+        "sparselo_pruning/llama_pcp_sparselo": "method=sparselo (algorithm=one_shot or iterative; the PCP variant is "
+                                               "not implemented)",
+        "wemoe/flan_t5_weight_ensembling_moe": "method=we_moe on CLIP pools (the Flan-T5 variant is not implemented)",
         "linear/simple_average_for_causallm": "method=simple_average with a causal-LM modelpool",
         "linear/task_arithmetic_for_causallm": "method=task_arithmetic with a causal-LM modelpool",
         "linear/ties_merging_for_causallm": "method=ties_merging with a causal-LM modelpool",
@@ -556,7 +697,7 @@ def _hydra_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, list):
-        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+        return "[" + ",".join(_quote(x) if isinstance(x, str) else _hydra_value(x) for x in v) + "]"
     return str(v)
 
 
