@@ -273,7 +273,16 @@ def _remove_empty_run_dir(path: str | None) -> None:
     if d.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in d.iterdir()):
         import logging
 
-        logging.shutdown()
+        # detach Hydra's file handlers that write into the folder: a closed FileHandler reopens its file on the
+        # next record (from any library in this process) and would fail once the folder is gone
+        root = d.resolve()
+        loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(lg, logging.Logger)]
+        for lg in loggers:
+            for h in list(lg.handlers):
+                if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve().is_relative_to(root):
+                    lg.removeHandler(h)
+                    h.close()
         shutil.rmtree(d, ignore_errors=True)
         parent = d.parent
         while parent.name and parent.is_dir() and not any(parent.iterdir()) and parent.name not in (".", "/"):
