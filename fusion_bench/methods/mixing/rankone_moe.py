@@ -16,7 +16,7 @@ from fusion_bench.models.moe import RankOneMoE, WeightEnsemblingRouter
 
 @dataclass
 class RankOneMoEConfig(RoutedMoEConfig):
-    router_hidden_layers: int = option(1, choices=(0, 1, 2), help="Router depth: 0 (input-independent), 1 (linear, "
+    router_hidden_layers: int = option(1, choices=(0, 1, 2), ge=0, le=2, help="Router depth: 0 (input-independent), 1 (linear, "
                                        "FusionBench default), 2 (Linear(d, 2E) -> ReLU -> Linear(2E, E)).")
     rank_k: int = option(32, ge=1, le=1_000_000, help="Rank-one experts per task and weight matrix (the k largest "
                          "singular triplets of its task vector; capped at the matrix rank).")

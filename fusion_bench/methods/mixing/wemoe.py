@@ -59,7 +59,7 @@ class RoutedMoEConfig(MethodConfig):
         help="Task-arithmetic coefficient of every parameter outside the MoE modules (attention, embeddings, norms): "
         "theta_0 + merge_lambda * sum_i tau_i. null: init_lambda, as FusionBench. On the offline CLIP zoo the "
         "validated coefficient is 0.05 (see docs/mixing_wemoe.md).")
-    router_hidden_layers: int = option(2, choices=(0, 1, 2),
+    router_hidden_layers: int = option(2, choices=(0, 1, 2), ge=0, le=2,
                                        help="Router depth: 0 (input-independent weights), 1 (linear), 2 (MLP).")
     moe_modules: list[str] = option(["*.mlp"], help="Glob patterns of the qualified module names upscaled to MoE "
                                     "modules (default: every transformer block's MLP).")
