@@ -279,3 +279,15 @@ def test_cli_merge_then_perplexity(tmp_path, capsys, monkeypatch):
     ref, n = guide_perplexity(merged, ids, 128, 64)
     assert m["tokens"] == n and m["perplexity"] == pytest.approx(ref, rel=1e-4)
     assert report["evaluation_splits"]["builtin"]["source"] == "builtin"
+
+
+def test_lm_eval_task_code_needs_consent(tmp_path):
+    """A task YAML that would import Python from the user's folder (`!function`) is refused unless allowed."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "t.yaml").write_text("task: t\nprocess_docs: !function utils.process\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml runs Python code.*allow_task_code=true"):
+        build_taskpool({"type": "lm_eval", "tasks": ["t"], "include_path": str(d), "include_defaults": False})
+    tp = build_taskpool({"type": "lm_eval", "tasks": ["t"], "include_path": str(d), "include_defaults": False,
+                         "allow_task_code": True})
+    assert tp.config.allow_task_code

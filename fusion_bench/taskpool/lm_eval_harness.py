@@ -29,6 +29,21 @@ from fusion_bench.utils import resolve_device
 INSTALL_HINT = "pip install 'fusion_bench[lm-eval]' (or: pip install lm-eval)"
 
 
+def _refuse_task_code(folder: str) -> None:
+    """Configs are data: a task YAML whose ``!function`` would import Python from the user's folder is refused
+    unless ``taskpool.allow_task_code=true``."""
+    from pathlib import Path
+
+    for f in sorted(Path(folder).rglob("*.y*ml")):
+        try:
+            text = f.read_text(errors="replace")
+        except OSError as e:
+            raise ConfigError(f"taskpool.include_path: cannot read {f}: {e.strerror or e}.") from None
+        if "!function" in text:
+            raise ConfigError(f"taskpool.include_path: {f} runs Python code of that folder (`!function`); set "
+                              "taskpool.allow_task_code=true if you trust it.")
+
+
 @dataclass
 class LMEvalConfig(TaskPoolConfig):
     """Options of the ``lm_eval`` task pool (lm-evaluation-harness)."""
@@ -37,6 +52,8 @@ class LMEvalConfig(TaskPoolConfig):
                               "tasks defined in include_path.")
     include_path: list[str] | str | None = option(None, help="Folder(s) of extra lm-eval task YAMLs (e.g. tasks on "
                                                   "local data files).")
+    allow_task_code: bool = option(False, help="Let task YAMLs under include_path import Python code of that folder "
+                                   "(lm-eval's `!function`); off: such a YAML is refused before anything runs.")
     include_defaults: bool = option(True, help="Also index lm-eval's built-in tasks (false: only include_path; "
                                     "faster start).")
     tokenizer: str | None = option(None, help="Tokenizer folder or Hub id; null: the tokenizer saved in the folder the "
@@ -114,6 +131,8 @@ class LMEvalTaskPool(TaskPool):
         for p in self._include:
             if not os.path.isdir(os.path.expanduser(p)):
                 raise ConfigError(f"taskpool.include_path: {p} is not a folder of lm-eval task YAMLs.")
+            if not self.config.allow_task_code:
+                _refuse_task_code(os.path.expanduser(p))
         if not self.config.include_defaults and not self._include:
             raise ConfigError("taskpool.include_defaults=false needs taskpool.include_path (no task would be known).")
         self._tokenizer = tokenizer
