@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from fusion_bench.config_schema import option
-from fusion_bench.errors import ConfigError, ModelMismatchError, did_you_mean
+from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.mixing.depth import parse_layer_indices, runs_of
 from fusion_bench.methods.base import FusionMethod, FusionResult, register_method
+from fusion_bench.methods.mixing._pick import one_model
 from fusion_bench.methods.mixing.mixtral import _summary
 from fusion_bench.utils import float_numel
 
@@ -102,17 +103,7 @@ class DepthUpscaling(FusionMethod):
                         "(tested in tests/test_mixing_upcycle.py)")
 
     def _model_name(self, pool) -> str:
-        m = self.config.model
-        if m is not None:
-            if m not in pool.names:
-                raise ConfigError(f"method.model='{m}' is not in the pool.{did_you_mean(m, pool.names)}")
-            return m
-        if pool.has_pretrained:
-            return pool.base_name()
-        if len(pool.model_names) != 1:
-            raise ConfigError(f"depth_upscaling deepens one model; the pool has {pool.model_names}: set "
-                              "method.model=<name>.")
-        return pool.model_names[0]
+        return one_model(pool, self.config.model, "depth_upscaling", "deepens")
 
     def _require_indices(self) -> None:
         if not self.config.layer_indices:

@@ -50,6 +50,7 @@ from fusion_bench.kernels.mixing.mixtral import (
     uniform_random_gate,
 )
 from fusion_bench.methods.base import FusionMethod, FusionResult, register_method
+from fusion_bench.methods.mixing._pick import one_model
 
 #: name of the computed-tensor reader the plan adds to the streaming engine's readers
 PLAN_READER = "__mixing_plan__"
@@ -652,17 +653,7 @@ class MixtralUpscaling(_MixtralBase):
                "hidden / hidden_avg); Qwen2 -> Qwen2-MoE with a zero (or copied) shared expert.")
 
     def _base(self, pool) -> str:
-        m = self.config.model
-        if m is not None:
-            if m not in pool.names:
-                raise ConfigError(f"method.model='{m}' is not in the pool.{did_you_mean(m, pool.names)}")
-            return m
-        if pool.has_pretrained:
-            return pool.base_name()
-        if len(pool.model_names) != 1:
-            raise ConfigError(f"mixtral_upscaling upcycles one model; the pool has {pool.model_names} and no "
-                              "'_pretrained_': set method.model=<name>.")
-        return pool.model_names[0]
+        return one_model(pool, self.config.model, "mixtral_upscaling", "upcycles")
 
     def _experts(self, pool) -> list[tuple[str, dict[str, Any]]]:
         c = self.config
