@@ -790,3 +790,59 @@ def test_numbers_written_without_a_dot(zoo, tmp_path):
     with pytest.raises(ConfigError, match="not a number"):
         load_mergekit_config({"merge_method": "nearswap", "base_model": zoo["_pretrained_"],
                               "parameters": {"t": "abc"}, "models": [{"model": zoo["ft0"]}]})
+
+
+# --- --tie-break index: the lower index first among tied magnitudes (fast; not mergekit's tie order) ----------
+def test_cli_tie_break_index(tmp_path_factory, tmp_path):
+    z = save_zoo(tmp_path_factory.mktemp("tb"), "llama", n=3, dtype=torch.bfloat16)
+    w = [0.5, 0.3, 0.2]
+    doc = {"merge_method": "ties", "base_model": z["_pretrained_"], "dtype": "float32",
+           "parameters": {"density": 0.2, "lambda": 0.7, "normalize": False},
+           "models": [{"model": z[f"ft{i}"], "parameters": {"weight": w[i]}} for i in range(3)]}
+    cfg = _write(tmp_path, doc)
+    assert main([cfg, str(tmp_path / "mk")]) == 0
+    assert main([cfg, str(tmp_path / "ix"), "--tie-break", "index"]) == 0
+    mk, ix = load_sd(tmp_path / "mk"), load_sd(tmp_path / "ix")
+    sds = {n: load_sd(z[n]) for n in ("_pretrained_", "ft0", "ft1", "ft2")}
+    differ = 0
+    for key in ("model.embed_tokens.weight", K_NORM):
+        b = sds["_pretrained_"][key].float().reshape(-1)
+        taus = []
+        for i in range(3):
+            tau = sds[f"ft{i}"][key].float().reshape(-1) - b
+            n = tau.numel()
+            k = max(1, int(0.2 * n))
+            # the lower index first: a stable descending sort of the magnitudes (written out: sort by (-|x|, j))
+            order = sorted(range(n), key=lambda j: (-abs(float(tau[j])), j))[:k]
+            m = torch.zeros(n)
+            m[order] = 1.0
+            taus.append(tau * m)
+        wt = [wi * t for wi, t in zip(w, taus)]
+        s = sum(wt)
+        elected = torch.where(s >= 0, 1.0, -1.0)
+        delta = sum(x * (torch.sign(x) == elected) for x in wt)
+        expect = (b + 0.7 * delta).reshape(ix[key].shape)
+        torch.testing.assert_close(ix[key], expect, rtol=1e-6, atol=1e-7, msg=key)
+        differ += int((mk[key] != ix[key]).sum())
+    assert differ > 0  # bf16 ties at the cut: the two orders keep different tied entries
+    with pytest.raises(SystemExit):
+        main([cfg, str(tmp_path / "bad"), "--tie-break", "random"])
+
+
+def test_stats_on_several_workers_equal_one(tmp_path_factory, tmp_path):
+    """The per-model stats of one tensor run on several workers; the merge waits for all of them."""
+    from fusion_bench.engine.streaming import merge_to_folder
+
+    z = save_zoo(tmp_path_factory.mktemp("tw"), "llama", n=3, dtype=torch.bfloat16)
+    doc = {"merge_method": "ties", "base_model": z["_pretrained_"], "dtype": "bfloat16",
+           "parameters": {"density": 0.3, "lambda": 0.9},
+           "models": [{"model": z[f"ft{i}"], "parameters": {"weight": 0.4}} for i in range(3)]}
+    outs = []
+    for workers in (1, 3):
+        plan = load_mergekit_config(doc)
+        out = tmp_path / f"w{workers}"
+        merge_to_folder(plan.method, plan.pool, out, workers=workers, block_elements=64, progress=False)
+        outs.append(load_sd(out))
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k

@@ -298,3 +298,31 @@ def test_exact_k_streaming_equals_in_memory_bf16(tmp_path, opts):
         else:
             total = sum(base[k].numel() for k in keys)
             assert sum(kept.values()) == min(math.floor(0.2 * total + 0.5), sum(nz.values()))
+
+
+@pytest.mark.parametrize("kind", ["bf16_values", "rounded_with_zeros", "float32"])
+def test_rank_band_bit_histogram_path(kind):
+    """Tensors above FAST_BAND_MIN take the bit-histogram path; the kept ranks must be exactly those of a stable
+    descending sort of the magnitudes (ties: the lower flat index first)."""
+    from fusion_bench.kernels.merging import sparsify as K
+
+    g = torch.Generator().manual_seed(7)
+    n = K.FAST_BAND_MIN + 12345
+    x = torch.randn(n, generator=g) * 0.02
+    if kind == "bf16_values":
+        x = x.bfloat16().float()
+    elif kind == "rounded_with_zeros":
+        x = (x * 40).round() / 40
+    order = torch.sort(-x.abs(), stable=True).indices  # written independently of the kernel
+    for r0, r1 in [(0, n // 5), (n // 100, n // 100 + n // 5), (0, n), (3, 4), (n // 2, n)]:
+        band = K.rank_band(x, r0, r1)
+        m = K.rank_band_mask(x, band)
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[order[r0:r1]] = True
+        if band[2] and band[2][-1][0] == 0.0:  # zeros at the cut: kept or not changes nothing
+            ref |= x == 0
+            m |= x == 0
+        assert torch.equal(m, ref), (kind, r0, r1)
+        # blocks see the same band
+        blocks = torch.cat([K.rank_band_mask(x[s:s + 20000], band, offset=s) for s in range(0, n, 20000)])
+        assert torch.equal(blocks | (x == 0) if band[2] and band[2][-1][0] == 0.0 else blocks, m)

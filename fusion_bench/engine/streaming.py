@@ -253,6 +253,8 @@ class BlockContext:
 
     stats: list[Any] | None = None
     state: Any = None
+    #: stats computed so far (the engine's bookkeeping: stats of one tensor may run on several workers)
+    done: int = 0
 
 
 def _blockable(method: Any) -> tuple[bool, bool]:
@@ -334,7 +336,7 @@ def plan_merge(method: Any, pool: ModelPool, *, block_elements: int = DEFAULT_BL
             unit = unit_elems * n_in * 4 * (prefetch + 2 * DEFAULT_WORKERS + 1)
             if j.stats:
                 full = rows * row_elems
-                unit = max(unit, full * (dtype_size(in_dt) * 2 * (prefetch + 1) + 4 * 4))
+                unit = max(unit, full * (dtype_size(in_dt) * 2 * (prefetch + DEFAULT_WORKERS) + 4 * 4 * DEFAULT_WORKERS))
         peak_unit = max(peak_unit, unit)
     plan.peak_unit_bytes = peak_unit
     plan.peak_memory_bytes = PROCESS_BASELINE_BYTES + peak_unit
@@ -491,6 +493,7 @@ class _Workers:
         self.stop = threading.Event()
         self.affinity: dict[int, int] = {}
         self.next = 0
+        runner.stop = self.stop
         self.threads = [threading.Thread(target=self._work, args=(q,), daemon=True, name=f"fusion_bench-merge{i}")
                         for i, q in enumerate(self.qs)]
         for t in self.threads:
@@ -526,7 +529,7 @@ class _Workers:
         job = unit[1]
         if len(self.qs) == 1:
             i = 0
-        elif job.protocol or unit[0] == "stats":
+        elif job.protocol and unit[0] != "stats":  # a tensor's stats may spread; its blocks keep order
             i = self.affinity.get(id(job))
             if i is None:
                 i = self.affinity[id(job)] = self._least_busy()
@@ -619,15 +622,29 @@ class _Runner:
         self.writer = writer
         self.names = names
         self.ctx: dict[str, BlockContext] = {}
+        # the stats of one tensor (one unit per model) may run on different workers; its first merge block
+        # waits here until all of them are in
+        self.cond = threading.Condition()
 
     def _context(self, job: Job) -> BlockContext:
-        ctx = self.ctx.get(job.key)
-        if ctx is None:
-            begin = getattr(self.method, "begin_blocks", None)
-            rows = job.merge_rows if job.merge_rows is not None else job.shape[0]
-            state = begin(job.key, (rows, *job.shape[1:]), self.names) if callable(begin) else None
-            ctx = self.ctx[job.key] = BlockContext(stats=[] if job.stats else None, state=state)
-        return ctx
+        with self.cond:
+            ctx = self.ctx.get(job.key)
+            if ctx is None:
+                begin = getattr(self.method, "begin_blocks", None)
+                rows = job.merge_rows if job.merge_rows is not None else job.shape[0]
+                state = begin(job.key, (rows, *job.shape[1:]), self.names) if callable(begin) else None
+                stats = [None] * len(self.names) if job.stats else None
+                ctx = self.ctx[job.key] = BlockContext(stats=stats, state=state)
+            return ctx
+
+    def _await_stats(self, ctx: BlockContext) -> None:
+        with self.cond:
+            while ctx.stats is not None and ctx.done < len(ctx.stats):
+                self.cond.wait(timeout=0.1)
+                if self.stop is not None and self.stop.is_set():
+                    raise RuntimeError("merge stopped")
+
+    stop: threading.Event | None = None
 
     def handle(self, unit: tuple) -> None:
         kind, job = unit[0], unit[1]
@@ -642,7 +659,12 @@ class _Runner:
             _, _, i, b, t = unit
             name = self.names[i]
             _check_finite(job.key, [name], [t])
-            self._context(job).stats.append(m.block_stats(job.key, b, t, name))
+            ctx = self._context(job)
+            stat = m.block_stats(job.key, b, t, name)
+            with self.cond:
+                ctx.stats[i] = stat
+                ctx.done += 1
+                self.cond.notify_all()
             return
         _, _, row_start, b, ts = unit
         if job.protocol:
@@ -651,6 +673,7 @@ class _Runner:
             cd = m.compute_dtype(ref.dtype)
             rows = (row_start, row_start + ref.shape[0])
             ctx = self._context(job)
+            self._await_stats(ctx)
             out = m.merge_block(job.key, b.to(cd) if b is not None else None, [t.to(cd) for t in ts], self.names,
                                 ctx, rows).to(ref.dtype)
             if job.blocks and rows[1] == job.blocks[-1][1]:
@@ -775,8 +798,9 @@ def merge_to_folder(method: Any, pool: ModelPool, out_dir: str | os.PathLike, *,
             Default 1: the reader thread (I/O and dtype conversion) takes the other core, and
             single-threaded kernels avoid OpenMP hand-off costs on small blocks and busy machines.
         workers: merging threads. Units of different tensors (and row blocks of element-wise merges)
-            run in parallel; the units of a tensor merged with the block protocol stay in order on
-            one worker.
+            run in parallel, and so do the per-model statistics of one tensor (e.g. the 8 magnitude
+            rankings of a TIES merge); the row blocks of a tensor merged with the block protocol stay in
+            order on one worker.
         overwrite_hint: how the caller's user passes ``overwrite`` (named in the error message).
     Returns:
         information on the merge: plan figures, wall time, shards written.

@@ -203,6 +203,8 @@ def rank_band(tau: torch.Tensor, r0: int, r1: int, base: torch.Tensor | None = N
     r0, r1 = max(r0, 0), min(r1, n)
     if r1 <= r0:
         return math.inf, math.inf, ()
+    if base is None and tau.dtype in (torch.float32, torch.bfloat16, torch.float16) and n > FAST_BAND_MIN:
+        return _rank_band_bits(tau, r0, r1)
     dt = torch.float64 if tau.dtype == torch.float64 else torch.float32
     hi_v, lo_v = kth_largest_abs_diff(tau, base, [r0 + 1, r1])
     windows = []
@@ -214,6 +216,51 @@ def rank_band(tau: torch.Tensor, r0: int, r1: int, base: torch.Tensor | None = N
             continue
         (first, last), _ = T.tie_positions(tau, v, [a, b - 1], base, dt)
         windows.append((v, int(first), int(last) + 1))
+    return lo_v, hi_v, tuple(windows)
+
+
+#: tensors above this many elements take the bit-histogram path of :func:`rank_band`
+FAST_BAND_MIN = 1 << 16
+
+
+def _rank_band_bits(tau: torch.Tensor, r0: int, r1: int) -> Band:
+    """:func:`rank_band` for a whole float32 (or narrower) tensor in memory, by a two-level radix histogram.
+
+    |tau| in float32 is a non-negative float, so its bit pattern read as int32 orders exactly as the value
+    (no NaN: inputs are checked finite). One ``bincount`` of the upper 16 bits (the bfloat16 truncation) gives
+    how many entries lie above each upper-bits bucket; the bucket holding a wanted rank is resolved exactly
+    among its own entries (for bfloat16-valued task vectors every entry of a bucket has one value, so this is
+    free). Tie windows as :func:`rank_band`: the flat indices of the entries equal to a boundary value.
+    Workspace: about 9 bytes per element (|tau| as float32, the upper bits as int32, one mask).
+    """
+    n = tau.numel()
+    bits = tau.reshape(-1).float().abs().view(torch.int32)
+    upper = bits >> 16
+    counts = torch.bincount(upper, minlength=1 << 15)
+    at_or_above = torch.flip(torch.cumsum(torch.flip(counts, (0,)), 0), (0,))  # entries in bucket b or higher
+
+    def kth(k: int) -> tuple[int, int, int]:
+        """(value bits, #entries > value, #entries == value) of the k-th largest |tau| (1-based k)."""
+        b = int((at_or_above >= k).nonzero()[-1])  # the highest bucket holding rank k (non-increasing)
+        n_above = int(at_or_above[b]) - int(counts[b])
+        vals, cts = torch.unique(bits[upper == b], sorted=True, return_counts=True)  # ascending values
+        ge = torch.flip(torch.cumsum(torch.flip(cts, (0,)), 0), (0,))  # entries of the bucket >= each value
+        j = int((ge >= k - n_above).nonzero()[-1])  # the largest value with rank k among those >= it
+        return int(vals[j]), n_above + int(ge[j]) - int(cts[j]), int(cts[j])
+
+    hi_b, hi_gt, hi_eq = kth(r0 + 1)
+    lo_b, lo_gt, lo_eq = kth(r1)
+    to_f = lambda v: float(torch.tensor([v], dtype=torch.int32).view(torch.float32))  # noqa: E731
+    hi_v, lo_v = to_f(hi_b), to_f(lo_b)
+    windows = []
+    for vb, gt, eq in ((hi_b, hi_gt, hi_eq),) if lo_b == hi_b else ((hi_b, hi_gt, hi_eq), (lo_b, lo_gt, lo_eq)):
+        a, b = max(r0 - gt, 0), min(r1 - gt, eq)
+        v = to_f(vb)
+        if v == 0.0 or (a == 0 and b == eq):
+            windows.append((v, 0, n))
+            continue
+        pos = (bits == vb).nonzero().view(-1)
+        windows.append((v, int(pos[a]), int(pos[b - 1]) + 1))
     return lo_v, hi_v, tuple(windows)
 
 
