@@ -238,11 +238,14 @@ def _rank_band_bits(tau: torch.Tensor, r0: int, r1: int) -> Band:
     upper = bits >> 16
     counts = torch.bincount(upper, minlength=1 << 15)
     at_or_above = torch.flip(torch.cumsum(torch.flip(counts, (0,)), 0), (0,))  # entries in bucket b or higher
+    one_value_per_bucket = not bool(torch.any(bits.bitwise_and(0xFFFF)))  # bfloat16-valued (the usual case)
 
     def kth(k: int) -> tuple[int, int, int]:
         """(value bits, #entries > value, #entries == value) of the k-th largest |tau| (1-based k)."""
         b = int((at_or_above >= k).nonzero()[-1])  # the highest bucket holding rank k (non-increasing)
         n_above = int(at_or_above[b]) - int(counts[b])
+        if one_value_per_bucket:
+            return b << 16, n_above, int(counts[b])
         vals, cts = torch.unique(bits[upper == b], sorted=True, return_counts=True)  # ascending values
         ge = torch.flip(torch.cumsum(torch.flip(cts, (0,)), 0), (0,))  # entries of the bucket >= each value
         j = int((ge >= k - n_above).nonzero()[-1])  # the largest value with rank k among those >= it
