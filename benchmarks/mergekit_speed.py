@@ -7,8 +7,10 @@
 Each run is a whole process (interpreter start, imports, planning, reading, merging, writing the shards and the
 config/tokenizer files), timed from the parent: wall time, CPU time (user + system) and peak RSS from
 ``os.wait4``'s rusage of the child. For every (zoo, method) the zoo's files are read once first (warm page
-cache), then the two tools alternate, ``--runs`` times each (default 3), each run into a fresh output folder
-(removed afterwards, outside the timing); the table shows the medians and mergekit / fusion_bench ratios.
+cache), then the tools alternate, ``--runs`` times each (default 3), each run into a fresh output folder
+(removed afterwards, outside the timing); the table shows the medians and mergekit / fusion_bench ratios. TIES is also timed
+with ``fusion_bench mergekit --tie-break index`` (row "ties (index)"): the same number of kept entries, the lower
+index first among tied magnitudes, so no full sort per tensor; that merge is not mergekit's (default: it is).
 
 Zoos: ``--zoo`` is a base + 8 variants bf16 Llama zoo as ``benchmarks/streaming_merge.py`` builds it (scale 1:
 162.8 M parameters per model, ~2.9 GB). ``--zoo4 DIR`` adds the 4x zoo (651 M parameters per model, ~11.7 GB);
@@ -123,10 +125,16 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, i
     return wall, ru.ru_utime + ru.ru_stime, int(ru.ru_maxrss * 1024), rc, (lines[-1] if lines else "")
 
 
-def ours_command(cfg: Path, out: Path) -> list[str]:
+def ours_command(cfg: Path, out: Path, extra: list[str] | None = None) -> list[str]:
     exe = Path(sys.executable).with_name("fusion_bench")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "fusion_bench.cli"]
-    return [*base, "mergekit", str(cfg), str(out)]
+    return [*base, "mergekit", str(cfg), str(out), *(extra or [])]
+
+
+#: methods with a magnitude trim: also timed with ``--tie-break index`` (same kept count, lower index first among
+#: tied magnitudes; not mergekit's entries), as a third tool against the same mergekit runs
+TRIM_METHODS = ("ties",)
+INDEX = "fusion_bench --tie-break index"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,20 +179,24 @@ def main(argv: list[str] | None = None) -> int:
             cfg = work / f"{zname}_{method}.yml"
             cfg.write_text(yaml.safe_dump(mergekit_yaml(models, method), sort_keys=False))
             w = warm(models)
-            res: dict[str, list] = {"fusion_bench": [], "mergekit": []}
+            tools = ["fusion_bench", "mergekit"] + ([INDEX] if method in TRIM_METHODS else [])
+            res: dict[str, list] = {t: [] for t in tools}
             fails: dict[str, str] = {}
             for i in range(args.runs):
-                for tool in ("fusion_bench", "mergekit"):
-                    out = work / f"out_{tool}"
+                for tool in tools:
+                    out = work / "out_tool"
                     if out.exists():
                         shutil.rmtree(out)
-                    cmd = ours_command(cfg, out) if tool == "fusion_bench" else [args.mergekit_bin, str(cfg), str(out)]
+                    if tool == "mergekit":
+                        cmd = [args.mergekit_bin, str(cfg), str(out)]
+                    else:
+                        cmd = ours_command(cfg, out, ["--tie-break", "index"] if tool == INDEX else None)
                     wall, cpu, rss, rc, last = run_child(cmd, env)
                     if rc != 0:
                         fails[tool] = f"exit {rc}: {last[:160]}"
                     else:
                         res[tool].append((wall, cpu, rss))
-                    print(f"  {zname} {method:<16} {tool:<13} run {i + 1}: {wall:7.2f} s wall, {cpu:7.2f} s CPU, "
+                    print(f"  {zname} {method:<16} {tool:<31} run {i + 1}: {wall:7.2f} s wall, {cpu:7.2f} s CPU, "
                           f"{rss / 2**30:5.2f} GiB peak RSS{'' if rc == 0 else '  FAILED ' + fails[tool]}", flush=True)
                     if out.exists():
                         shutil.rmtree(out)
@@ -203,10 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(x[i] for x in xs) if xs else float("nan")
 
     for zname, method, _w, res, fails in rows:
-        fb, mk = res["fusion_bench"], res["mergekit"]
-        ratio = med(mk, 0) / med(fb, 0) if fb and mk else float("nan")
-        print(f"{zname:<5}{method:<17}{med(fb, 0):>10.2f}{med(mk, 0):>10.2f}{ratio:>7.1f}{med(fb, 1):>10.2f}"
-              f"{med(mk, 1):>10.2f}{med(fb, 2) / 2**30:>11.2f}{med(mk, 2) / 2**30:>11.2f}")
+        mk = res["mergekit"]
+        for tool, label in (("fusion_bench", method), (INDEX, method + " (index)")):
+            fb = res.get(tool)
+            if fb is None:
+                continue
+            ratio = med(mk, 0) / med(fb, 0) if fb and mk else float("nan")
+            print(f"{zname:<5}{label:<17}{med(fb, 0):>10.2f}{med(mk, 0):>10.2f}{ratio:>7.1f}{med(fb, 1):>10.2f}"
+                  f"{med(mk, 1):>10.2f}{med(fb, 2) / 2**30:>11.2f}{med(mk, 2) / 2**30:>11.2f}")
         for tool, msg in fails.items():
             print(f"      {tool} FAILED: {msg}")
             ok = False
