@@ -300,7 +300,7 @@ def test_exact_k_streaming_equals_in_memory_bf16(tmp_path, opts):
             assert sum(kept.values()) == min(math.floor(0.2 * total + 0.5), sum(nz.values()))
 
 
-@pytest.mark.parametrize("kind", ["bf16_values", "rounded_with_zeros", "float32"])
+@pytest.mark.parametrize("kind", ["bf16_values", "rounded_with_zeros", "float32", "bf16_tensor"])
 def test_rank_band_bit_histogram_path(kind):
     """Tensors above FAST_BAND_MIN take the bit-histogram path; the kept ranks must be exactly those of a stable
     descending sort of the magnitudes (ties: the lower flat index first)."""
@@ -311,6 +311,9 @@ def test_rank_band_bit_histogram_path(kind):
     x = torch.randn(n, generator=g) * 0.02
     if kind == "bf16_values":
         x = x.bfloat16().float()
+    elif kind == "bf16_tensor":
+        x = x.bfloat16()
+        x[::97] = 0
     elif kind == "rounded_with_zeros":
         x = (x * 40).round() / 40
     order = torch.sort(-x.abs(), stable=True).indices  # written independently of the kernel
