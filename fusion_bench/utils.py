@@ -38,19 +38,11 @@ def parse_dtype(value: str | torch.dtype | None, key: str = "dtype") -> torch.dt
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' picks CUDA when available, then MPS, else CPU; anything else is passed to torch.device."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device={device!r} is not a valid device ({e}); use 'auto', 'cpu' or 'cuda:0'.") from e
+    """'auto' picks CUDA when available, then MPS, else CPU; a GPU this machine lacks falls back to the CPU
+    (see :func:`fusion_bench.engine.devices.resolve_device`, the one device helper)."""
+    from fusion_bench.engine.devices import resolve_device as _resolve
+
+    return _resolve(device)
 
 
 def seeded_generator(seed: int, *names: str) -> torch.Generator:

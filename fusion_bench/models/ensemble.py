@@ -53,13 +53,30 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.mode = mode
         self.weights = list(weights) if weights is not None else None
+        #: the device of each member when :meth:`place` spread them (None: wherever they are, together)
+        self.member_devices: list[torch.device] | None = None
+
+    def place(self, devices: Sequence[torch.device]) -> list[torch.device]:
+        """Put member i on ``devices[i % len(devices)]`` (round-robin); calls then run each member on its
+        device and combine on the first one. Returns the members' devices."""
+        from fusion_bench.engine.devices import place_round_robin
+
+        self.member_devices = place_round_robin(list(self.members), list(devices))
+        return self.member_devices
 
     def combine_logits(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.member_devices is not None and logits:
+            logits = [z.to(logits[0].device) for z in logits]
         return combine_logits(logits, self.mode, self.weights)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         outs = []
-        for m in self.members:
-            o = m(*args, **kwargs)
-            outs.append(o.logits if hasattr(o, "logits") else o)
+        placed = self.member_devices
+        if placed is not None:
+            from fusion_bench.engine.devices import to_device
+        for i, m in enumerate(self.members):
+            a, kw = (to_device(args, placed[i]), to_device(kwargs, placed[i])) if placed is not None else (args, kwargs)
+            o = m(*a, **kw)
+            z = o.logits if hasattr(o, "logits") else o
+            outs.append(z.to(placed[0]) if placed is not None else z)
         return self.combine_logits(outs)

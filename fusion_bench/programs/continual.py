@@ -95,7 +95,12 @@ def run_continual(config: Mapping[str, Any], program: Mapping[str, Any] | None =
 
     cfg = build_config(ProgramConfig, config, ignore=("hydra", "program"))
     pcfg = build_config(ContinualProgramConfig, program or {}, prefix="program")
-    method = method or build_method(cfg.method)
+    from fusion_bench.engine.devices import run_device_options
+    from fusion_bench.tracking import check_logging
+
+    check_logging(cfg.logging, cfg.output_dir)  # before any work: options, folder and packages
+    method_cfg, taskpool_cfg = run_device_options(cfg)
+    method = method or build_method(method_cfg)
     if not isinstance(method, ContinualMethod):
         from fusion_bench.methods import list_methods
 
@@ -105,7 +110,7 @@ def run_continual(config: Mapping[str, Any], program: Mapping[str, Any] | None =
         raise ConfigError("program=continual does not save merged models (one per step and order); drop "
                           "merged_model_path, or run program=fusion with the same method for the final model.")
     modelpool = modelpool or build_modelpool(cfg.modelpool)
-    taskpool = taskpool or build_taskpool(cfg.taskpool, device=cfg.device)
+    taskpool = taskpool or build_taskpool(taskpool_cfg, device=cfg.device)
     names = list(modelpool.model_names)
     if not names:
         raise ConfigError("program=continual: the model pool has no model besides '_pretrained_'.")
@@ -225,6 +230,12 @@ def _run(cfg, pcfg, config, program, method, modelpool, taskpool, orders, rep_pa
             json.dump(report, f, indent=2, default=str)
         report["report_path"] = rep_path
         log(f"report written to {rep_path}" + (f" (plot: {report['plot_path']})" if pcfg.plot else ""))
+    if cfg.logging:
+        from fusion_bench.tracking import log_run
+
+        logged = log_run(cfg.logging, report, output_dir=cfg.output_dir, log=log)
+        if logged:
+            report["logged"] = logged
     return report
 
 

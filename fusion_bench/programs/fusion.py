@@ -36,7 +36,19 @@ class ProgramConfig:
     modelpool: dict[str, Any] = option({}, help="The model pool group.")
     taskpool: dict[str, Any] = option({}, help="The task pool group.")
     seed: int = option(0, **SEED_RANGE, help="Global seed (torch, numpy, random) set before the method runs; written to the report.")
-    device: str = option("auto", help="Device for evaluation: auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    device: str = option("auto", help="Device for evaluation: auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...; a "
+                         "missing GPU falls back to the CPU (docs/logging_devices.md).")
+    devices: list[str] | str | None = option(
+        None, help="Several devices (docs/logging_devices.md): a list ([cuda:0,cuda:1]), auto (every visible GPU) or "
+        "a number of GPUs. The task pool evaluates across them (ensemble members round-robin, one model's batches "
+        "split) and ensemble methods place their members round-robin; pools and methods with their own "
+        "devices option keep it. null: the one device.")
+    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed"),
+                            help="Evaluation arithmetic of task pools that have the option: 32 (exact float32), "
+                            "bf16-mixed (bfloat16 autocast, works on CPU) or 16-mixed (float16 autocast, for GPUs).")
+    logging: dict[str, Any] = option(
+        {}, help="Experiment logging (docs/logging_devices.md): logging.tensorboard / logging.csv / logging.mlflow = "
+        "true, logging.dir, logging.run_name, logging.experiment, logging.tracking_uri, logging.artifacts.")
     dry_run: bool = option(False, help="Validate config and models, print the plan, and stop before merging.")
     merged_model_path: str | None = option(None, help="Save the merged model here (HF folder or .safetensors), atomically.")
     overwrite: bool = option(False, help="Replace an existing merged_model_path / report_path. Only outputs that "
@@ -112,9 +124,14 @@ def run_program(config: Mapping[str, Any] | ProgramConfig, *, modelpool=None, me
     they are built from the config groups.
     """
     cfg = build_config(ProgramConfig, config, ignore=("hydra",))
-    method = method or build_method(cfg.method)
+    from fusion_bench.engine.devices import run_device_options
+    from fusion_bench.tracking import check_logging
+
+    check_logging(cfg.logging, cfg.output_dir)  # before any work: options, folder and packages
+    method_cfg, taskpool_cfg = run_device_options(cfg)
+    method = method or build_method(method_cfg)
     modelpool = modelpool or build_modelpool(cfg.modelpool)
-    taskpool = taskpool or build_taskpool(cfg.taskpool, device=cfg.device)
+    taskpool = taskpool or build_taskpool(taskpool_cfg, device=cfg.device)
 
     # validation before any work
     if isinstance(method, TensorwiseMerge):
@@ -288,6 +305,12 @@ def _run_checked(cfg: ProgramConfig, config, method, modelpool, taskpool, stream
         table = format_table(report)
         if table:
             log(table)
+    if cfg.logging:
+        from fusion_bench.tracking import log_run
+
+        logged = log_run(cfg.logging, report, output_dir=cfg.output_dir, log=log)
+        if logged:
+            report["logged"] = logged
     return report
 
 

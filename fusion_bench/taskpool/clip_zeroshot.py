@@ -14,6 +14,7 @@ processor config, max_samples); both are kept in memory and on disk under ``cach
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import OrderedDict
@@ -101,10 +102,15 @@ class CLIPZeroShotTaskPoolConfig(TaskPoolConfig):
         None, help="Default caption templates for tasks without their own; null: a built-in generic set.")
     batch_size: int = option(256, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    devices: list[str] | str | None = option(
+        None, help="Evaluate across several devices (docs/logging_devices.md): a list ([cuda:0,cuda:1]), auto (every "
+        "visible GPU) or a number of GPUs; an ensemble's members go round-robin, one model's batches are split. "
+        "null: the one device.")
     precision: str = option(
-        "float32", choices=("float32", "bf16"),
-        help="Image-encoder arithmetic: float32 (exact reference numbers), or bf16 autocast (about 2x faster on "
-        "CPUs with AMX/AVX512-BF16 and on GPUs; accuracies can differ slightly from float32).")
+        "float32", choices=("float32", "bf16", "32", "32-true", "bf16-mixed", "16-mixed"),
+        help="Image-encoder arithmetic: float32 / 32 (exact reference numbers), or bf16 / bf16-mixed autocast "
+        "(about 2x faster on CPUs with AMX/AVX512-BF16 and on GPUs; accuracies can differ slightly from float32), "
+        "or 16-mixed (float16 autocast, for GPUs).")
     cache_dir: str | None = option(
         None, help="Cache folder for heads and preprocessed images; null: $FUSION_BENCH_CACHE or "
         "~/.cache/fusion_bench.")
@@ -387,16 +393,25 @@ class CLIPZeroShotTaskPool(PerTaskPool):
             model: the model to evaluate (see the class docstring).
             tasks: task names (default: every task of the pool).
         """
+        from fusion_bench.engine.devices import DevicePlan, resolve_devices
+
         tasks = self._check_tasks(tasks)
-        device = self.device
+        devices = resolve_devices(self.config.device, self.config.devices, key="taskpool.devices")
+        if len(devices) == 1 and isinstance(model, Ensemble) and model.member_devices:
+            devices = list(model.member_devices)  # the members stay where the ensemble method placed them
+        device = devices[0]
         members = list(model.members) if isinstance(model, Ensemble) else [model]
         combine = model.combine_logits if isinstance(model, Ensemble) else None
         parts = [self._member_parts(m) for m in members]
+        if len(devices) > 1:  # the pool's shared visual projection (small): one copy per member, each on its device
+            parts = [(v, copy.deepcopy(p)) for v, p in parts]
         scale = float(self.clip_model.logit_scale.exp())
         modes = [m.training for m in members]
         for m in members:
             m.eval()
-        moved = [(v.to(device), p.to(device)) for v, p in parts]
+        # members round-robin over the devices, or one member's batches split across them (engine/devices.py)
+        plan = DevicePlan([nn.ModuleList([v, p]) for v, p in parts], devices, self._precision())
+        moved = [(plan.members[i][0], plan.members[i][1]) for i in range(len(parts))]
         results: dict[str, dict[str, float]] = {}
         try:
             for task in tasks:
@@ -404,36 +419,48 @@ class CLIPZeroShotTaskPool(PerTaskPool):
                 data = self.images(task)
                 for i, (v, p) in enumerate(moved):
                     self._check_member(i, v, p, data.shape)
-                results[task] = self._evaluate_task(moved, combine, head, scale, data, device)
+                results[task] = self._evaluate_task(moved, combine, head, scale, data, device, plan)
         finally:
+            plan.release()
             for m, t in zip(members, modes):
                 m.train(t)
         return {"tasks": results, "average": average_metrics(results)}
 
+    def _precision(self) -> str:
+        from fusion_bench.engine.devices import parse_precision
+
+        return parse_precision(self.config.precision, key="taskpool.precision")
+
     def _evaluate_task(self, parts, combine, head: torch.Tensor, scale: float, data: PreprocessedImages,
-                       device: torch.device) -> dict[str, float]:
+                       device: torch.device, plan=None) -> dict[str, float]:
+        from fusion_bench.engine.devices import DevicePlan
+
         correct = 0
         loss_sum = 0.0
         labels = data.labels
         n = len(data)
         bs = self.config.batch_size
         dtypes = [next(v.parameters()).dtype for v, _ in parts]
-        amp = self.config.precision == "bf16"
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        if plan is None:
+            plan = DevicePlan([nn.ModuleList([v, p]) for v, p in parts], [device], self._precision())
+
+        def features(i: int, vp: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+            v, p = vp[0], vp[1]
+            try:
+                out = v(pixel_values=x)
+            except TypeError as e:
+                raise ModelMismatchError(
+                    f"Evaluated model {i} ({type(v).__name__}) does not take pixel_values ({e}); the "
+                    "clip_zeroshot task pool evaluates CLIP vision encoders.") from e
+            pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
+            return F.normalize(p(pooled).float(), dim=-1)
+
+        with torch.inference_mode():
             for s in range(0, n, bs):
                 x = data.batch(s, s + bs, device)
                 y = labels[s:s + bs].to(device)
-                zs = []
-                for i, ((v, p), dt) in enumerate(zip(parts, dtypes)):
-                    try:
-                        out = v(pixel_values=x.to(dt))
-                    except TypeError as e:
-                        raise ModelMismatchError(
-                            f"Evaluated model {i} ({type(v).__name__}) does not take pixel_values ({e}); the "
-                            "clip_zeroshot task pool evaluates CLIP vision encoders.") from e
-                    pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
-                    feats = F.normalize(p(pooled).float(), dim=-1)
-                    zs.append(scale * feats @ head.T)
+                feats = plan.map(features, x, prepare=lambda i, xc: xc.to(dtypes[i]))
+                zs = [scale * f.float() @ head.T for f in feats]
                 z = zs[0] if combine is None else combine(zs).float()
                 correct += int((z.argmax(-1) == y).sum())
                 loss_sum += float(F.cross_entropy(z, y, reduction="sum"))

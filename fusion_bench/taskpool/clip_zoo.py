@@ -33,6 +33,12 @@ class CLIPZooTaskPoolConfig(TaskPoolConfig):
                                     "e.g. gaussian_noise; null: the clean test split. Needs split=test.")
     batch_size: int = option(512, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    devices: list[str] | str | None = option(
+        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
+        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
+    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed", "float32", "bf16"),
+                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
+                            "(float16 autocast, for GPUs) for the image encoders.")
     cache_dir: str | None = option(None, help="Cache of heads and preprocessed images (null: $FUSION_BENCH_CACHE or "
                                    "~/.cache/fusion_bench).")
     use_cache: bool = option(True, help="Read and write the head and image caches.")
@@ -80,5 +86,6 @@ class CLIPZooTaskPool(CLIPZeroShotTaskPool):
                              "classnames": list(s.classnames), "templates": list(s.templates)}
         self.config_class = CLIPZeroShotTaskPoolConfig  # the parent validates the filled-in config
         super().__init__({"name": zc.name, "clip_model": str(self.zoo.pretrained_path), "tasks": spec_tasks,
-                          "batch_size": zc.batch_size, "device": zc.device, "cache_dir": zc.cache_dir,
+                          "batch_size": zc.batch_size, "device": zc.device, "devices": zc.devices,
+                          "precision": zc.precision, "cache_dir": zc.cache_dir,
                           "use_cache": zc.use_cache, "max_samples": zc.max_samples})

@@ -12,6 +12,7 @@ head) and the logits combined with the ensemble's rule.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ from fusion_bench.taskpool.base import (
     average_metrics,
     register_taskpool,
 )
-from fusion_bench.utils import resolve_device
 
 
 @dataclass
@@ -68,6 +68,12 @@ class ImageClassificationTaskPoolConfig(TaskPoolConfig):
         "processor object or a callable PIL image -> tensor. Required.")
     batch_size: int = option(128, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    devices: list[str] | str | None = option(
+        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
+        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
+    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed"),
+                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
+                            "(float16 autocast, for GPUs) for the forward passes.")
     cache_dir: str | None = option(None, help="Cache folder for preprocessed images; null: $FUSION_BENCH_CACHE or "
                                    "~/.cache/fusion_bench.")
     use_cache: bool = option(True, help="Read and write the preprocessed-image caches.")
@@ -239,30 +245,44 @@ class ImageClassificationTaskPool(PerTaskPool):
             model: a classifier, a feature extractor (with task heads) or an Ensemble of those.
             tasks: task names (default: every task of the pool).
         """
+        from fusion_bench.engine.devices import DevicePlan, parse_precision, resolve_devices
+
         tasks = self._check_tasks(tasks)
-        device = resolve_device(self.config.device)
+        devices = resolve_devices(self.config.device, self.config.devices, key="taskpool.devices")
+        if len(devices) == 1 and isinstance(model, Ensemble) and model.member_devices:
+            devices = list(model.member_devices)  # the members stay where the ensemble method placed them
+        device = devices[0]
         members = list(model.members) if isinstance(model, Ensemble) else [model]
         modes = [m.training for m in members]
         results: dict[str, dict[str, float]] = {}
+        plan = None
         try:
             for m in members:
-                m.to(device).eval()
+                m.eval()
+            # members round-robin over the devices, or one member's batches split across them (engine/devices.py)
+            plan = DevicePlan(members, devices, parse_precision(self.config.precision, "taskpool.precision"))
             kws = [_takes_pixel_values(m) for m in members]
             dtypes = [next(iter(m.parameters()), torch.empty(0)).dtype for m in members]
             for task in tasks:
                 head = self.head(task)
+                heads = {}
                 if head is not None:
                     head = head.to(device)
+                    heads = {d: head if d == device else copy.deepcopy(head).to(d) for d in set(devices)}
                 data = self.images(task)
                 labels = data.labels
                 names = class_names(self.dataset(task), self._columns[task][1])
                 correct, loss_sum, n = 0, 0.0, labels.numel()
+
+                def logits(i, m, x, head=head, heads=heads):
+                    return self._logits(m, heads.get(x.device, head), x, kws[i])
+
                 with torch.inference_mode():
                     for s in range(0, n, self.config.batch_size):
                         x = data.batch(s, s + self.config.batch_size, device)
                         y = labels[s:s + self.config.batch_size].to(device)
-                        zs = [self._logits(m, head, x.to(dt) if dt.is_floating_point else x, kw)
-                              for m, kw, dt in zip(members, kws, dtypes)]
+                        zs = plan.map(logits, x, prepare=lambda i, xc: xc.to(dtypes[i]) if dtypes[i].is_floating_point
+                                      else xc)
                         z = zs[0] if len(zs) == 1 and not isinstance(model, Ensemble) else model.combine_logits(zs)
                         if names is not None and z.shape[-1] != len(names):
                             raise ModelMismatchError(
@@ -275,6 +295,8 @@ class ImageClassificationTaskPool(PerTaskPool):
                         loss_sum += float(F.cross_entropy(z.float(), y, reduction="sum"))
                 results[task] = {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
         finally:
+            if plan is not None:
+                plan.release()
             for m, t in zip(members, modes):
                 m.train(t)
         return {"tasks": results, "average": average_metrics(results)}

@@ -19,6 +19,14 @@ from fusion_bench.methods.base import FusionMethod, FusionResult, MethodConfig, 
 from fusion_bench.models.ensemble import Ensemble
 
 
+@dataclass
+class EnsembleConfig(MethodConfig):
+    devices: list[str] | str | None = option(
+        None, help="Place the members round-robin on these devices (member i on devices[i % K]): a list "
+        "([cuda:0,cuda:1]), auto (every visible GPU) or a number of GPUs; a missing GPU falls back to the CPU. "
+        "null: the run's devices option, else where the pool loads them.")
+
+
 class _OutputEnsemble(FusionMethod):
     family = "ensemble"
     mode: ClassVar[str] = "mean"
@@ -34,6 +42,11 @@ class _OutputEnsemble(FusionMethod):
         weights = self.weights(names)
         members = {n: modelpool.load_model(n) for n in names}
         model = Ensemble(members, mode=self.mode, weights=weights)
+        placed = None
+        if getattr(self.config, "devices", None) not in (None, [], ()):
+            from fusion_bench.engine.devices import resolve_devices
+
+            placed = [str(d) for d in model.place(resolve_devices("auto", self.config.devices, key="method.devices"))]
         first = members[names[0]]
         one = sum(p.numel() for p in first.parameters())
         total = sum(p.numel() for m in members.values() for p in m.parameters())
@@ -41,6 +54,8 @@ class _OutputEnsemble(FusionMethod):
                  "parameters": {"total": total, "per_member": one}}
         if weights is not None:
             extra["weights"] = weights
+        if placed is not None:
+            extra["member_devices"] = placed
         return FusionResult("ensemble", model=model, metadata=self._metadata(t0, **extra))
 
 
@@ -53,18 +68,18 @@ class SimpleEnsemble(_OutputEnsemble):
     logits (not probabilities).
 
     Args:
-        config: none (no options).
+        config: :class:`EnsembleConfig` (devices).
     """
 
     name = "simple_ensemble"
-    config_class: ClassVar = MethodConfig
+    config_class: ClassVar = EnsembleConfig
     summary = "Ensemble: the average of the members' outputs (logits)."
     variant = "z(x) = (1/M) sum_m z_m(x): uniform mean of the members' logits."
     mode = "mean"
 
 
 @dataclass
-class WeightedEnsembleConfig(MethodConfig):
+class WeightedEnsembleConfig(EnsembleConfig):
     weights: list[float] = option([], ge=-1e3, le=1e3, help="One weight per member, in the pool's order (empty: uniform).")
     normalize: bool = option(True, help="Divide the weights by their sum.")
 
@@ -77,7 +92,7 @@ class WeightedEnsemble(_OutputEnsemble):
     z(x) = sum_m w_m z_m(x) on logits, w divided by sum(w) when ``normalize``.
 
     Args:
-        config: :class:`WeightedEnsembleConfig` (weights, normalize).
+        config: :class:`WeightedEnsembleConfig` (weights, normalize, devices).
     """
 
     name = "weighted_ensemble"
@@ -107,11 +122,11 @@ class MaxModelPredictor(_OutputEnsemble):
     the first member in pool order).
 
     Args:
-        config: none (no options).
+        config: :class:`EnsembleConfig` (devices).
     """
 
     name = "max_model_predictor"
-    config_class: ClassVar = MethodConfig
+    config_class: ClassVar = EnsembleConfig
     summary = "Ensemble: per example, the member with the highest maximum softmax probability."
     variant = ("Per example x: z(x) = z_{m*}(x), m* = argmax_m max_c softmax(z_m(x))_c (first member on ties).")
     mode = "max_confidence"
