@@ -846,3 +846,25 @@ def test_stats_on_several_workers_equal_one(tmp_path_factory, tmp_path):
     assert outs[0].keys() == outs[1].keys()
     for k in outs[0]:
         assert torch.equal(outs[0][k], outs[1][k]), k
+
+
+def test_tie_break_index_stats_from_row_blocks(tmp_path_factory, tmp_path):
+    """With --tie-break index on a bf16 merge the engine builds the trim from row-block histograms (no whole
+    tensor held): the same merge as the whole-tensor path, bit for bit."""
+    from fusion_bench.engine.streaming import merge_to_folder, plan_merge
+
+    z = save_zoo(tmp_path_factory.mktemp("tbb"), "llama", n=3, dtype=torch.bfloat16)
+    for method in ("ties", "breadcrumbs_ties"):
+        doc = {"merge_method": method, "base_model": z["_pretrained_"], "dtype": "bfloat16",
+               "parameters": {"density": 0.3, "lambda": 0.9, **({"gamma": 0.05} if "bread" in method else {})},
+               "models": [{"model": z[f"ft{i}"], "parameters": {"weight": 0.4}} for i in range(3)]}
+        outs = []
+        for be in (64, 1 << 30):
+            plan = load_mergekit_config(doc, tie_break="index")
+            p = plan_merge(plan.method, plan.pool, block_elements=be)
+            assert any(j.stats_blocks for j in p.jobs) == (be == 64)
+            out = tmp_path / f"{method}_{be}"
+            merge_to_folder(plan.method, plan.pool, out, block_elements=be, progress=False)
+            outs.append(load_sd(out))
+        for k in outs[0]:
+            assert torch.equal(outs[0][k], outs[1][k]), (method, k)

@@ -329,3 +329,27 @@ def test_rank_band_bit_histogram_path(kind):
         # blocks see the same band
         blocks = torch.cat([K.rank_band_mask(x[s:s + 20000], band, offset=s) for s in range(0, n, 20000)])
         assert torch.equal(blocks | (x == 0) if band[2] and band[2][-1][0] == 0.0 else blocks, m)
+
+
+@pytest.mark.parametrize("r", [(0, 0.2), (0.01, 0.3), (0, 1.0), (0.5, 1.0)])
+def test_ordinal_band_from_block_histograms(r):
+    """Histograms of row blocks summed, then masks applied block by block with running tie ordinals: exactly the
+    ranks of a stable descending sort of the magnitudes (the lower flat index first among ties)."""
+    from fusion_bench.kernels.merging import sparsify as K
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(50_000, generator=g) * 0.01).bfloat16()
+    x[::13] = 0
+    n = x.numel()
+    r0, r1 = int(r[0] * n), int(r[1] * n)
+    blocks = [x[s:s + 4096] for s in range(0, n, 4096)]
+    counts = sum(K.bf16_magnitude_histogram(b) for b in blocks)
+    assert int(counts.sum()) == n
+    band = K.ordinal_band(counts, r0, r1)
+    seen = [0] * len(band[2])
+    m = torch.cat([K.ordinal_band_mask(b, band, seen) for b in blocks])
+    ref = torch.zeros(n, dtype=torch.bool)
+    ref[torch.sort(-x.float().abs(), stable=True).indices[r0:r1]] = True
+    zero = x == 0
+    assert torch.equal(m & ~zero, ref & ~zero)
+    assert int((m & ~zero).sum()) == int((ref & ~zero).sum())

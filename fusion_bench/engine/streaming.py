@@ -17,6 +17,10 @@ at that index: ``merge_one`` is applied to each block), or the block protocol:
 - ``block_stats(key, base, tensor, name) -> stat`` (optional): a statistic of one model's whole
   tensor (e.g. a magnitude threshold), computed before any block; the engine reads one model at
   a time and passes the tensors in their stored dtype (the method chunks its own arithmetic);
+- ``stats_from_blocks(key, dtype) -> bool``, ``block_stats_partial(key, base, block, name) -> part`` and
+  ``combine_block_stats(key, parts, name) -> stat`` (optional): when the first says so, the statistic
+  is built from row blocks instead (one partial per block, in any order, combined when a model's
+  last block is in), so no whole tensor is held (e.g. a magnitude histogram);
 - ``merge_block(key, base, tensors, names, ctx, rows) -> tensor``: merge rows ``[rows[0],
   rows[1])`` given ``ctx`` (:class:`BlockContext`: ``stats`` per model and ``state``); inputs in
   the compute dtype. Blocks are visited in row order.
@@ -191,6 +195,7 @@ class Job:
     tail_from: str | None = None
     blocks: list[tuple[int, int]] | None = None
     stats: bool = False
+    stats_blocks: bool = False  # the stats come from row blocks (method.stats_from_blocks), not whole tensors
     in_dtype: torch.dtype | None = None
     protocol: bool = False  # merged with the method's merge_block (else merge_one per block)
     scale: float | None = None  # copy mode: the copied tensor times this (float32/float64 arithmetic)
@@ -255,6 +260,8 @@ class BlockContext:
     state: Any = None
     #: stats computed so far (the engine's bookkeeping: stats of one tensor may run on several workers)
     done: int = 0
+    #: per model, the partial stats of its row blocks (methods with ``stats_from_blocks``)
+    partials: dict[int, list[Any]] = field(default_factory=dict)
 
 
 def _blockable(method: Any) -> tuple[bool, bool]:
@@ -334,7 +341,7 @@ def plan_merge(method: Any, pool: ModelPool, *, block_elements: int = DEFAULT_BL
             unit_elems = unit_rows * row_elems
             # native inputs in the queue and in hand, their float32 copies, the method's workspace
             unit = unit_elems * n_in * 4 * (prefetch + 2 * DEFAULT_WORKERS + 1)
-            if j.stats:
+            if j.stats and not j.stats_blocks:
                 full = rows * row_elems
                 unit = max(unit, full * (dtype_size(in_dt) * 2 * (prefetch + DEFAULT_WORKERS) + 4 * 4 * DEFAULT_WORKERS))
         peak_unit = max(peak_unit, unit)
@@ -416,8 +423,10 @@ def _plan_tensorwise(method: Any, pool: ModelPool, readers: dict[str, Any], plan
         elif shape and merge_rows is not None:
             blocks = [(0, merge_rows)]
         use_blocks = blocks is not None and len(blocks) > 1
+        from_blocks = getattr(method, "stats_from_blocks", None)
+        stats_blocks = stats and use_blocks and callable(from_blocks) and bool(from_blocks(k, in_dtype))
         plan.jobs.append(Job(k, shape, dt, "merge", inputs, merge_rows=merge_rows, tail_from=tail_from,
-                             blocks=blocks, stats=stats and use_blocks, in_dtype=in_dtype,
+                             blocks=blocks, stats=stats and use_blocks, stats_blocks=stats_blocks, in_dtype=in_dtype,
                              protocol=use_blocks and callable(getattr(method, "merge_block", None))))
         big = rows * row_elems > block_elements and not can_block
         if big and len(plan.notes) < 50:
@@ -589,7 +598,13 @@ def _units(plan: MergePlan, readers: dict[str, Any], base: str | None, names: li
                 yield ("copy", j, 0, r.read(src_key))
             continue
         key_of = j.inputs
-        if j.stats:
+        if j.stats and j.stats_blocks:  # one unit per (row block, model); the base block is read once
+            for rows in j.blocks:
+                b = readers[base].read(key_of[base], rows) if base is not None else None
+                for i, n in enumerate(names):
+                    yield ("stats", j, i, b, readers[n].read(key_of[n], rows))
+                del b
+        elif j.stats:
             full = (0, j.merge_rows) if j.merge_rows is not None else None
             b = readers[base].read(key_of[base], full) if base is not None else None
             for i, n in enumerate(names):
@@ -660,7 +675,17 @@ class _Runner:
             name = self.names[i]
             _check_finite(job.key, [name], [t])
             ctx = self._context(job)
-            stat = m.block_stats(job.key, b, t, name)
+            if job.stats_blocks:  # a partial statistic of one row block; the last one of a model combines them
+                part = m.block_stats_partial(job.key, b, t, name)
+                with self.cond:
+                    parts = ctx.partials.setdefault(i, [])
+                    parts.append(part)
+                    complete = len(parts) == len(job.blocks)
+                if not complete:
+                    return
+                stat = m.combine_block_stats(job.key, parts, name)
+            else:
+                stat = m.block_stats(job.key, b, t, name)
             with self.cond:
                 ctx.stats[i] = stat
                 ctx.done += 1

@@ -277,6 +277,69 @@ def _rank_band_bits(tau: torch.Tensor, r0: int, r1: int) -> Band:
     return lo_v, hi_v, tuple(windows)
 
 
+# ---- the same ranks from row blocks: a histogram per block, ordinals among ties counted while merging ------
+#: a kept rank range from a magnitude histogram: (lo, hi, windows): entries with lo < |tau| < hi, plus, for each
+#: window (value, first, end), the entries with |tau| == value whose ordinal among those entries (in flat order,
+#: 0-based) is in [first, end)
+OrdinalBand = tuple[float, float, tuple[tuple[float, int, int], ...]]
+
+
+def bf16_magnitude_histogram(tau: torch.Tensor) -> torch.Tensor:
+    """Counts of |tau| per bfloat16 magnitude (32768 buckets: the 15 magnitude bits) of a bfloat16-valued tensor
+    (bfloat16, or float32 holding bfloat16 values: the conversion is exact). Histograms of row blocks add up to
+    the whole tensor's."""
+    t = tau if tau.dtype == torch.bfloat16 else tau.to(torch.bfloat16)
+    return torch.bincount(t.reshape(-1).view(torch.int16).bitwise_and(0x7FFF), minlength=1 << 15)
+
+
+def ordinal_band(counts: torch.Tensor, r0: int, r1: int) -> OrdinalBand:
+    """Ranks [r0, r1) of |tau| (descending, ties by lower flat index) as an :data:`OrdinalBand`, from the
+    bfloat16 magnitude histogram of the whole tensor (:func:`bf16_magnitude_histogram`, summed over blocks)."""
+    counts = counts.to(torch.int64)
+    n = int(counts.sum())
+    r0, r1 = max(r0, 0), min(r1, n)
+    if r1 <= r0:
+        return math.inf, math.inf, ()
+    at_or_above = torch.flip(torch.cumsum(torch.flip(counts, (0,)), 0), (0,))
+
+    def kth(k: int) -> tuple[int, int, int]:  # (bucket, #entries above it, #entries in it) of the k-th largest
+        b = int((at_or_above >= k).nonzero()[-1])
+        return b, int(at_or_above[b]) - int(counts[b]), int(counts[b])
+
+    def val(b: int) -> float:
+        return float(torch.tensor([b], dtype=torch.int16).view(torch.bfloat16))
+
+    hi, lo = kth(r0 + 1), kth(r1)
+    windows = []
+    for b, gt, eq in ((hi,) if hi[0] == lo[0] else (hi, lo)):
+        v = val(b)
+        first, end = max(r0 - gt, 0), min(r1 - gt, eq)
+        windows.append((v, 0, eq) if v == 0.0 else (v, first, end))  # zeros: kept or not changes nothing
+    return val(lo[0]), val(hi[0]), tuple(windows)
+
+
+def ordinal_band_mask(tau: torch.Tensor, band: OrdinalBand, seen: list[int]) -> torch.Tensor:
+    """Mask of the entries of ``band`` in ``tau``, the next row block of the tensor in flat order; ``seen[w]``
+    counts the entries equal to window w's value in the blocks before (updated here, so blocks must come in
+    order)."""
+    lo, hi, windows = band
+    a = tau.abs().float()
+    m = (a > lo) & (a < hi)
+    fm, fa = m.view(-1), a.reshape(-1)
+    for w, (v, first, end) in enumerate(windows):
+        eq = fa == v
+        c = int(eq.sum())
+        s0 = seen[w]
+        if c and s0 < end and s0 + c > first:
+            if first <= s0 and s0 + c <= end:
+                fm |= eq
+            else:
+                ordinal = torch.cumsum(eq, 0).sub_(1 - s0)
+                fm |= eq & (ordinal >= first) & (ordinal < end)
+        seen[w] = s0 + c
+    return m
+
+
 def rank_band_mask(tau: torch.Tensor, band: Band, offset: int = 0) -> torch.Tensor:
     """Mask of the entries of ``band`` in ``tau``, a block whose first entry has flat index ``offset``."""
     lo, hi, windows = band

@@ -162,7 +162,9 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
         if c.sparsification in ("magnitude", "breadcrumbs"):
             if stat is None:
                 stat = self._stat(key, tau, name, density, gamma, epsilon)
-            if c.tie_break == "mergekit":
+            if "ord_band" in stat:  # from row-block histograms: ordinals among ties counted block by block
+                out = tau * K.ordinal_band_mask(tau, stat["ord_band"], stat["seen"])
+            elif c.tie_break == "mergekit":
                 lo, hi, ties = stat["kept"]
                 out = tau * K.kept_mask(tau, lo, hi, ties, offset)
             elif c.tie_break == "index":
@@ -250,6 +252,35 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
         i = names.index(name)
         cd = self.compute_dtype(base.dtype)  # the engine passes the checkpoint dtype; merge_block gets cd
         return self._stat(key, self._tau(tensor.to(cd), base.to(cd)), name, dens[i], gammas[i], epss[i])
+
+    # statistics from row blocks (bounded memory): the lower-index trim of a bfloat16-valued task vector is
+    # decided by its magnitude histogram, which the blocks' histograms add up to
+    def stats_from_blocks(self, key: str, dtype: torch.dtype) -> bool:
+        c = self.config
+        bf16_tau = self.compute_dtype(dtype) == torch.bfloat16 or c.task_vector_dtype == "bfloat16"
+        return (c.tie_break == "index" and c.sparsification in ("magnitude", "breadcrumbs") and not self._l1()
+                and bf16_tau)
+
+    def block_stats_partial(self, key: str, base: torch.Tensor, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        cd = self.compute_dtype(base.dtype)
+        return K.bf16_magnitude_histogram(self._tau(tensor.to(cd), base.to(cd)))
+
+    def combine_block_stats(self, key: str, partials: list[torch.Tensor], name: str) -> dict[str, Any] | None:
+        names = list(self._block_names) if getattr(self, "_block_names", None) else [name]
+        _, dens = self.params(key, names)
+        gammas, _, _ = self.extras(key, names)
+        i = names.index(name)
+        if dens[i] >= 1.0:
+            return None
+        counts = torch.stack(partials).sum(0)
+        n = int(counts.sum())
+        if self.config.sparsification == "magnitude":
+            r0, r1 = 0, K.magnitude_k(n, dens[i])
+        else:
+            n_top, n_keep = K.breadcrumbs_counts(n, dens[i], gammas[i])
+            r0, r1 = n_top, n_top + n_keep
+        band = K.ordinal_band(counts, r0, r1)
+        return {"ord_band": band, "seen": [0] * len(band[2])}
 
     def begin_blocks(self, key: str, shape: tuple[int, ...], names: list[str]) -> list[torch.Generator | None]:
         self._block_names = list(names)
