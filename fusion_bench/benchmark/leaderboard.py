@@ -43,7 +43,6 @@ import io
 import json
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,14 +104,23 @@ def select_scaling_factor(method_cls: type, pool, val_taskpool, grid: Sequence[f
     for v in values:
         rep = run_program({"print_table": False, "seed": 0}, modelpool=pool, method=method_cls({**(options or {}), TUNED_OPTION: v}),
                           taskpool=val_taskpool, log=lambda s: None)
-        accs = _per_task_acc(rep.get("evaluation", {}))
-        missing = [t for t in val_taskpool.tasks if t not in accs]
-        if missing:
-            raise FusionBenchError(f"tuning {method_cls.name}: no validation accuracy for task '{missing[0]}'.")
-        scores[v] = sum(accs[t] for t in val_taskpool.tasks) / len(val_taskpool.tasks)
-    best = max(values, key=lambda v: (scores[v], -v))
-    return {TUNED_OPTION: best, "grid": values, "validation_average": scores,
+        scores[v] = _validation_average(rep, val_taskpool.tasks, method_cls.name)
+    return {TUNED_OPTION: _best_value(scores), "grid": values, "validation_average": scores,
             "tuning_time_s": round(time.perf_counter() - t0, 2)}
+
+
+def _validation_average(report: dict[str, Any], tasks: Sequence[str], method: str) -> float:
+    """The average validation accuracy of one tuning run over ``tasks`` (an error names a missing task)."""
+    accs = _per_task_acc(report.get("evaluation", {}))
+    missing = [t for t in tasks if t not in accs]
+    if missing:
+        raise FusionBenchError(f"tuning {method}: no validation accuracy for task '{missing[0]}'.")
+    return sum(accs[t] for t in tasks) / len(tasks)
+
+
+def _best_value(scores: dict[float, float]) -> float:
+    """The grid value with the best validation average, ties broken toward the smaller value."""
+    return max(scores, key=lambda v: (scores[v], -v))
 
 
 def applicability(method_cls: type, names: list[str], has_pretrained: bool) -> str | None:
@@ -222,12 +230,135 @@ def _row(name: str, kind: str, accs: dict[str, float], tasks: list[str], finetun
             "normalized": norm, **extra}
 
 
+REFERENCE_JOB = "_references_"
+
+
+def evaluate_references(pool, taskpool) -> dict[str, Any]:
+    """The reference rows' evaluations: the pretrained model on every task, each fine-tuned model on its own
+    task (one job; ``evaluation_time_one_model_s``: the pretrained model's evaluation wall time)."""
+    from fusion_bench.methods.base import FusionResult
+    from fusion_bench.programs.fusion import evaluate_result
+    from fusion_bench.utils import measure
+
+    with measure() as em:
+        pre_rep = taskpool.evaluate(pool.load_pretrained_model())
+    ft_models = {t: pool.load_model(t) for t in pool.model_names}
+    ft_rep = evaluate_result(FusionResult("per_task", models=ft_models), taskpool)
+    return {"pretrained": pre_rep, "finetuned": ft_rep, "evaluation_time_one_model_s": em.wall_time_s}
+
+
+class _JobPlan:
+    """The leaderboard's jobs. Per method: one run on the test split with its options; or, when tuned, one run
+    on the validation split per grid value, then (once all of them are done) the run on the test split with the
+    value selected. Jobs are plain data (:func:`fusion_bench.benchmark.executors.make_job`), seeded 0."""
+
+    def __init__(self, track: str, zoo_opts: dict[str, Any], root: str, test_opts: dict[str, Any],
+                 max_samples: int | None, val_max_samples: int | None, grid: list[float] | None,
+                 method_options: dict[str, dict[str, Any]], reports_dir: Path, fingerprint: str, tasks: list[str],
+                 log: Callable[[str], None]):
+        self.track = track
+        self.pool_cfg = {**zoo_opts, "root": root}
+        self.test_cfg = {**self.pool_cfg, "max_samples": max_samples, **test_opts}
+        self.val_cfg = {**self.pool_cfg, "split": "validation", "max_samples": val_max_samples or max_samples}
+        self.grid, self.options, self.reports_dir = grid, method_options, reports_dir
+        self.fingerprint, self.tasks, self.log = fingerprint, tasks, log
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.tune_jobs: dict[str, dict[float, dict[str, Any]]] = {}
+        self.final: dict[str, dict[str, Any]] = {}
+        self.tuned: dict[str, dict[str, Any]] = {}
+        self.tune_errors: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+
+    def _job(self, purpose: str, name: str, options: dict[str, Any], label: str) -> dict[str, Any]:
+        from fusion_bench.benchmark.executors import make_job
+
+        final = purpose == "final"
+        job = make_job(purpose, name, options, self.track, self.pool_cfg, self.test_cfg if final else self.val_cfg,
+                       seed=0, report_path=str(self.reports_dir / f"{name}.json") if final else None, label=label,
+                       zoo_fingerprint=self.fingerprint)
+        self.jobs[job["key"]] = job
+        if final:
+            self.final[name] = job
+        return job
+
+    def reference_job(self) -> dict[str, Any]:
+        """The job that evaluates the pretrained model and each fine-tuned model on its own task."""
+        from fusion_bench.benchmark.executors import make_job
+
+        self.reference = make_job("reference", REFERENCE_JOB, {}, self.track, self.pool_cfg, self.test_cfg,
+                                  label="references (pretrained, fine-tuned)", zoo_fingerprint=self.fingerprint)
+        self.jobs[self.reference["key"]] = self.reference
+        return self.reference
+
+    def first_jobs(self, names: list[str]) -> list[dict[str, Any]]:
+        from fusion_bench.methods import get_method_class
+
+        out = []
+        for name in names:
+            opts = dict(self.options.get(name, {}))
+            if self.grid is not None and tunable(get_method_class(name)):
+                self.tune_jobs[name] = {v: self._job("tune", name, {**opts, TUNED_OPTION: v},
+                                                     f"{name} {TUNED_OPTION}={v:g} (validation)") for v in self.grid}
+                out += self.tune_jobs[name].values()
+            else:
+                out.append(self._job("final", name, opts, name))
+        return out
+
+    def then(self, job: dict[str, Any], result: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Follow-up jobs once ``job`` is done: the final run of a method whose tuning runs are all done."""
+        name = job["method"]
+        if job["purpose"] != "tune" or name in self.final or name in self.tune_errors:
+            return []
+        sweep = self.tune_jobs[name]
+        if any(j["key"] not in results for j in sweep.values()):
+            return []
+        scores: dict[float, float] = {}
+        for v, j in sweep.items():
+            res = results[j["key"]]
+            if res["status"] != "ok":
+                self.tune_errors[name] = (j, res)
+                return []
+            try:
+                scores[v] = _validation_average(res["report"], self.tasks, name)
+            except FusionBenchError as e:
+                self.tune_errors[name] = (j, {"status": "error", "error": str(e), "user_error": True,
+                                              "error_type": type(e).__name__})
+                return []
+        best = _best_value(scores)
+        self.tuned[name] = {TUNED_OPTION: best, "grid": list(sweep), "validation_average": scores,
+                            "tuning_time_s": round(sum(results[j["key"]].get("wall_time_s") or 0
+                                                       for j in sweep.values()), 2)}
+        self.log(f"leaderboard: {name} {TUNED_OPTION} on validation: " + ", ".join(
+            f"{v:g}: {_pct(a).strip()}" for v, a in scores.items())
+            + f" -> {best:g} ({self.tuned[name]['tuning_time_s']:.1f}s)")
+        return [self._job("final", name, {**self.options.get(name, {}), TUNED_OPTION: best}, f"{name} (λ={best:g})")]
+
+    def errors(self, name: str, results: dict[str, dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """[(job, error result)] of the method's failed jobs (its tuning runs, or its final run); [] when none."""
+        sweep = list(self.tune_jobs.get(name, {}).values())
+        out = [(j, results[j["key"]]) for j in sweep if results[j["key"]]["status"] != "ok"]
+        if name in self.tune_errors and not out:  # every run worked but a validation accuracy is missing
+            out.append(self.tune_errors[name])
+        if name in self.final and results[self.final[name]["key"]]["status"] != "ok":
+            out.append((self.final[name], results[self.final[name]["key"]]))
+        return out
+
+    def ensure_report(self, name: str, result: dict[str, Any]) -> None:
+        """A final run's report under ``reports/`` (a result taken from the job cache may not have one there)."""
+        path = Path(self.final[name]["report_path"])
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, "w") as f:
+                json.dump(result["report"], f, indent=2, default=str)
+
+
 def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Path = "leaderboard",
                     methods: list[str] | None = None, max_samples: int | None = None,
                     corruption: str | None = None, log: Callable[[str], None] | None = None,
                     tune: bool = False, tune_grid: Sequence[float] | None = None, track: str = "clip",
                     variant: str = "full", val_max_samples: int | None = None,
-                    method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                    method_options: dict[str, dict[str, Any]] | None = None, executor: str | Any = "sequential",
+                    jobs: int | None = None, ray_address: str | None = None, threads: int | None = None,
+                    resume: bool = True) -> dict[str, Any]:
     """Run the leaderboard and write its tables and plot; return the JSON document.
 
     Args:
@@ -246,10 +377,17 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
         val_max_samples: validation examples per task when tuning (default: ``max_samples``).
         method_options: {method: {option: value}} given to those methods on top of the track's own options
             (CLI ``--set METHOD.KEY=VALUE``); recorded in each row's hyperparameters.
+        executor: where the jobs (one per method, and per grid value when tuning) run: ``sequential`` (here,
+            one after another), ``process`` (local worker processes) or ``ray`` (a local Ray instance, or the
+            cluster at ``ray_address``); or an executor object of :mod:`fusion_bench.benchmark.executors`
+            (left open). The table is the same whichever runs it.
+        jobs: jobs run at once (parallel executors; default: one per core).
+        ray_address: the Ray cluster to use (``ray`` only; default: a local instance).
+        threads: torch threads of each job (default: cores / jobs for a parallel executor, unchanged otherwise).
+        resume: use the results of jobs finished by an earlier run into the same ``out`` (``out/jobs``, keyed by
+            a hash of each job's configuration); False runs every job again.
     """
     from fusion_bench.methods import get_method_class, list_methods
-    from fusion_bench.programs.fusion import evaluate_result, run_program
-    from fusion_bench.utils import measure
 
     if track not in TRACKS:
         raise ConfigError(f"leaderboard --track {track!r} is unknown; choose clip or text.{did_you_mean(track, TRACKS)}")
@@ -296,17 +434,38 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     tasks = taskpool.tasks
     names = pool.model_names
 
-    # references ------------------------------------------------------------------------------
-    from fusion_bench.methods.base import FusionResult
+    # jobs: the reference rows, then one per (method, grid value) ------------------------------
+    from fusion_bench.benchmark import executors as ex
 
-    with measure() as em:
-        pre_rep = taskpool.evaluate(pool.load_pretrained_model())
-    eval_time_one_model = em.wall_time_s
-    pre_acc = _per_task_acc(pre_rep)
-    ft_models = {t: pool.load_model(t) for t in names}
-    ft_rep = evaluate_result(FusionResult("per_task", models=ft_models), taskpool)
-    ft_acc = _per_task_acc(ft_rep)
-    del ft_models
+    skipped: dict[str, str] = {}
+    runnable: list[str] = []
+    for name in chosen:
+        why = applicability(get_method_class(name), names, pool.has_pretrained)
+        if why is not None:
+            skipped[name] = why
+            log(f"leaderboard: skip {name}: {why}")
+        else:
+            runnable.append(name)
+    plan = _JobPlan(track, zoo_opts, str(pool.zoo.root), test_opts, max_samples, val_max_samples, grid,
+                    method_options, out / "reports", ex.zoo_fingerprint(pool.zoo), tasks, log)
+    # the sequential executor runs on the objects built above (their caches of heads and images shared)
+    ex.register_context(track, plan.pool_cfg, pool, plan.test_cfg, taskpool)
+    runner = ex.make_executor(executor, jobs, ray_address, threads) if isinstance(executor, str) else executor
+    stats: dict[str, int] = {}
+    try:
+        results = ex.run_jobs([plan.reference_job(), *plan.first_jobs(runnable)], runner, out / ex.JOBS_DIR, log,
+                              stats, then=plan.then, reuse=resume)
+    finally:
+        if isinstance(executor, str):
+            runner.close()
+        ex.clear_context()
+
+    # references: the pretrained model, and each fine-tuned model on its own task
+    ref = results[plan.reference["key"]]
+    if ref["status"] != "ok":
+        raise FusionBenchError(f"leaderboard: evaluating the zoo's pretrained and fine-tuned models failed: {ref['error']}")
+    pre_acc, ft_acc = _per_task_acc(ref["report"]["pretrained"]), _per_task_acc(ref["report"]["finetuned"])
+    eval_time_one_model = ref["report"]["evaluation_time_one_model_s"]
     one_model = _params(pool)
     rows = [_row(PRETRAINED_ROW, "reference", pre_acc, tasks, ft_acc, merge_time_s=0.0, peak_rss_mb=None,
                  extra_parameters=0, extra_storage_bytes=0, data="none",
@@ -319,41 +478,23 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     log(f"leaderboard: pretrained {100 * rows[0]['average']:.2f}, fine-tuned {100 * rows[1]['average']:.2f} "
         f"(one model on {len(tasks)} tasks evaluated in {eval_time_one_model:.1f}s)")
 
-    # methods ---------------------------------------------------------------------------------
-    skipped: dict[str, str] = {}
-    reports_dir = out / "reports"
-    val_taskpool = None  # built on the first method that is tuned
-    for name in chosen:
+    failed: list[dict[str, Any]] = []
+    for name in runnable:
         cls = get_method_class(name)
-        why = applicability(cls, names, pool.has_pretrained)
-        if why is not None:
-            skipped[name] = why
-            log(f"leaderboard: skip {name}: {why}")
+        errors = plan.errors(name, results)
+        if errors:
+            job, res = errors[0]
+            what = f"{job['label']}: " if job["purpose"] == "tune" else ""
+            skipped[name] = (f"failed on the zoo: {what}{res['error']}" if res.get("user_error")
+                             else f"error: {what}{res['error']}")
+            failed += [{"method": name, "kind": cls.family, "job": job["key"], "label": job["label"],
+                        "split": job["taskpool"].get("split", "test"), "options": job["options"],
+                        "error": res["error"], "error_type": res.get("error_type")} for job, res in errors]
+            log(f"leaderboard: {name} failed: {skipped[name]}")
             continue
-        tuned: dict[str, Any] | None = None
-        try:
-            if grid is not None and tunable(cls):
-                if val_taskpool is None:
-                    val_taskpool = TaskPoolClass({**zoo_opts, "split": "validation",
-                                                  "max_samples": val_max_samples or max_samples})
-                tuned = select_scaling_factor(cls, pool, val_taskpool, grid, method_options.get(name))
-                log(f"leaderboard: {name} {TUNED_OPTION} on validation: " + ", ".join(
-                    f"{v:g}: {_pct(a).strip()}" for v, a in tuned["validation_average"].items())
-                    + f" -> {tuned[TUNED_OPTION]:g} ({tuned['tuning_time_s']:.1f}s)")
-            opts = dict(method_options.get(name, {}))
-            method = cls({**opts, TUNED_OPTION: tuned[TUNED_OPTION]}) if tuned else cls(opts)
-            # overwrite: a rerun refreshes its own reports (only fusion_bench reports are ever replaced)
-            rep = run_program({"print_table": False, "report_path": str(reports_dir / f"{name}.json"), "seed": 0,
-                               "overwrite": True},
-                              modelpool=pool, method=method, taskpool=taskpool, log=lambda s: None)
-        except FusionBenchError as e:
-            skipped[name] = f"failed on the zoo: {e}"
-            log(f"leaderboard: {name} failed: {e}")
-            continue
-        except Exception as e:  # a method bug must not stop the other methods; it is reported
-            skipped[name] = f"error: {type(e).__name__}: {e}"
-            log(f"leaderboard: {name} raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
-            continue
+        tuned = plan.tuned.get(name)
+        rep = results[plan.final[name]["key"]]["report"]
+        plan.ensure_report(name, results[plan.final[name]["key"]])
         cost = rep.get("cost", {})
         data = _data_used(rep, cls.uses_data)
         extra: dict[str, Any] = {}
@@ -378,10 +519,12 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     doc = {"zoo": {"track": track, "scale": scale, "root": str(pool.zoo.root), "corruption": corruption,
                    "max_samples": max_samples, **({"variant": variant, "val_max_samples": val_max_samples or max_samples}
                                                   if track == "text" else {})},
-           "tasks": tasks, "rows": rows, "skipped": skipped,
+           "tasks": tasks, "rows": rows, "skipped": skipped, "failed": failed,
            "tune": {"option": TUNED_OPTION, "grid": grid, "split": "validation"} if grid is not None else None,
            "evaluation_time_one_model_s": round(eval_time_one_model, 2),
-           "total_time_s": round(time.perf_counter() - t_start, 2)}
+           "total_time_s": round(time.perf_counter() - t_start, 2),
+           "execution": {"executor": runner.name, "parallel_jobs": runner.jobs, "threads_per_job": runner.threads,
+                         "jobs": stats, "jobs_folder": str(out / ex.JOBS_DIR)}}
     add_gain_kept(doc)
     doc["order_vs_fusionbench"] = order_vs_fusionbench(doc)
     if track == "text":
@@ -432,7 +575,9 @@ def combine_leaderboards(dirs: Sequence[str | Path], out: str | Path) -> dict[st
         g = (doc.get("tune") or {}).get("grid")
         if g is not None and g not in grids:
             grids.append(g)
+    failed = [f for doc in docs for f in doc.get("failed") or [] if f["method"] not in rows]
     combined = {**base, "rows": list(rows.values()), "skipped": {k: v for k, v in skipped.items() if k not in rows},
+                "failed": failed,
                 "tune": ({"option": TUNED_OPTION, "grid": grids[0] if len(grids) == 1 else None, "grids": grids,
                           "split": "validation"} if grids else None),
                 "total_time_s": round(sum(d.get("total_time_s", 0) for d in docs), 2),
@@ -594,6 +739,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
                  _fmt_num(r.get("total_parameters")), _fmt_num(r.get("active_parameters")),
                  _fmt_num(r.get("inference_cost_ratio"))]
         lines.append("| " + " | ".join(cells) + " |")
+    for name, kind in _failed_methods(doc).items():  # a failed job is reported in the table, never dropped
+        cells = [name, kind, *["-"] * (len(head) - 6), "FAILED (see below)", "-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     z = doc["zoo"]
     zoo_name = (f"Text zoo (MiniLM, {z.get('variant', 'full')} fine-tuning), scale" if z.get("track") == "text"
                 else "Zoo scale")
@@ -617,11 +765,26 @@ def to_markdown(doc: dict[str, Any]) -> str:
     if doc.get("targets"):
         note.append("")
         note += targets_markdown(doc["targets"])
-    if doc["skipped"]:
+    if doc.get("failed"):
+        note.append("")
+        note.append("Failed jobs (the error of each; a re-run runs them again):")
+        note += [f"- `{f['label']}`: {_one_line(f['error'])}" for f in doc["failed"]]
+    not_run = {k: v for k, v in doc["skipped"].items() if k not in _failed_methods(doc)}
+    if not_run:
         note.append("")
         note.append("Not run:")
-        note += [f"- `{k}`: {v}" for k, v in doc["skipped"].items()]
+        note += [f"- `{k}`: {v}" for k, v in not_run.items()]
     return "\n".join(lines + [""] + note) + "\n"
+
+
+def _failed_methods(doc: dict[str, Any]) -> dict[str, str]:
+    """{method: kind} of the methods whose job failed and that have no row."""
+    have = {r["method"] for r in doc["rows"]}
+    return {f["method"]: f.get("kind", "") for f in doc.get("failed") or [] if f["method"] not in have}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def to_csv(doc: dict[str, Any]) -> str:
@@ -631,14 +794,19 @@ def to_csv(doc: dict[str, Any]) -> str:
     w.writerow(["method", "kind", *tasks, "average", "normalized", "gain_kept", "merge_time_s", "peak_rss_mb",
                 "extra_parameters", "extra_storage_bytes", "needs_task_id", "data", "evaluation_time_s",
                 "tuned_scaling_factor", "tuning_time_s", "total_parameters", "active_parameters",
-                "inference_cost_ratio"])
+                "inference_cost_ratio", "error"])
     for r in _sorted_rows(doc):
         w.writerow([r["method"], r["kind"], *[r["accuracy"][t] for t in tasks], r["average"], r["normalized"],
                     r.get("gain_kept"),
                     r.get("merge_time_s"), r.get("peak_rss_mb"), r.get("extra_parameters"),
                     r.get("extra_storage_bytes"), bool(r.get("needs_task_id")), r.get("data"),
                     r.get("evaluation_time_s"), (r.get("tuned") or {}).get(TUNED_OPTION), r.get("tuning_time_s"),
-                    r.get("total_parameters"), r.get("active_parameters"), r.get("inference_cost_ratio")])
+                    r.get("total_parameters"), r.get("active_parameters"), r.get("inference_cost_ratio"), ""])
+    errors = {}
+    for f in doc.get("failed") or []:
+        errors.setdefault(f["method"], f"{f['label']}: {_one_line(f['error'])}")
+    for name, kind in _failed_methods(doc).items():
+        w.writerow([name, kind, *[""] * (len(tasks) + 15), errors[name]])
     return buf.getvalue()
 
 
@@ -709,7 +877,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-grid", default=None,
                     help="comma-separated scaling_factor values for --tune (implies --tune; default "
                     + ",".join(f"{v:g}" for v in DEFAULT_TUNE_GRID) + ")")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (of each job; default: cores / --jobs for a parallel executor)")
+    ap.add_argument("--executor", default="sequential", choices=("sequential", "process", "ray"),
+                    help="where the jobs (one per method and grid value) run: sequential (default, here), process "
+                    "(local worker processes) or ray (a local Ray instance, or the cluster at --ray-address)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="jobs run at once by a parallel executor (default: one per core)")
+    ap.add_argument("--ray-address", default=None,
+                    help="the Ray cluster to run on (e.g. ray://head:10001 or auto; default: start a local instance)")
+    ap.add_argument("--no-resume", action="store_true",
+                    help="run every job again (default: reuse the results of jobs finished by an earlier run into "
+                    "the same --out, kept in OUT/jobs by a hash of their configuration)")
     ap.add_argument("--set", action="append", default=None, metavar="METHOD.KEY=VALUE",
                     help="an option of one method (repeatable), e.g. --set we_moe.steps=200; recorded in its row")
     ap.add_argument("--combine", nargs="+", default=None, metavar="DIR",
@@ -721,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_markdown(doc))
         print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png)")
         return 0
-    if args.threads:
+    if args.threads and args.executor == "sequential":
         import torch
 
         torch.set_num_threads(args.threads)
@@ -739,7 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     with _quiet_transformers():  # no "Loading weights" bar for each of the hundreds of model loads
         doc = run_leaderboard(args.scale, args.root, args.out, methods, args.max_samples, args.corruption,
                               tune=args.tune or grid is not None, tune_grid=grid, track=args.track,
-                              variant=args.variant, val_max_samples=args.val_max_samples, method_options=options)
+                              variant=args.variant, val_max_samples=args.val_max_samples, method_options=options,
+                              executor=args.executor, jobs=args.jobs, ray_address=args.ray_address,
+                              threads=args.threads, resume=not args.no_resume)
     print(to_markdown(doc))
     print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) in {doc['total_time_s']:.1f}s")
     return 0
