@@ -124,14 +124,14 @@ def option_rows(config_class: type) -> list[dict[str, str]]:
 
 
 def options_table(config_class: type, prefix: str) -> str:
+    """The options of a config dataclass as a Markdown table (option names without the ``prefix.``)."""
     rows = option_rows(config_class)
     if not rows:
         return "No options.\n"
-    out = ["| option | type | default | range / choices | help |", "|---|---|---|---|---|"]
+    out = [f"| `{prefix}.` option | type | default | range / choices | help |", "|---|---|---|---|---|"]
     for r in rows:
         allowed = r["range"] or (f"one of {r['choices']}" if r["choices"] else "")
-        key = prefix + "." + r["name"]
-        out.append(f"| {md_code(key)} | {md_code(r['type'])} | {md_code(r['default'])} | "
+        out.append(f"| {md_code(r['name'])} | {md_code(r['type'])} | {md_code(r['default'])} | "
                    f"{md_text(allowed)} | {md_rich(r['help'])} |")
     return "\n".join(out) + "\n"
 
@@ -289,14 +289,11 @@ def method_page(name: str, root: Path, documented: tuple[list[str], list[str]] |
     out = [f"# `{name}`", ""]
     if cls.summary:
         out += [md_rich(cls.summary), ""]
-    out += ["| | |", "|---|---|",
-            f"| family | {md_text(cls.family)}" + (f" (folder {md_code('methods/' + folder)})" if folder else "") + " |",
-            f"| data tier | {md_text(data_tier(cls))} |",
-            f"| needs the base model (`_pretrained_`) | {'yes' if cls.requires_pretrained else 'no'} |",
-            f"| uses data | {'yes' if cls.uses_data else 'no'} |",
-            f"| deterministic | {'yes' if cls.deterministic else 'no (seeded: `seed=`)'} |",
-            f"| class | {md_code(cls.__module__ + '.' + cls.__qualname__)} |",
-            f"| source | {md_code(src)} |", "",
+    out += [f"- **family**: {md_text(cls.family)}" + (f" (folder {md_code('methods/' + folder)})" if folder else ""),
+            f"- **data tier**: {md_text(data_tier(cls))}",
+            f"- **needs the base model** (`_pretrained_`): {'yes' if cls.requires_pretrained else 'no'}",
+            f"- **deterministic**: {'yes' if cls.deterministic else 'no (seeded by `seed=`)'}",
+            f"- **class**: {md_code(cls.__module__ + '.' + cls.__qualname__)} in {md_code(src)}", "",
             "## Paper and variant", "", md_rich(cls.variant), "",
             "## Options", "",
             f"Set on the command line as `method.<option>=<value>`; `fusion_bench methods {name}` prints the same "

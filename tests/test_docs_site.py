@@ -40,6 +40,18 @@ def page_text(path: Path) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", "", s)).split())
 
 
+def option_cells(path: Path, anchor: str | None = None) -> set[str]:
+    """The option names of a built page's options tables (the first cell of each row, as code); with ``anchor``,
+    only in the section that starts at that heading id and ends at the next heading of its level."""
+    s = path.read_text(encoding="utf-8")
+    if anchor is not None:
+        m = re.search(rf'<h([1-6]) id="{re.escape(anchor)}"', s)
+        assert m, f"{path}: no heading #{anchor}"
+        end = re.compile(rf"<h[1-{m.group(1)}][ >]").search(s, m.end())
+        s = s[m.start():end.start() if end else len(s)]
+    return set(re.findall(r"<tr>\s*<td><code>([A-Za-z_][A-Za-z0-9_]*)</code></td>", s))
+
+
 def plain(s: str) -> str:
     return " ".join(str(s).split())
 
@@ -69,6 +81,7 @@ def test_every_method_has_a_page_with_its_options(site):
             problems.append(f"{name}: no page")
             continue
         text = page_text(page)
+        cells = option_cells(page)
         if plain(cls.variant) not in text:
             problems.append(f"{name}: variant missing")
         if f"fusion_bench method={name}" not in text:
@@ -77,8 +90,7 @@ def test_every_method_has_a_page_with_its_options(site):
             problems.append(f"{name}: no data tier")
         for f in dataclasses.fields(cls.config_class):
             help_ = plain(f.metadata.get("help", "")).replace("`", "")
-            row = f"method.{f.name}"
-            if row not in text or help_ not in text.replace("`", ""):
+            if f.name not in cells or help_ not in text.replace("`", ""):
                 problems.append(f"{name}: option {f.name} or its help missing")
             rng = range_text(f.metadata.get("range"))
             if rng and rng not in text:
@@ -92,13 +104,12 @@ def test_every_method_has_a_page_with_its_options(site):
 def test_pools_getting_started_and_leaderboards(site):
     mp = page_text(site / "modelpools" / "index.html")
     tp = page_text(site / "taskpools" / "index.html")
-    for name in MODELPOOLS.names():
-        for f in dataclasses.fields(MODELPOOLS.get(name).config_class):
-            assert f"modelpool.{f.name}" in mp, (name, f.name)
-    for name in TASKPOOLS.names():
-        assert f"taskpool.type: {name}" in tp
-        for f in dataclasses.fields(TASKPOOLS.get(name).config_class):
-            assert f"taskpool.{f.name}" in tp, (name, f.name)
+    for kind, reg, text in (("modelpool", MODELPOOLS, mp), ("taskpool", TASKPOOLS, tp)):
+        for name in reg.names():
+            assert f"{kind}.type: {name}" in text
+            cells = option_cells(site / f"{kind}s" / "index.html", f"{kind}-type-{name.replace('_', '-')}")
+            missing = [f.name for f in dataclasses.fields(reg.get(name).config_class) if f.name not in cells]
+            assert not missing, (kind, name, missing)
     for group, text in (("modelpool", mp), ("taskpool", tp)):
         for yaml in (ROOT / "fusion_bench" / "config" / group).glob("*.yaml"):
             assert yaml.stem in text, f"shipped {group} config {yaml.stem} is not on its page"
@@ -153,7 +164,7 @@ def test_a_new_method_gets_a_page_and_a_nav_entry():
 
     try:
         page = docsgen.method_page("zz_docs_probe", ROOT)
-        assert "`method.strength`" in page and "`0.25`" in page and "\\[0, 2\\)" in page
+        assert "| `strength` |" in page and "`0.25`" in page and "\\[0, 2\\)" in page
         assert "How much of the &lt;mean&gt; task vector \\| is added." in page
         assert "fusion_bench method=zz_docs_probe modelpool=clip_zoo taskpool=clip_zoo" in page
         nav = docsgen.expand_nav([{"Home": "index.md"}, {"Methods": "methods/index.md"}])
