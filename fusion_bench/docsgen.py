@@ -19,8 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-#: the order of the method families in the site (families not listed come after, sorted)
-FAMILY_ORDER = ("merging", "ensemble", "mixing", "continual", "compression", "training", "reference")
+#: the groups of methods in the site: the family folders under fusion_bench/methods/, in this order, with their
+#: titles (a method outside these folders is grouped under its ``family``; unknown groups come last, sorted)
+GROUP_TITLES = {"merging": "Merging", "subspace": "Subspace and masks", "data": "Using training data",
+                "test_time": "Test-time adaptation", "ensemble": "Ensembles", "mixing": "Mixing and upscaling",
+                "continual": "Continual merging", "compression": "Compression", "training": "Training",
+                "reference": "Reference"}
 #: the shipped configs folder, relative to the repository root
 CONFIG_DIR = Path("fusion_bench") / "config"
 #: the placeholders of mkdocs.yml's nav that :func:`expand_nav` replaces
@@ -61,14 +65,16 @@ def md_code(s: Any) -> str:
     return f"{fence}{pad}{s}{pad}{fence}"
 
 
-def _families(names: Iterable[str]) -> dict[str, list[str]]:
+def method_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Method names by group title (:data:`GROUP_TITLES`: the family folder, else the ``family``), in site order."""
     from fusion_bench.methods import get_method_class
 
     by: dict[str, list[str]] = {}
     for n in names:
-        by.setdefault(get_method_class(n).family, []).append(n)
-    order = [f for f in FAMILY_ORDER if f in by] + sorted(set(by) - set(FAMILY_ORDER))
-    return {f: sorted(by[f]) for f in order}
+        cls = get_method_class(n)
+        by.setdefault(method_folder(cls) or cls.family, []).append(n)
+    order = [g for g in GROUP_TITLES if g in by] + sorted(set(by) - set(GROUP_TITLES))
+    return {GROUP_TITLES.get(g, g): sorted(by[g]) for g in order}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +277,14 @@ def method_commands(name: str, root: Path, documented: list[str] | None = None,
     return [cmd], note
 
 
+def doc_title(path: Path) -> str:
+    """The first ``# `` heading of a Markdown file (its file name when it has none)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return path.name
+
+
 def mentioned_in(name: str, root: Path) -> list[str]:
     """docs/*.md pages that name the method (as inline code or ``method=name``)."""
     pat = re.compile(rf"`{re.escape(name)}`|method={re.escape(name)}\b")
@@ -310,7 +324,7 @@ def method_page(name: str, root: Path, documented: tuple[list[str], list[str]] |
         out += ["Other documented command lines:", "", "```bash", *cmds[1:6], "```", ""]
     docs = mentioned_in(name, root)
     if docs:
-        out += ["## Discussed in", ""] + [f"- [{d}](../{d})" for d in docs] + [""]
+        out += ["## Discussed in", ""] + [f"- [{md_text(doc_title(root / 'docs' / d))}](../{d})" for d in docs] + [""]
     return "\n".join(out)
 
 
@@ -324,14 +338,14 @@ def methods_index() -> str:
     table = methods_markdown()
     for n in names:
         table = table.replace(f"| `{n}` |", f"| [`{n}`]({n}.md) |", 1)
-    fams = _families(names)
+    fams = method_groups(names)
     out = ["# Methods", "",
            f"{len(names)} registered methods, each on its own page generated from the method registry: the paper "
            "and the exact variant implemented, the options with their types, defaults, ranges and help (from the "
            "method's typed config dataclass), the data it reads and a command line that runs it. "
            "`fusion_bench methods` prints the same list.", "",
            "Data tiers: " + "; ".join(sorted({f"**{data_tier(get_method_class(n))}**" for n in names})) + ".", "",
-           "| family | methods |", "|---|---|"]
+           "| group | methods |", "|---|---|"]
     for f, ns in fams.items():
         out.append(f"| {f} | " + ", ".join(f"[`{n}`]({n}.md)" for n in ns) + " |")
     out += ["", "## All methods", "", table, ""]
@@ -587,7 +601,7 @@ def generated_pages(root: str | Path, plots: bool = True) -> dict[str, str | byt
 
 def expand_nav(nav: list[Any]) -> list[Any]:
     """mkdocs.yml's nav with the entry ``methods/index.md`` replaced by the overview and one section per
-    method family (one page per registered method)."""
+    method group (:func:`method_groups`; one page per registered method)."""
     from fusion_bench.methods import list_methods
 
     def walk(items: list[Any]) -> list[Any]:
@@ -596,7 +610,7 @@ def expand_nav(nav: list[Any]) -> list[Any]:
             if isinstance(it, dict) and len(it) == 1:
                 (title, val), = it.items()
                 if val == "methods/index.md":
-                    fams = _families(list_methods())
+                    fams = method_groups(list_methods())
                     val = [{"Overview": "methods/index.md"}] + [
                         {f: [{n: f"methods/{n}.md"} for n in ns]} for f, ns in fams.items()]
                 elif isinstance(val, list):

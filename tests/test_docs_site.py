@@ -168,7 +168,7 @@ def test_a_new_method_gets_a_page_and_a_nav_entry():
         assert "How much of the &lt;mean&gt; task vector \\| is added." in page
         assert "fusion_bench method=zz_docs_probe modelpool=clip_zoo taskpool=clip_zoo" in page
         nav = docsgen.expand_nav([{"Home": "index.md"}, {"Methods": "methods/index.md"}])
-        merging = [sec for sec in nav[1]["Methods"] if "merging" in sec][0]["merging"]
+        merging = [sec for sec in nav[1]["Methods"] if "Merging" in sec][0]["Merging"]
         assert {"zz_docs_probe": "methods/zz_docs_probe.md"} in merging
         assert "[`zz_docs_probe`](zz_docs_probe.md)" in docsgen.methods_index()
     finally:
