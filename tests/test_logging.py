@@ -289,6 +289,12 @@ def test_leaderboard_references_and_errors(models, tmp_path):
     row = {r["method"]: r for r in doc["rows"]}["simple_average"]
     acc = rep["evaluation"]["tasks"]
     assert row["normalized"] == pytest.approx((acc["t0"]["accuracy"] / 0.5 + acc["t1"]["accuracy"] / 0.25) / 2)
+    from fusion_bench.tracking.reader import main
+
+    assert main(["--from-logs", str(tmp_path / "logs"), "--references", str(tmp_path / "refs"), "--out",
+                 str(tmp_path / "lb_cli")]) == 0
+    saved = json.loads((tmp_path / "lb_cli" / "leaderboard.json").read_text())
+    assert {r["method"]: r for r in saved["rows"]}["simple_average"]["normalized"] == row["normalized"]
     with pytest.raises(ConfigError, match="no such folder"):
         leaderboard_from_logs(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

@@ -295,3 +295,29 @@ def main_from_args(args) -> int | None:
     print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) from {len(doc['from_logs']['runs'])} "
           "logged runs")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fusion_bench.tracking.reader --from-logs DIR | --from-mlflow URI [--out DIR]`` (the same options
+    as ``fusion_bench leaderboard --from-logs``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fusion_bench.tracking.reader",
+                                 description="Build the leaderboard table from logged runs.")
+    ap.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    if not (args.from_logs or args.from_mlflow):
+        ap.error("give --from-logs DIR or --from-mlflow URI")
+    return main_from_args(args) or 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    from fusion_bench.cli import fail
+
+    try:
+        sys.exit(main())
+    except Exception as e:  # one-line errors, like the fusion_bench command
+        fail(e)
