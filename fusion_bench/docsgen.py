@@ -407,13 +407,18 @@ def pools_page(kind: str, root: Path) -> str:
                  "`taskpool.type` picks the evaluator class below.")
     shipped = _shipped(kind, root)
     types_of = {n: _yaml_type(p) for n, p in shipped.items()}
+    other = "taskpool" if kind == "modelpool" else "modelpool"
     out = [f"# {title}", "", intro, "", "## Shipped configs", "",
-           f"| `{kind}=` | type | description | command |", "|---|---|---|---|"]
+           f"The `{other}` column names the {other} that the config's first comment line (the command that uses "
+           "it) pairs it with.", "",
+           f"| `{kind}=` | type | description | `{other}=` |", "|---|---|---|---|"]
     for n, p in shipped.items():
         cmd, desc = _yaml_comments(p)
+        args = command_args(cmd) if cmd else {}
+        pair = md_code(args[other]) if args.get(other) else ("none (`'~taskpool'`)" if f"~{other}" in args else "")
         t = types_of[n]
         tcell = f"[{t}](#{kind}-type-{t.replace('_', '-')})" if t in reg.names() else (md_code(t) if t else "generic")
-        out.append(f"| {md_code(n)} | {tcell} | {md_text(desc)} | {md_code(cmd) if cmd else ''} |")
+        out.append(f"| {md_code(n)} | {tcell} | {md_rich(desc)} | {pair} |")
     out += ["", "## Types and their options", ""]
     entries: list[tuple[str, type]] = ([("generic", base)] if base is not None else []) + [(n, reg.get(n)) for n in reg.names()]
     for n, cls in entries:
