@@ -50,8 +50,9 @@ def gta_merge_ordered(base: torch.Tensor, taus: Sequence[torch.Tensor], weights:
         elected = (vote >= 0).to(deltas.dtype) * 2 - 1
         agree = sign == elected
         mixed = (deltas * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        if normalize:  # (the divisor is only needed then)
+            divisor = (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
     else:
         raise ValueError(f"unknown consensus {consensus!r}; use none, sum or count")
     if normalize:
