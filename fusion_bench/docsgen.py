@@ -604,9 +604,24 @@ def generated_pages(root: str | Path, plots: bool = True) -> dict[str, str | byt
     return pages
 
 
-def expand_nav(nav: list[Any]) -> list[Any]:
+def _nav_paths(items: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(items, list):
+        for it in items:
+            out |= _nav_paths(it)
+    elif isinstance(items, dict):
+        for v in items.values():
+            out |= _nav_paths(v)
+    elif isinstance(items, str):
+        out.add(items)
+    return out
+
+
+def expand_nav(nav: list[Any], docs_dir: str | Path | None = None) -> list[Any]:
     """mkdocs.yml's nav with the entry ``methods/index.md`` replaced by the overview and one section per
-    method group (:func:`method_groups`; one page per registered method)."""
+    method group (:func:`method_groups`; one page per registered method). With ``docs_dir``, its Markdown files
+    that the nav does not list (a page added later) are appended under "More", named by their titles, so that
+    a new page is in the navigation without an edit of mkdocs.yml."""
     from fusion_bench.methods import list_methods
 
     def walk(items: list[Any]) -> list[Any]:
@@ -625,7 +640,16 @@ def expand_nav(nav: list[Any]) -> list[Any]:
                 out.append(it)
         return out
 
-    return walk(list(nav))
+    nav = walk(list(nav))
+    if docs_dir is not None:
+        listed = _nav_paths(nav)
+        d = Path(docs_dir)
+        extra = [p.relative_to(d).as_posix() for p in sorted(d.rglob("*.md"))
+                 if not any(part.startswith(("_", ".")) for part in p.relative_to(d).parts)]
+        extra = [e for e in extra if e not in listed]
+        if extra:
+            nav.append({"More": [{doc_title(d / e): e} for e in extra]})
+    return nav
 
 
 __all__ = ["data_tier", "documented_commands", "expand_nav", "generated_pages", "leaderboard_tables", "md_text",

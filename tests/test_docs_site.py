@@ -193,3 +193,15 @@ def test_leaderboard_tables_parse_the_readme_table():
 def test_markdown_escaping():
     assert docsgen.md_text("a|b <x> *y* [z](w)") == "a\\|b &lt;x&gt; \\*y\\* \\[z\\]\\(w\\)"
     assert docsgen.md_rich("see ``a|b`` and :class:`C` now") == "see `a\\|b` and `C` now"
+
+
+def test_a_new_docs_page_joins_the_nav(tmp_path):
+    """A Markdown page added under docs/ without a nav entry is listed under "More" by its title (the strict build
+    would otherwise refuse it); pages already in the nav and the hook folder are not."""
+    (tmp_path / "listed.md").write_text("# Listed\n")
+    (tmp_path / "new_topic.md").write_text("intro\n\n# A new topic\n")
+    (tmp_path / "_hooks").mkdir()
+    (tmp_path / "_hooks" / "notes.md").write_text("# hidden\n")
+    nav = docsgen.expand_nav([{"Listed": "listed.md"}], tmp_path)
+    assert nav == [{"Listed": "listed.md"}, {"More": [{"A new topic": "new_topic.md"}]}]
+    assert docsgen.expand_nav([{"Listed": "listed.md"}, {"Topic": "new_topic.md"}], tmp_path)[-1] == {"Topic": "new_topic.md"}

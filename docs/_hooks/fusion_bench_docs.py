@@ -18,7 +18,7 @@ def _root(config) -> Path:
 
 
 def on_config(config):
-    config.nav = docsgen.expand_nav(config.nav or [])
+    config.nav = docsgen.expand_nav(config.nav or [], config.docs_dir)
     _PAGES.clear()
     _PAGES.update(docsgen.generated_pages(_root(config)))
     return config
