@@ -167,6 +167,37 @@ def test_ensemble_method_places_members_round_robin():
         build_method("simple_ensemble", devices=["gpu0"]).run(ModelPool(tiny_pool_models(2, seed=4)))
 
 
+@pytest.mark.parametrize("method,opts", [("regmean", {}), ("fisher_merging", {"label_source": "dataset"})])
+def test_data_methods_across_cpu_slots_equal_one_device(method, opts, monkeypatch):
+    """Fisher and RegMean compute each model's statistics on its own slot (K models at once): same merge."""
+    from fusion_bench.methods import _task_data, build_method
+
+    waves = []
+    parallel = _task_data._per_model_statistics_parallel
+
+    def spy(*a, **k):
+        waves.append(k["devices"])
+        yield from parallel(*a, **k)
+
+    monkeypatch.setattr(_task_data, "_per_model_statistics_parallel", spy)
+    from tests.test_data_methods import make_pool, mlp
+
+    base = mlp(0)
+    models, data = {}, {}
+    for i, t in enumerate("abcde"):  # five models on two slots: waves of 2, 2, 1
+        models[t] = mlp(i + 1)
+        g = torch.Generator().manual_seed(100 + i)
+        data[t] = {"train": (torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g))}
+    one = build_method(method, batch_size=5, **opts).run(make_pool(base, models, data))
+    two = build_method(method, batch_size=5, devices=["cpu", "cpu"], **opts).run(make_pool(base, models, data))
+    want, got = one.model.state_dict(), two.model.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert not torch.equal(want["0.weight"], base.state_dict()["0.weight"])  # a real merge happened
+    assert two.metadata["data_used"] == one.metadata["data_used"]
+    assert waves == [[CPU, CPU]]  # the two-slot run took the threaded path
+
+
 # -- mixed precision --------------------------------------------------------------------------------------------
 
 def test_bf16_autocast_on_cpu_is_close_and_really_bf16():

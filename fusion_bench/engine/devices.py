@@ -200,7 +200,8 @@ def concatenate(parts: Sequence[Any]) -> Any:
     return acc_concatenate(list(parts), dim=0)
 
 
-def _device_context(device: torch.device):
+def device_context(device: torch.device):
+    """Make ``device`` the current GPU of this thread (CUDA), a no-op elsewhere."""
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
@@ -244,7 +245,7 @@ class DevicePlan:
 
     def _run_slot(self, jobs: list[Callable[[], Any]], device: torch.device) -> list[Any]:
         grad = torch.inference_mode() if self.inference else contextlib.nullcontext()
-        with _device_context(device), grad, autocast(device, self.precision):
+        with device_context(device), grad, autocast(device, self.precision):
             return [job() for job in jobs]
 
     def map(self, fn: Callable[[int, nn.Module, Any], Any], x: torch.Tensor, prepare: Callable[[int, torch.Tensor], Any]

@@ -353,9 +353,20 @@ def start_data_run(method: Any, modelpool: ModelPool) -> tuple[list[str], torch.
     return names, device, adapter, bool(cfg.progress and sys.stderr.isatty())
 
 
+def data_devices(method: Any) -> list[torch.device] | None:
+    """The device slots of a data method with a ``devices`` option (None: its one ``device``)."""
+    devices = getattr(method.config, "devices", None)
+    if devices in (None, [], ()):
+        return None
+    from fusion_bench.engine.devices import resolve_devices
+
+    return resolve_devices(method.config.device, devices, key="method.devices")
+
+
 def per_model_statistics(names: list[str], modelpool: ModelPool, adapter: TaskDataAdapter, *, label: str,
                          split: str, num_examples: int | None, with_labels: bool, device: torch.device, show: bool,
                          stat: Callable[[str, nn.Module, nn.Module, TaskExamples, Callable[[int], None]], Any],
+                         devices: list[torch.device] | None = None,
                          ) -> Iterator[tuple[str, nn.Module, int, Any]]:
     """The per-model loop of a data method (Fisher, RegMean): each model on its own task's examples.
 
@@ -363,9 +374,19 @@ def per_model_statistics(names: list[str], modelpool: ModelPool, adapter: TaskDa
     copy on ``device`` (the loaded model is left untouched) and the adapter's classifier around it, and call
     ``stat(name, copy, classifier, examples, advance)`` under a progress bar ``"<label> <name>"``. Yields
     ``(name, model, number of examples, stat's result)``; the copy is dropped before the next model.
+
+    With several ``devices`` (K slots, :mod:`fusion_bench.engine.devices`), K models at a time are computed at
+    once, model j of a wave on slot j, one thread per slot (``stat`` must use its copy's device); models and
+    examples are still loaded in order in this thread, and results are yielded in order, so they equal the
+    one-device loop's.
     """
     import copy
 
+    if devices is not None and len(devices) > 1:
+        yield from _per_model_statistics_parallel(names, modelpool, adapter, label=label, split=split,
+                                                  num_examples=num_examples, with_labels=with_labels,
+                                                  devices=devices, stat=stat)
+        return
     for name in names:
         model = modelpool.load_model(name)
         data = adapter.examples(name, split, num_examples, with_labels=with_labels)
@@ -375,6 +396,31 @@ def per_model_statistics(names: list[str], modelpool: ModelPool, adapter: TaskDa
             result = stat(name, work, clf, data, adv)
         del work, clf
         yield name, model, len(data), result
+
+
+def _per_model_statistics_parallel(names, modelpool, adapter, *, label, split, num_examples, with_labels, devices,
+                                   stat) -> Iterator[tuple[str, nn.Module, int, Any]]:
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusion_bench.engine.devices import device_context
+
+    def on_slot(dev: torch.device, args: tuple) -> Any:
+        with device_context(dev):
+            return stat(*args, lambda n=1: None)
+
+    k = len(devices)
+    with ThreadPoolExecutor(max_workers=k) as ex:
+        for start in range(0, len(names), k):
+            wave = []
+            for j, name in enumerate(names[start:start + k]):
+                model = modelpool.load_model(name)
+                data = adapter.examples(name, split, num_examples, with_labels=with_labels)
+                work = copy.deepcopy(model).to(devices[j]).float().eval()
+                clf = adapter.classifier(work, name).to(devices[j]).eval()
+                wave.append((name, model, data, ex.submit(on_slot, devices[j], (name, work, clf, data))))
+            for name, model, data, fut in wave:
+                yield name, model, len(data), fut.result()
 
 
 def data_used(split: str, labels_read: bool, used: Mapping[str, int]) -> dict[str, Any]:

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_bench.config_schema import SEED_RANGE, option
+from fusion_bench.engine.devices import module_device
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.data.fisher import fisher_accumulate, fisher_finish
 from fusion_bench.methods._task_data import (
     TaskDataMethod,
+    data_devices,
     data_used,
     per_model_statistics,
     start_data_run,
@@ -48,6 +50,9 @@ class FisherMergingConfig(MethodConfig):
     image_column: str | None = option(None, help="Image column of CLIP datasets (null: detected).")
     label_column: str | None = option(None, help="Label column (null: detected).")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    devices: list[str] | str | None = option(
+        None, help="Compute several models' statistics at once, one per device (a list like [cuda:0,cuda:1], auto "
+        "for every visible GPU, or a number of GPUs); same result as one device, K models in memory. null: device.")
     seed: int = option(0, **SEED_RANGE, help="Seed (the computation is deterministic; kept for the report).")
     progress: bool = option(True, help="Show a progress bar on a terminal.")
 
@@ -149,12 +154,13 @@ class FisherMerging(TaskDataMethod):
                 p.requires_grad_(True)
             prefix = _param_prefix(clf, work)
             sq = per_example_squared_grads(clf, {prefix + k: p for k, p in params.items()}, data.inputs,
-                                           data.labels, cfg.batch_size, device, adv)
+                                           data.labels, cfg.batch_size, module_device(work), adv)
             return {k[len(prefix):]: v / len(data) for k, v in sq.items()}
 
         for name, model, n, fisher in per_model_statistics(
                 names, modelpool, adapter, label="fisher", split=cfg.split, num_examples=cfg.num_fisher_examples,
-                with_labels=cfg.label_source == "dataset", device=device, show=show, stat=fisher_of):
+                with_labels=cfg.label_source == "dataset", device=device, show=show, stat=fisher_of,
+                devices=data_devices(self)):
             if template is None:
                 template = model
             used[name] = n

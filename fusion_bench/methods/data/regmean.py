@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from fusion_bench.config_schema import SEED_RANGE, option
+from fusion_bench.engine.devices import module_device
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.kernels.data.regmean import regmean_accumulate, regmean_solve
 from fusion_bench.methods._task_data import (
     TaskDataMethod,
+    data_devices,
     data_used,
     per_model_statistics,
     start_data_run,
@@ -45,6 +47,9 @@ class RegMeanConfig(MethodConfig):
     image_column: str | None = option(None, help="Image column of CLIP datasets (null: detected).")
     label_column: str | None = option(None, help="Label column (null: detected).")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    devices: list[str] | str | None = option(
+        None, help="Compute several models' statistics at once, one per device (a list like [cuda:0,cuda:1], auto "
+        "for every visible GPU, or a number of GPUs); same result as one device, K models in memory. null: device.")
     seed: int = option(0, **SEED_RANGE, help="Seed (the computation is deterministic; kept for the report).")
     progress: bool = option(True, help="Show a progress bar on a terminal.")
 
@@ -143,11 +148,13 @@ class RegMean(TaskDataMethod):
             if not any(linear_kind(m) for m in work.modules()):
                 raise ModelMismatchError(f"regmean: model '{name}' has no linear layer (nn.Linear or Conv1D) to merge; "
                                          "use simple_average for it.")
-            return linear_grams(clf, work, data.inputs, cfg.batch_size, device, cfg.include_bias, cfg.exclude, adv)[0]
+            return linear_grams(clf, work, data.inputs, cfg.batch_size, module_device(work), cfg.include_bias,
+                                cfg.exclude, adv)[0]
 
         for name, model, n, grams in per_model_statistics(
                 names, modelpool, adapter, label="regmean", split=cfg.split, num_examples=cfg.num_regmean_examples,
-                with_labels=False, device=device, show=show, stat=grams_of):
+                with_labels=False, device=device, show=show, stat=grams_of,
+                devices=data_devices(self)):
             if template is None:
                 template = model
             used[name] = n
