@@ -366,3 +366,7 @@ def test_cli_logging_group(tmp_path, monkeypatch, capsys):
     assert params["config.logging.csv"] is True and params["config.modelpool.models._pretrained_"].endswith(
         "base.safetensors")
     assert (tmp_path / "run1" / "logs" / "artifacts" / "report.json").is_file()
+    from fusion_bench.tracking.reader import leaderboard_from_logs
+
+    with pytest.raises(ConfigError, match="evaluated no tasks"):  # a parameter-count pool has no accuracies
+        leaderboard_from_logs(tmp_path / "run1")

@@ -206,6 +206,10 @@ def leaderboard_from_runs(runs: Iterable[LoggedRun], out: str | Path | None = No
         for t in r.params.get("leaderboard.tasks") or []:
             if t not in tasks:
                 tasks.append(t)
+    fusion = [r for r in fusion if r.params.get("leaderboard.tasks")]
+    if not tasks:
+        raise ConfigError(f"the logged runs in {source or 'the given runs'} evaluated no tasks (a parameter-count task "
+                          "pool, or evaluate=false); the leaderboard needs runs evaluated on a task pool with tasks.")
     ref_doc = None
     if references is not None:
         path = Path(references).expanduser() / "leaderboard.json"
