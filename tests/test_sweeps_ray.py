@@ -145,10 +145,10 @@ def test_rerun_skips_finished_jobs(tiny_zoo, sequential, tmp_path):
     assert doc["execution"]["jobs"] == {"total": 2, "ran": 2, "cached": 0, "failed": 0}
 
 
-def test_job_key_covers_the_configuration(tiny_zoo):
+def test_job_key_covers_the_configuration(tmp_path):
     from fusion_bench.benchmark.executors import code_version, make_job
 
-    pool = {"scale": "tiny", "root": str(tiny_zoo.root)}
+    pool = {"scale": "tiny", "root": str(tmp_path / "zoo")}
     tp = {**pool, "max_samples": 5, "corruption": None}
     base = make_job("final", "task_arithmetic", {"scaling_factor": 0.3}, "clip", pool, tp, zoo_fingerprint="z1")
     same = make_job("final", "task_arithmetic", {"scaling_factor": 0.3}, "clip", dict(pool), dict(tp),
@@ -182,6 +182,15 @@ def test_executor_options_are_checked(tmp_path):
     ex = make_executor("process", jobs=2)
     assert ex.jobs == 2 and ex.threads == max(1, available_cores() // 2)
     assert make_executor("process", jobs=2, threads=3).threads == 3
+    # the leaderboard checks them before any work (here: before it would build a zoo in the missing folder)
+    from fusion_bench.benchmark.leaderboard import main
+
+    root = tmp_path / "no_zoo"
+    with pytest.raises(ConfigError, match="--jobs"):
+        main(["--scale", "tiny", "--root", str(root), "--out", str(tmp_path / "lb"), "--jobs", "2"])
+    with pytest.raises(ConfigError, match="--ray-address"):
+        main(["--scale", "tiny", "--root", str(root), "--out", str(tmp_path / "lb"), "--ray-address", "auto"])
+    assert not root.exists() and not (tmp_path / "lb").exists()
 
 
 def _have_joblib_launcher() -> bool:

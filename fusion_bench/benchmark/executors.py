@@ -339,6 +339,17 @@ class RayExecutor:
 def make_executor(name: str = "sequential", jobs: int | None = None, address: str | None = None,
                   threads: int | None = None):
     """The executor called ``name`` (:data:`EXECUTORS`); ``address``: a Ray cluster (``ray`` only)."""
+    check_executor_options(name, jobs, address, threads)
+    if name == "ray":
+        return RayExecutor(jobs, address, threads)
+    if name == "process":
+        return ProcessExecutor(jobs, threads)
+    return SequentialExecutor(threads)
+
+
+def check_executor_options(name: str, jobs: int | None = None, address: str | None = None,
+                           threads: int | None = None) -> None:
+    """ConfigError naming the option when the executor options do not fit together (before any work starts)."""
     if name not in EXECUTORS:
         from fusion_bench.errors import did_you_mean
 
@@ -350,13 +361,8 @@ def make_executor(name: str = "sequential", jobs: int | None = None, address: st
         raise ConfigError(f"leaderboard --threads {threads} must be at least 1.")
     if address and name != "ray":
         raise ConfigError(f"leaderboard --ray-address applies to --executor ray, not {name}.")
-    if name == "ray":
-        return RayExecutor(jobs, address, threads)
-    if name == "process":
-        return ProcessExecutor(jobs, threads)
-    if jobs not in (None, 1):
+    if name == "sequential" and jobs not in (None, 1):
         raise ConfigError(f"leaderboard --jobs {jobs} needs a parallel executor: add --executor process or ray.")
-    return SequentialExecutor(threads)
 
 
 # -- the cache of results ----------------------------------------------------------------------------------

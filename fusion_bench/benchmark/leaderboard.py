@@ -3,6 +3,7 @@
     fusion_bench leaderboard [--scale full|tiny] [--root DIR] [--out DIR] [--methods a,b,...]
                              [--max-samples N] [--corruption NAME] [--tune [--tune-grid 0.05,0.1,...]]
     fusion_bench leaderboard --track text [--variant full|lora] [--scale ...] [--tune] ...
+    fusion_bench leaderboard ... [--executor sequential|process|ray] [--jobs N] [--ray-address ADDR] [--no-resume]
 
 ``--track clip`` (default): the offline CLIP zoo, zero-shot evaluation. ``--track text``: the MiniLM text
 zoo (:mod:`fusion_bench.benchmark.text_zoo`), full or LoRA fine-tuned encoders (``--variant``), each task
@@ -32,6 +33,14 @@ the method is run once more with it and evaluated on the test split as usual. Su
 ``tuned`` = {scaling_factor, grid, validation_average} and ``tuning_time_s`` (the whole sweep; the
 merge time stays that of the final run), its ``data`` column names the validation split, and the
 tables show it as ``name (λ=value)``. Without ``--tune`` every method keeps its defaults.
+
+Execution (docs/scale_out.md): the work is cut into independent jobs, the reference rows, one per method and,
+when tuning, one per (method, grid value) followed by the method's final run; ``--executor`` runs them here one
+after another (the default), in ``--jobs`` local processes, or on Ray (:mod:`fusion_bench.benchmark.executors`).
+The table is the same whichever runs them. Each job's result is kept in ``OUT/jobs/<hash of its configuration>.json``
+(written atomically); a re-run into the same ``--out`` reuses the complete ones (``--no-resume``: run all again).
+A failed job is reported: its method has a FAILED row and its error under the table, in the CSV's ``error``
+column and in the JSON's ``failed`` list.
 """
 
 from __future__ import annotations
@@ -428,6 +437,10 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
     if tune_grid is not None and not tune:
         raise ConfigError("leaderboard tune_grid is given but tune is off; pass tune=True (--tune).")
     grid = _check_grid(DEFAULT_TUNE_GRID if tune_grid is None else tune_grid) if tune else None
+    if isinstance(executor, str):
+        from fusion_bench.benchmark.executors import check_executor_options
+
+        check_executor_options(executor, jobs, ray_address, threads)
     t_start = time.perf_counter()
     pool = PoolClass(dict(zoo_opts))
     taskpool = TaskPoolClass({**zoo_opts, "max_samples": max_samples, **test_opts})
