@@ -284,6 +284,51 @@ def test_image_classification_across_cpu_slots_equals_one_device(tmp_path):
         pool(precision="fp8")
 
 
+def test_text_classification_across_cpu_slots_equals_one_device(tmp_path):
+    """A tiny BERT with a head per task (built here): ensembles round-robin and one model's batches split over
+    CPU slots give the one-device accuracy and loss."""
+    import datasets
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+
+    from fusion_bench.taskpool.text_classification import TextClassificationTaskPool
+
+    words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=20, max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    head = BertForSequenceClassification(cfg)
+    head.save_pretrained(tmp_path / "head")
+    tok.save_pretrained(tmp_path / "head")
+    rng = torch.Generator().manual_seed(1)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, 8, (int(n),), generator=rng))
+             for n in torch.randint(1, 7, (23,), generator=rng)]  # lengths 1..6: padding differs per batch
+    labels = [int(v) for v in torch.randint(0, 2, (23,), generator=rng)]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"sentence": texts, "label": labels})}).save_to_disk(
+        str(tmp_path / "data"))
+    backbones = []
+    for s in range(3):
+        torch.manual_seed(10 + s)
+        backbones.append(BertModel(cfg, add_pooling_layer=True).eval())
+
+    def pool(**kw):
+        return TextClassificationTaskPool({"tasks": {"t": {"dataset": str(tmp_path / "data"), "head": str(tmp_path / "head"),
+                                                           "text_fields": ["sentence"]}},
+                                           "batch_size": 8, "device": "cpu", **kw})
+
+    wants = []
+    for model, devs in ((backbones[0], ["cpu", "cpu", "cpu"]), (Ensemble(backbones), ["cpu", "cpu"])):
+        want = pool().evaluate(model)["tasks"]["t"]
+        got = pool(devices=devs).evaluate(model)["tasks"]["t"]
+        assert got["accuracy"] == want["accuracy"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
+        wants.append(want)
+    assert wants[0]["loss"] != wants[1]["loss"]  # two different models were compared
+    fast = pool(precision="bf16-mixed").evaluate(backbones[0])["tasks"]["t"]
+    assert fast["loss"] == pytest.approx(wants[0]["loss"], rel=0.05)
+
+
 def test_run_wide_options_reach_taskpool_and_ensemble():
     from fusion_bench.config_schema import build_config
     from fusion_bench.programs.fusion import ProgramConfig

@@ -31,7 +31,6 @@ from fusion_bench.taskpool.base import (
     average_metrics,
     register_taskpool,
 )
-from fusion_bench.utils import resolve_device
 
 
 @dataclass
@@ -54,6 +53,12 @@ class TextClassificationTaskPoolConfig(TaskPoolConfig):
     max_length: int = option(512, ge=1, le=1 << 20, help="Tokens per example (truncation, longest first).")
     batch_size: int = option(32, ge=1, le=1 << 20, help="Examples per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    devices: list[str] | str | None = option(
+        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
+        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
+    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed"),
+                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
+                            "(float16 autocast, for GPUs) for the forward passes.")
     max_samples: int | None = option(None, ge=1, le=10**9, help="Evaluate at most this many evenly spaced examples "
                                      "per task (null: all); for fast runs.")
 
@@ -121,12 +126,17 @@ class TextClassificationTaskPool(PerTaskPool):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, tasks: list[str] | None = None) -> dict[str, Any]:
         """Accuracy (in [0, 1]) and mean cross-entropy per task, and their averages."""
+        from fusion_bench.engine.devices import DevicePlan, parse_precision, resolve_devices
         from fusion_bench.models.text_classification import attach_backbone, classify, pad_batch
 
         tasks = self._check_tasks(tasks)
         members = list(model.members) if isinstance(model, Ensemble) else [model]
         combine = model.combine_logits if isinstance(model, Ensemble) else None
-        device = resolve_device(self.config.device)
+        devices = resolve_devices(self.config.device, self.config.devices, key="taskpool.devices")
+        if len(devices) == 1 and isinstance(model, Ensemble) and model.member_devices:
+            devices = list(model.member_devices)  # the members stay where the ensemble method placed them
+        device = devices[0]
+        precision = parse_precision(self.config.precision, "taskpool.precision")
         modes = [m.training for m in members]
         results: dict[str, dict[str, float]] = {}
         try:
@@ -135,7 +145,9 @@ class TextClassificationTaskPool(PerTaskPool):
             for task in tasks:
                 ids, labels = self.examples(task)
                 skeleton = self.head(task)
-                clfs = [attach_backbone(skeleton, m).to(device) for m in members]
+                clfs = [attach_backbone(skeleton, m) for m in members]  # each its own copy of the (small) head
+                # members round-robin over the devices, or one member's batches split across them (engine/devices.py)
+                plan = DevicePlan(clfs, devices, precision)
                 n_cls = int(getattr(skeleton.config, "num_labels", 0) or 0)
                 if labels.numel() and n_cls and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
                     raise ConfigError(f"taskpool.tasks.{task}: labels range over [{int(labels.min())}, "
@@ -146,21 +158,24 @@ class TextClassificationTaskPool(PerTaskPool):
                 for s in range(0, len(ids), self.config.batch_size):
                     x, mask = pad_batch(ids[s:s + self.config.batch_size], pad)
                     y = labels[s:s + self.config.batch_size].to(device)
-                    zs = []
-                    for i, clf in enumerate(clfs):
+
+                    def logits(i, clf, xm, task=task):
                         try:
-                            zs.append(classify(clf, x.to(device), mask.to(device)).float())
+                            return classify(clf, xm[:, 0], xm[:, 1]).float()
                         except (TypeError, RuntimeError) as e:
                             raise ModelMismatchError(
                                 f"Task '{task}': the evaluated model {i} ({type(members[i]).__name__}) does not fit "
                                 f"the head {self._specs[task].head} ({type(e).__name__}: {e}); evaluate a backbone of "
                                 "that architecture.") from e
+
+                    zs = plan.map(logits, torch.stack([x, mask], dim=1))  # (B, 2, L): ids and mask split together
                     z = zs[0] if combine is None else combine(zs).float()
                     correct += int((z.argmax(-1) == y).sum())
                     loss_sum += float(F.cross_entropy(z, y, reduction="sum"))
                 n = max(len(ids), 1)
                 results[task] = {"accuracy": correct / n, "loss": loss_sum / n}
-                del clfs
+                plan.release()
+                del clfs, plan
         finally:
             for m, t in zip(members, modes):
                 m.train(t)

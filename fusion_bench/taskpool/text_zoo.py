@@ -41,6 +41,12 @@ class TextZooTaskPoolConfig(TaskPoolConfig):
                                     "fine-tuning length, so that evaluation sees what training saw.")
     batch_size: int = option(64, ge=1, le=1 << 20, help="Examples per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
+    devices: list[str] | str | None = option(
+        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
+        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
+    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed"),
+                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
+                            "(float16 autocast, for GPUs) for the forward passes.")
     max_samples: int | None = option(None, ge=1, le=10**9, help="At most this many evenly spaced examples per "
                                      "task (null: all).")
 
@@ -74,7 +80,7 @@ class TextZooTaskPool(TextClassificationTaskPool):
         self.config_class = TextClassificationTaskPoolConfig  # the parent validates the filled-in config
         super().__init__({"name": zc.name, "tokenizer": str(self.zoo.pretrained_path), "tasks": spec_tasks,
                           "max_length": zc.max_length or self.zoo.max_length, "batch_size": zc.batch_size, "device": zc.device,
-                          "max_samples": zc.max_samples})
+                          "devices": zc.devices, "precision": zc.precision, "max_samples": zc.max_samples})
 
     def report_extras(self) -> dict[str, Any]:
         d = super().report_extras()
