@@ -186,6 +186,8 @@ def module_device(module: nn.Module) -> torch.device:
 
 def to_device(data: Any, device: torch.device) -> Any:
     """Move a nested structure of tensors (tuples, dicts, ModelOutput) to ``device``."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
     from accelerate.utils import send_to_device
 
     return send_to_device(data, device)
@@ -195,6 +197,8 @@ def concatenate(parts: Sequence[Any]) -> Any:
     """Concatenate nested outputs along the batch dimension (one part: returned as it is)."""
     if len(parts) == 1:
         return parts[0]
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(list(parts), dim=0)
     from accelerate.utils import concatenate as acc_concatenate
 
     return acc_concatenate(list(parts), dim=0)
