@@ -1,7 +1,7 @@
 """Read logged runs back (CSV, TensorBoard, MLflow) and build the leaderboard's table from them.
 
     fusion_bench leaderboard --from-logs runs/ [--references leaderboard/] --out leaderboard-from-logs
-    fusion_bench leaderboard --from-mlflow file:/path/mlruns [--experiment fusion_bench] --out ...
+    fusion_bench leaderboard --from-mlflow file:/path/mlruns [--mlflow-experiment fusion_bench] --out ...
 
 A run folder is any folder holding ``run.json`` (written by :func:`fusion_bench.tracking.log_run`); its
 parameters come from ``hparams.yaml`` and its metrics from ``metrics.csv`` or, for a TensorBoard-only run,
@@ -116,7 +116,7 @@ def read_mlflow_runs(tracking_uri: str, experiment: str = "fusion_bench") -> lis
     client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ConfigError(f"MLflow at {tracking_uri} has no experiment '{experiment}'; set --experiment (the "
+        raise ConfigError(f"MLflow at {tracking_uri} has no experiment '{experiment}'; set --mlflow-experiment (the "
                           "logging.experiment of the runs).")
     out = []
     for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
@@ -277,12 +277,12 @@ def leaderboard_from_logs(logs: str | Path | None = None, out: str | Path | None
 
 def add_arguments(ap) -> None:
     """The leaderboard CLI's read-back options (``--from-logs``, ``--from-mlflow``, ``--experiment``,
-    ``--references``)."""
+    ``--mlflow-experiment``, ``--references``)."""
     ap.add_argument("--from-logs", default=None, metavar="DIR",
                     help="build the table from runs logged with logging.csv/logging.tensorboard under DIR; runs nothing")
     ap.add_argument("--from-mlflow", default=None, metavar="URI",
                     help="build the table from the MLflow runs at this tracking URI; runs nothing")
-    ap.add_argument("--experiment", default="fusion_bench", help="MLflow experiment for --from-mlflow")
+    ap.add_argument("--mlflow-experiment", default="fusion_bench", help="MLflow experiment for --from-mlflow")
     ap.add_argument("--references", default=None, metavar="DIR",
                     help="a leaderboard folder whose pretrained/fine-tuned rows complete a table read from logs")
 
@@ -293,7 +293,8 @@ def main_from_args(args) -> int | None:
         return None
     from fusion_bench.benchmark.leaderboard import to_markdown
 
-    doc = leaderboard_from_logs(args.from_logs, args.out, mlflow_uri=args.from_mlflow, experiment=args.experiment,
+    doc = leaderboard_from_logs(args.from_logs, args.out, mlflow_uri=args.from_mlflow,
+                                experiment=args.mlflow_experiment,
                                 references=args.references)
     print(to_markdown(doc))
     print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) from {len(doc['from_logs']['runs'])} "
