@@ -6,7 +6,7 @@
 Each run is one ``fusion_bench leaderboard --scale tiny`` subprocess into a fresh output folder (no cached job
 results), one after another: ``sequential`` (the default executor), ``ray`` (``--executor ray --jobs N``: a local
 Ray instance started by the run, N jobs of cores/N torch threads each) and ``process`` (``--executor process
---jobs N``). Wall time includes everything the user waits for: start-up, Ray's start, the workers' imports and
+--jobs N``); ``NAME:T`` adds ``--threads T`` (e.g. ``sequential:1``, one torch thread). Wall time includes everything the user waits for: start-up, Ray's start, the workers' imports and
 pool loading, the reference rows, every job, the tables. ``cpu_s``: CPU time of the subprocess and the children
 it waited for (Ray's workers are children of its raylet, so a Ray run's figure is partial: compare wall times).
 ``--rerun`` times a second Ray run into the same folder (every job's result taken from OUT/jobs).
@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
     ap.add_argument("--tune-grid", default="0.1,0.3,0.5,1.0", help="scaling_factor grid ('' for no tuning)")
     ap.add_argument("--max-samples", type=int, default=None, help="test examples per task (default: all)")
-    ap.add_argument("--executors", default="sequential,ray", help="comma-separated: sequential, ray, process")
+    ap.add_argument("--executors", default="sequential,ray",
+                    help="comma-separated runs: sequential, ray, process; NAME:T gives each job T torch threads "
+                    "(e.g. sequential:1)")
     ap.add_argument("--jobs", type=int, default=2, help="jobs at once for ray and process (default 2)")
     ap.add_argument("--rerun", action="store_true", help="also time a second Ray run that finds every job done")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -83,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerun and "ray" in runs:
         runs.append("ray (re-run)")
     for name in runs:
-        executor = name.split()[0]
-        out = tmp / ("lb-" + executor)
+        executor, _, threads = name.split()[0].partition(":")
+        tag = name.split()[0].replace(":", "-t")
+        out = tmp / ("lb-" + tag)
         extra = [] if executor == "sequential" else ["--executor", executor, "--jobs", str(args.jobs)]
+        extra += ["--threads", threads] if threads else []
         load = os.getloadavg()[0]
-        wall, cpu, code = _run([*common, "--out", str(out), *extra], tmp / f"{executor}.log")
+        log = tmp / f"{tag}{'-rerun' if 're-run' in name else ''}.log"
+        wall, cpu, code = _run([*common, "--out", str(out), *extra], log)
         if code != 0:
-            print(f"{name}: exit code {code}; see {tmp / f'{executor}.log'}")
+            print(f"{name}: exit code {code}; see {log}")
             return 1
         doc = json.loads((out / "leaderboard.json").read_text())
         if "re-run" not in name:

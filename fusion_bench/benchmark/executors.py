@@ -282,7 +282,8 @@ def _limit_threads(threads: int) -> None:
 
 class RayExecutor:
     """Runs the jobs as Ray tasks: on the Ray instance this process is connected to, else on the cluster at
-    ``address``, else on a local instance started here (and shut down by :meth:`close`).
+    ``address``, else on a local instance started here (and shut down by :meth:`close`). Ray is joined when the
+    first job is submitted: a run whose jobs are all cached starts nothing.
 
     At most ``jobs`` tasks are in flight (default: the cluster's CPUs divided by the threads per job); each
     task asks Ray for as many CPUs as it uses torch threads.
@@ -297,26 +298,35 @@ class RayExecutor:
             raise ConfigError("leaderboard --executor ray needs the ray package: pip install ray (or "
                               "'fusion_bench[scale]'); or use --executor process.") from None
         self._ray = ray
+        self._address = address
+        self._want_jobs, self._want_threads = jobs, threads
+        self.jobs, self.threads = jobs, threads  # filled in when Ray is joined
         self._started = False
+        self._task = None
+
+    def _connect(self) -> None:
+        ray = self._ray
         if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
+            if self._address:
+                ray.init(address=self._address, log_to_driver=False)
             else:
                 ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False)
                 self._started = True
         cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
         # a task asking for more CPUs than the largest node has would wait for ever
         node_cpus = max([int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [cpus])
-        if jobs:
-            self.jobs = int(jobs)
-            self.threads = min(_threads_for(self.jobs, threads, cpus), max(1, node_cpus))
+        if self._want_jobs:
+            self.jobs = int(self._want_jobs)
+            self.threads = min(_threads_for(self.jobs, self._want_threads, cpus), max(1, node_cpus))
         else:
-            self.threads = min(int(threads) if threads else 1, max(1, node_cpus))
+            self.threads = min(int(self._want_threads) if self._want_threads else 1, max(1, node_cpus))
             self.jobs = max(1, cpus // self.threads)
         self._task = ray.remote(num_cpus=self.threads, max_retries=0)(run_job)
 
     def run(self, queue: list[Job]) -> Iterator[tuple[Job, JobResult]]:
         ray = self._ray
+        if queue and self._task is None:
+            self._connect()
         inflight: dict[Any, tuple[Job, float]] = {}
         while queue or inflight:
             while queue and len(inflight) < self.jobs:
@@ -326,9 +336,10 @@ class RayExecutor:
             for ref in done:
                 job, t0 = inflight.pop(ref)
                 try:
-                    yield job, ray.get(ref)
+                    res = ray.get(ref)
                 except Exception as e:  # the worker died, or Ray could not run the task
-                    yield job, _crash_result(job, e, round(time.perf_counter() - t0, 3))
+                    res = _crash_result(job, e, round(time.perf_counter() - t0, 3))
+                yield job, res
 
     def close(self) -> None:
         if self._started:
