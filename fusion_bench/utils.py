@@ -124,13 +124,15 @@ class _RssSampler(threading.Thread):
 
 @contextmanager
 def measure():
-    """Measure wall time and peak memory (RSS sampled; CUDA peak when on GPU) of a block."""
+    """Measure wall time and peak memory (RSS sampled; on GPUs the sum over the visible GPUs of each one's peak
+    allocated bytes) of a block."""
     m = Measurement()
     start_rss = current_rss_bytes()
     sampler = _RssSampler()
     sampler.start()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
+    for d in gpus:  # every visible GPU: a run may spread over several (fusion_bench.engine.devices)
+        torch.cuda.reset_peak_memory_stats(d)
     t0 = time.perf_counter()
     try:
         yield m
@@ -139,8 +141,11 @@ def measure():
         peak = sampler.stop()
         m.peak_rss_bytes = max(peak, start_rss)
         m.peak_rss_delta_bytes = max(0, peak - start_rss)
-        if torch.cuda.is_available():
-            m.peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
+        if len(gpus):  # the sum of the GPUs' peaks (each GPU's own peak is in extra["peak_cuda_bytes_per_device"])
+            per = [int(torch.cuda.max_memory_allocated(d)) for d in gpus]
+            m.peak_cuda_bytes = sum(per)
+            if len(per) > 1:
+                m.extra["peak_cuda_bytes_per_device"] = per
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

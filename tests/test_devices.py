@@ -80,6 +80,22 @@ def test_gpu_branches_with_two_pretend_gpus(monkeypatch):
         D.resolve_device("cuda:2")
 
 
+def test_peak_cuda_memory_counts_every_gpu(monkeypatch):
+    """measure() resets and reads the peak of each visible GPU (pretend two; no tensor is moved)."""
+    from fusion_bench.utils import measure
+
+    reset, peaks = [], {0: 3 * 2**20, 1: 5 * 2**20}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: reset.append(d))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: peaks[d])
+    with measure() as m:
+        pass
+    assert reset == [0, 1]
+    assert m.peak_cuda_bytes == 8 * 2**20 and m.as_dict()["peak_cuda_mb"] == 8.0
+    assert m.extra["peak_cuda_bytes_per_device"] == [3 * 2**20, 5 * 2**20]
+
+
 def test_parse_precision():
     assert [D.parse_precision(v) for v in (32, "32", "32-true", "float32", None)] == ["32"] * 5
     assert D.parse_precision("bf16") == D.parse_precision("bf16-mixed") == "bf16-mixed"
