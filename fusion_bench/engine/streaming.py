@@ -17,10 +17,11 @@ at that index: ``merge_one`` is applied to each block), or the block protocol:
 - ``block_stats(key, base, tensor, name) -> stat`` (optional): a statistic of one model's whole
   tensor (e.g. a magnitude threshold), computed before any block; the engine reads one model at
   a time and passes the tensors in their stored dtype (the method chunks its own arithmetic);
-- ``stats_from_blocks(key, dtype) -> bool``, ``block_stats_partial(key, base, block, name) -> part`` and
-  ``combine_block_stats(key, parts, name) -> stat`` (optional): when the first says so, the statistic
-  is built from row blocks instead (one partial per block, in any order, combined when a model's
-  last block is in), so no whole tensor is held (e.g. a magnitude histogram);
+- ``stats_from_blocks(key, dtype) -> bool``, ``block_stats_partial(key, base, block, name) -> part``,
+  ``add_block_stats(part, part) -> part`` and ``combine_block_stats(key, part, name) -> stat``
+  (optional): when the first says so, the statistic is built from row blocks instead (one partial
+  per block, in any order, added up as they come; finished when a model's last block is in), so no
+  whole tensor is held (e.g. a magnitude histogram);
 - ``merge_block(key, base, tensors, names, ctx, rows) -> tensor``: merge rows ``[rows[0],
   rows[1])`` given ``ctx`` (:class:`BlockContext`: ``stats`` per model and ``state``); inputs in
   the compute dtype. Blocks are visited in row order.
@@ -260,8 +261,10 @@ class BlockContext:
     state: Any = None
     #: stats computed so far (the engine's bookkeeping: stats of one tensor may run on several workers)
     done: int = 0
-    #: per model, the partial stats of its row blocks (methods with ``stats_from_blocks``)
-    partials: dict[int, list[Any]] = field(default_factory=dict)
+    #: per model, the sum of the partial stats of its row blocks so far, and how many blocks are in
+    #: (methods with ``stats_from_blocks``)
+    partials: dict[int, Any] = field(default_factory=dict)
+    parts_done: dict[int, int] = field(default_factory=dict)
 
 
 def _blockable(method: Any) -> tuple[bool, bool]:
@@ -675,15 +678,16 @@ class _Runner:
             name = self.names[i]
             _check_finite(job.key, [name], [t])
             ctx = self._context(job)
-            if job.stats_blocks:  # a partial statistic of one row block; the last one of a model combines them
+            if job.stats_blocks:  # a partial statistic of one row block, added up; the model's last block finishes it
                 part = m.block_stats_partial(job.key, b, t, name)
                 with self.cond:
-                    parts = ctx.partials.setdefault(i, [])
-                    parts.append(part)
-                    complete = len(parts) == len(job.blocks)
+                    prev = ctx.partials.get(i)
+                    acc = ctx.partials[i] = part if prev is None else m.add_block_stats(prev, part)
+                    ctx.parts_done[i] = ctx.parts_done.get(i, 0) + 1
+                    complete = ctx.parts_done[i] == len(job.blocks)
                 if not complete:
                     return
-                stat = m.combine_block_stats(job.key, parts, name)
+                stat = m.combine_block_stats(job.key, acc, name)
             else:
                 stat = m.block_stats(job.key, b, t, name)
             with self.cond:

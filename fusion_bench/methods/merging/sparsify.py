@@ -265,14 +265,16 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
         cd = self.compute_dtype(base.dtype)
         return K.bf16_magnitude_histogram(self._tau(tensor.to(cd), base.to(cd)))
 
-    def combine_block_stats(self, key: str, partials: list[torch.Tensor], name: str) -> dict[str, Any] | None:
+    def add_block_stats(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.add_(b)
+
+    def combine_block_stats(self, key: str, counts: torch.Tensor, name: str) -> dict[str, Any] | None:
         names = list(self._block_names) if getattr(self, "_block_names", None) else [name]
         _, dens = self.params(key, names)
         gammas, _, _ = self.extras(key, names)
         i = names.index(name)
         if dens[i] >= 1.0:
             return None
-        counts = torch.stack(partials).sum(0)
         n = int(counts.sum())
         if self.config.sparsification == "magnitude":
             r0, r1 = 0, K.magnitude_k(n, dens[i])
