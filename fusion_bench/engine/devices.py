@@ -233,11 +233,12 @@ class DevicePlan:
         self.members = list(members)
         self._replicas: dict[tuple[int, int], nn.Module] = {}
         for i, (m, slots) in enumerate(zip(self.members, self.slots)):
-            for k, s in enumerate(slots):
-                dev = self.devices[s]
-                # the member itself serves its first slot; further slots get copies (on the CPU too, so that
-                # the threaded multi-device path is the one tested)
-                self._replicas[(i, s)] = m.to(dev) if k == 0 else copy.deepcopy(m).to(dev)
+            # the member itself serves its first slot; further slots get copies (on the CPU too, so that the
+            # threaded multi-device path is the one tested), made before the member moves: a member loaded on the
+            # CPU is copied there, not on its first GPU
+            for s in slots[1:]:
+                self._replicas[(i, s)] = copy.deepcopy(m).to(self.devices[s])
+            self._replicas[(i, slots[0])] = m.to(self.devices[slots[0]])
 
     def placements(self) -> list[list[str]]:
         """Device names of each member's slots (for reports)."""
