@@ -118,10 +118,16 @@ def test_rerun_skips_finished_jobs(tiny_zoo, sequential, tmp_path):
     seq_out, seq = sequential
     out = tmp_path / "lb"
     shutil.copytree(seq_out, out)
+    shutil.rmtree(out / "reports")
     doc = _leaderboard(tiny_zoo, out)
     # the 5 jobs that succeeded are taken from out/jobs; the 2 failed ones run again (and fail again)
     assert doc["execution"]["jobs"] == {"total": 7, "ran": 2, "cached": 5, "failed": 2}
     assert _results(doc) == _results(seq) and doc["failed"] == seq["failed"]
+    # the methods' reports are written again from the cached results
+    for name in ("simple_average", "task_arithmetic"):
+        rep = json.loads((out / "reports" / f"{name}.json").read_text())
+        row = {r["method"]: r for r in doc["rows"]}[name]
+        assert {t: m["accuracy"] for t, m in rep["evaluation"]["tasks"].items()} == row["accuracy"]
 
     # a half-written result (no "complete" mark) is not a result: that job alone runs again
     ta = {r["method"]: r for r in doc["rows"]}["task_arithmetic"]

@@ -352,9 +352,10 @@ class _JobPlan:
         return out
 
     def ensure_report(self, name: str, result: dict[str, Any]) -> None:
-        """A final run's report under ``reports/`` (a result taken from the job cache may not have one there)."""
+        """A final run's report under ``reports/``: a result taken from the job cache writes its own report there
+        (the file may be missing, or hold the report of another run of the method since)."""
         path = Path(self.final[name]["report_path"])
-        if not path.exists():
+        if result.get("cached") or not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(path, "w") as f:
                 json.dump(result["report"], f, indent=2, default=str)
@@ -502,7 +503,9 @@ def run_leaderboard(scale: str = "full", root: str | None = None, out: str | Pat
                              else f"error: {what}{res['error']}")
             failed += [{"method": name, "kind": cls.family, "job": job["key"], "label": job["label"],
                         "split": job["taskpool"].get("split", "test"), "options": job["options"],
-                        "error": res["error"], "error_type": res.get("error_type")} for job, res in errors]
+                        "error": res["error"], "error_type": res.get("error_type"),
+                        **({} if res.get("user_error") else {"traceback": res.get("traceback")})}
+                       for job, res in errors]
             log(f"leaderboard: {name} failed: {skipped[name]}")
             continue
         tuned = plan.tuned.get(name)
