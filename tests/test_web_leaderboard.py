@@ -357,13 +357,111 @@ def test_hydra_values_parse_back(page):
 
     driver = page[0]
     values = ["auto", "bf16-mixed", "32", "cuda:0", "/tmp/a dir/x.safetensors", "it's", "back\\slash", "end\\",
-              "a,b", "true", "null", "", 0.25, -3, 1e-7, True, None, [1, "a b", None], {"k": 0.5, "j": "x y"}]
+              "a,b", "true", "null", "", "cost $5 `x`", 'say "hi"!', 0.25, -3, 1e-7, True, None, [1, "a b", None],
+              {"k": 0.5, "j": "x y"}]
     parser = OverridesParser.create()
     for v in values:
         text = driver.execute_script("return window.fbWeb.hydraValue(arguments[0])", v)
         assert parser.parse_override(f"key={text}").value() == v, (v, text)
         arg = driver.execute_script("return window.fbWeb.shellQuote(arguments[0])", f"key={text}")
         assert shlex.split(arg) == [f"key={text}"]
+
+
+_ALL_ARGS = """
+const fam = document.getElementById('b-family'), out = {methods: {}, modelpools: {}, taskpools: {}};
+document.getElementById('reset-cmd').click();
+fam.value = ''; fam.dispatchEvent(new Event('change'));
+const pick = (id, v) => { const e = document.getElementById(id); e.value = v; e.dispatchEvent(new Event('change')); };
+const R = window.fbWeb.data.registry;
+pick('b-modelpool', 'clip_zoo_tiny'); pick('b-taskpool', 'clip_zoo_tiny');
+for (const m of R.methods) { pick('b-method', m.name); out.methods[m.name] = window.fbWeb.buildCommand({all: true}); }
+pick('b-method', 'simple_average');
+for (const p of R.modelpools) { pick('b-modelpool', p.name); pick('b-taskpool', 'clip_zoo_tiny');
+  out.modelpools[p.name] = window.fbWeb.buildCommand({all: true}); }
+pick('b-modelpool', 'clip_zoo_tiny');
+for (const p of R.taskpools) { pick('b-taskpool', p.name); out.taskpools[p.name] = window.fbWeb.buildCommand({all: true}); }
+document.getElementById('reset-cmd').click();
+return out;
+"""
+
+
+def test_builder_writes_every_option_as_hydra_and_the_schemas_accept(page, registry):
+    """Every option of every method, model pool and task pool (and the run's), written at its default by the
+    builder: Hydra's parser reads back values that the config dataclass turns into its defaults; and one command
+    per pool type and per option kind composes in Hydra (with '+' for keys the shipped YAML lacks) and passes the
+    CLI's validation."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fusion_bench.cli import CONFIG_DIR, register_method_configs, validate_composed
+    from fusion_bench.config_schema import build_config, to_plain
+    from fusion_bench.methods import get_method_class
+    from fusion_bench.modelpool.base import ModelPool
+    from fusion_bench.modelpool.registry import get_modelpool_class
+    from fusion_bench.programs.fusion import ProgramConfig
+    from fusion_bench.taskpool.base import TASKPOOLS
+
+    driver = page[0]
+    built = driver.execute_script(_ALL_ARGS)
+    parser = OverridesParser.create()
+
+    def values(args, prefix):
+        out = {}
+        for a in args:
+            o = parser.parse_override(a)
+            key = o.key_or_group
+            if key.startswith(prefix) and "." not in key[len(prefix):]:
+                assert (a[0] == "+") == bool(o.is_add()) and not o.is_delete()
+                out[key[len(prefix):]] = o.value()
+        return out
+
+    n = 0
+    for name, run in built["methods"].items():
+        assert run["args"][:2] == ["fusion_bench", f"method={name}"] and not run["errors"], (name, run["errors"])
+        cls = get_method_class(name).config_class
+        got = values(run["args"][4:], "method.")
+        assert set(got) == {o["name"] for o in next(m for m in registry["methods"] if m["name"] == name)["options"]}
+        assert to_plain(build_config(cls, got)) == to_plain(cls()), name  # the written defaults are the defaults
+        n += len(got)
+    prog = values(built["methods"]["simple_average"]["args"][4:], "")
+    assert to_plain(build_config(ProgramConfig, prog)) == to_plain(build_config(ProgramConfig, {
+        k: v for k, v in (yaml.safe_load((CONFIG_DIR / "fusion_bench.yaml").read_text())).items() if k in prog}))
+    for group, cls_of in (("modelpool", lambda t: ModelPool if t in (None, "default") else get_modelpool_class(t)),
+                          ("taskpool", lambda t: TASKPOOLS.get(t or "parameter_count"))):
+        for name, run in built[group + "s"].items():
+            assert not run["errors"], (group, name, run["errors"])
+            shipped = yaml.safe_load((CONFIG_DIR / group / f"{name}.yaml").read_text())
+            got = values(run["args"][4:], group + ".")
+            cls = cls_of(shipped.get("type")).config_class
+            ignore = ("name", "type")
+            assert to_plain(build_config(cls, {**shipped, **got}, ignore=ignore)) == \
+                to_plain(build_config(cls, shipped, ignore=ignore)), (group, name)
+            n += len(got)
+    assert n > 500
+
+    # Hydra composes: one command per pool type, and methods until every option kind has been written
+    picks, seen = [], set()
+    for group in ("modelpool", "taskpool"):
+        types = set()
+        for p in registry[group + "s"]:
+            if p["type"] not in types:
+                types.add(p["type"])
+                picks.append(built[group + "s"][p["name"]]["args"])
+    for m in registry["methods"]:
+        sig = {(o["kind"], o["nullable"], o["default"] is None) for o in m["options"]}
+        if not sig <= seen:
+            seen |= sig
+            picks.append(built["methods"][m["name"]]["args"])
+    register_method_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            for args in picks:
+                validate_composed(compose(config_name="fusion_bench", overrides=args[1:]))
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -838,10 +838,12 @@ function hydraValue(v) {
   return "'" + body + "'";
 }
 function hydraKey(k) { return /^[A-Za-z_][A-Za-z0-9_\-]*$/.test(k) ? k : hydraValue(String(k)); }
-// POSIX shell quoting (as Python's shlex.quote)
+// POSIX shell quoting: bare when safe, else double quotes when nothing in the text is special inside them
+// (a Hydra-quoted value reads key='...'), else single quotes (as Python's shlex.quote)
 function shellQuote(s) {
   if (s === '') return "''";
   if (/^[A-Za-z0-9_@%+=:,.\/\-]+$/.test(s)) return s;
+  if (/^[^"$`\\!]*$/.test(s)) return '"' + s + '"';
   return "'" + s.replace(/'/g, "'\"'\"'") + "'";
 }
 const B = {values: {}};  // "<prefix><name>" -> the widget's current text / value
@@ -956,7 +958,8 @@ function onPoolChange(group) {
   poolInfo();
   renderCommand();
 }
-function overrides(opts, prefix, errors) {
+// the overrides of the options that differ from their default (every option with `all`, for the tests)
+function overrides(opts, prefix, errors, all) {
   const out = [];
   for (const o of opts) {
     const key = prefix + o.name;
@@ -964,7 +967,7 @@ function overrides(opts, prefix, errors) {
     if (!w) continue;
     const t = w.value;
     const row = w.closest('tr');
-    if (isDefault(o, t) && !o.required) { w.classList.remove('invalid'); if (row) row.classList.remove('changed'); continue; }
+    if (isDefault(o, t) && !o.required && !all) { w.classList.remove('invalid'); if (row) row.classList.remove('changed'); continue; }
     const r = optValue(o, t);
     if (r.error) { w.classList.add('invalid'); errors.push(`${key}=${t} ${r.error}`); continue; }
     w.classList.remove('invalid'); if (row) row.classList.add('changed');
@@ -972,17 +975,17 @@ function overrides(opts, prefix, errors) {
   }
   return out;
 }
-function buildCommand() {
-  const errors = [];
+function buildCommand(opt) {
+  const errors = [], all = !!(opt && opt.all);
   const m = byName(REG.methods, $('b-method').value);
   const mp = byName(REG.modelpools, $('b-modelpool').value), tp = byName(REG.taskpools, $('b-taskpool').value);
   const args = ['fusion_bench', 'method=' + (m ? m.name : '?')];
   if (mp) args.push('modelpool=' + mp.name);
   if (tp) args.push('taskpool=' + tp.name);
-  if (m) args.push(...overrides(m.options, 'method.', errors));
-  if (mp) args.push(...overrides(mp.options, 'modelpool.', errors));
-  if (tp) args.push(...overrides(tp.options, 'taskpool.', errors));
-  args.push(...overrides(REG.program, '', errors));
+  if (m) args.push(...overrides(m.options, 'method.', errors, all));
+  if (mp) args.push(...overrides(mp.options, 'modelpool.', errors, all));
+  if (tp) args.push(...overrides(tp.options, 'taskpool.', errors, all));
+  args.push(...overrides(REG.program, '', errors, all));
   return {command: args.map(shellQuote).join(' '), args, errors};
 }
 function renderCommand() {
