@@ -52,7 +52,8 @@ def _table(out: Path) -> tuple[list[dict], dict, list]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=None, help="tiny zoo folder (default: a temporary folder, built first)")
+    ap.add_argument("--root", default=None, help="zoo folder (default: a temporary folder, built first)")
+    ap.add_argument("--scale", default="tiny", choices=("tiny", "full"), help="zoo scale (default tiny)")
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
     ap.add_argument("--tune-grid", default="0.1,0.3,0.5,1.0", help="scaling_factor grid ('' for no tuning)")
     ap.add_argument("--max-samples", type=int, default=None, help="test examples per task (default: all)")
@@ -68,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root) if args.root else tmp / "zoo"
     from fusion_bench.benchmark.zoo import Zoo
 
-    zoo = Zoo("tiny", root)
+    zoo = Zoo(args.scale, root)
     if not zoo.is_built():
-        print(f"building the tiny zoo in {root} (not timed) ...", flush=True)
+        print(f"building the {args.scale} zoo in {root} (not timed) ...", flush=True)
         zoo.build(progress=False, log=lambda s: None)
-    common = ["--scale", "tiny", "--root", str(root)]
+    common = ["--scale", args.scale, "--root", str(root)]
     if args.methods:
         common += ["--methods", args.methods]
     if args.tune_grid:
@@ -104,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                      "jobs": jobs.get("total"), "jobs_ran": jobs.get("ran"), "jobs_cached": jobs.get("cached"),
                      "jobs_failed": jobs.get("failed"), "rows": len(doc["rows"])})
         print(f"{name}: {wall:.1f} s wall", flush=True)
-    base = tables.get("sequential")
+    first = next((r["run"] for r in rows if r["run"].startswith("sequential")), rows[0]["run"])
+    base = tables.get(first)
     for r in rows:
         t = tables.get(r["run"])
-        r["same_table_as_sequential"] = None if base is None or t is None else t == base
+        r["same_table_as_sequential"] = None if base is None or t is None or r["run"] == first else t == base
     print()
     print("| run | wall s | CPU s (waited-for children) | load before | jobs | ran | cached | failed | rows | same table |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -115,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         same = {None: "-", True: "yes", False: "NO"}[r["same_table_as_sequential"]]
         print(f"| {r['run']} | {r['wall_s']} | {r['cpu_s']} | {r['load_1min_before']} | {r['jobs']} | {r['jobs_ran']} "
               f"| {r['jobs_cached']} | {r['jobs_failed']} | {r['rows']} | {same} |")
-    seq = next((r for r in rows if r["run"] == "sequential"), None)
+    seq = next((r for r in rows if r["run"] == first), None)
     for r in rows:
         if seq and r is not seq:
-            print(f"{r['run']}: {seq['wall_s'] / r['wall_s']:.2f}x the sequential speed")
+            print(f"{r['run']}: {seq['wall_s'] / r['wall_s']:.2f}x the speed of {first}")
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; logs and outputs in {tmp}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
