@@ -536,3 +536,28 @@ def test_command_builder_command_runs(page, tmp_path, capsys):
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
 
+
+
+def test_failed_jobs_and_hostile_text_show_as_text(page, registry, tmp_path):
+    """Failed jobs are listed; names and errors that look like HTML or script stay text (nothing runs)."""
+    driver, doc, _, path = page
+    evil = "<img src=x onerror=\"window.__pwned=1\"></script><script>window.__pwned=2</script>"
+    bad = json.loads(json.dumps(doc))
+    bad["rows"][-1]["method"] = evil
+    bad["rows"][-1]["data"] = evil
+    bad["failed"] = [{"method": "regmean", "label": "regmean", "kind": "merging", "error": "boom " + evil}]
+    bad["skipped"] = {"regmean": "failed on the zoo", "fisher_merging": evil}
+    other = web.write_html(bad, tmp_path / "evil.html", registry)
+    try:
+        driver.get(other.as_uri())
+        assert driver.execute_script("return document.body.getAttribute('data-ready')") == "1"
+        assert driver.execute_script("return window.__pwned === undefined && document.querySelectorAll('img').length === 0"
+                                     " && document.scripts.length === 2")
+        assert _rows(driver)[-1] == evil
+        failed = driver.execute_script("return [...document.querySelectorAll('#failed li')].map(li => li.textContent)")
+        assert failed == ["regmean: boom " + evil]
+        skipped = driver.execute_script("return [...document.querySelectorAll('#skipped li')].map(li => li.textContent)")
+        assert skipped == [f"fisher_merging: {evil}"]  # a failed method is listed once, under the failures
+        assert "1 failed job" in driver.find_element("id", "row-count").text
+    finally:
+        driver.get(path.as_uri())

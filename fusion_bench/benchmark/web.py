@@ -640,7 +640,8 @@ function renderTable(rows) {
     tr.addEventListener('click', () => toggleSelect(r.index));
     body.appendChild(tr);
   }
-  $('row-count').textContent = rows.length + ' of ' + ROWS.length + ' rows shown';
+  const nf = (LB.failed || []).length;
+  $('row-count').textContent = rows.length + ' of ' + ROWS.length + ' rows shown' + (nf ? `; ${nf} failed job(s), listed below` : '');
 }
 function toggleSelect(i) {
   const k = state.selected.indexOf(i);
@@ -735,13 +736,22 @@ function renderScatter(rows) {
   axis.appendChild(sv('text', {x: 14, y: (m.t + H - m.b) / 2, 'text-anchor': 'middle',
     transform: `rotate(-90 14 ${(m.t + H - m.b) / 2})`}, YAXES.find((a) => a[0] === yKey)[1]));
   svg.appendChild(axis);
+  const placed = [];  // label boxes already drawn: a label moves to the next free slot beside its point
+  const refLabels = new Map();  // reference rows at the same height share one label
   for (const r of refs) {
     const y = fy(100 * r[yKey]);
     svg.appendChild(sv('line', {class: 'ref', x1: m.l, x2: W - m.r, y1: y, y2: y, 'data-method': r.method}));
-    svg.appendChild(sv('text', {x: W - m.r - 4, y: y - 3, 'text-anchor': 'end', fill: '#666'}, r.label));
+    const k = Math.round(y);
+    refLabels.set(k, (refLabels.has(k) ? refLabels.get(k) + ' = ' : '') + r.label);
+  }
+  for (const [y, text] of [...refLabels.entries()].sort((a, b) => a[0] - b[0])) {
+    const w = 6.2 * text.length + 4;
+    let ty = y - 3;
+    while (placed.some((b) => ty - 10 < b[1] + 12 && b[1] < ty + 2)) ty += 12;  // below a label it would cover
+    placed.push([W - m.r - 4 - w, ty - 10, w]);
+    svg.appendChild(sv('text', {x: W - m.r - 4, y: ty, 'text-anchor': 'end', fill: '#666', class: 'ref-label'}, text));
   }
   const showLabels = $('scatter-labels').checked;
-  const placed = [];  // label boxes already drawn: a label moves to the next free slot beside its point
   const labelAt = (x, y, text) => {
     const w = 6.2 * text.length + 4, left = x + 7 + w > W - m.r;
     const bx = left ? x - 7 - w : x + 7;
@@ -1095,7 +1105,20 @@ function renderInfo() {
     notes.appendChild(el('p', {}, `Kendall's tau ${isNum(o.kendall_tau) ? o.kendall_tau.toFixed(2) : '-'} (1 = the same order). ` +
       'Here: ' + o.here.join(' > ') + '. FusionBench: ' + o.fusionbench.join(' > ') + '.'));
   }
-  const sk = Object.entries(LB.skipped || {});
+  const failed = LB.failed || [];  // jobs that raised (a re-run runs them again)
+  if (failed.length) {
+    notes.appendChild(el('h2', {}, `Failed jobs (${failed.length})`));
+    const ul = el('ul', {id: 'failed'});
+    for (const f of failed) {
+      const li = el('li'); li.appendChild(el('code', {}, f.label || f.method));
+      li.appendChild(document.createTextNode(': ' + String(f.error || '').split(/\s+/).join(' ')));
+      ul.appendChild(li);
+    }
+    notes.appendChild(ul);
+    $('row-count').dataset.failed = failed.length;
+  }
+  const failedNames = new Set(failed.map((f) => f.method));
+  const sk = Object.entries(LB.skipped || {}).filter(([k]) => !failedNames.has(k) || ROWS.some((r) => r.method === k));
   if (sk.length) {
     const d = el('details'); d.appendChild(el('summary', {}, `Not run (${sk.length})`));
     const ul = el('ul', {id: 'skipped'});
