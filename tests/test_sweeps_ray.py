@@ -199,6 +199,34 @@ def test_executor_options_are_checked(tmp_path):
     assert not root.exists() and not (tmp_path / "lb").exists()
 
 
+def _job_or_die(job: dict) -> dict:
+    """A stand-in for run_job in worker processes: the job labelled 'dies' kills its worker."""
+    if job["label"] == "dies":
+        os._exit(3)
+    return {"key": job["key"], "label": job["label"], "status": "ok", "report": {"pid": os.getpid()},
+            "wall_time_s": 0.0}
+
+
+def test_a_killed_worker_is_a_failed_job_not_a_lost_one(tmp_path):
+    """A worker process that dies (killed, out of memory) turns its job, and those the broken pool can no longer
+    take, into error results; every job gets a result and the successful ones are cached."""
+    from fusion_bench.benchmark.executors import ProcessExecutor, run_jobs
+
+    jobs = [{"key": f"k{i}", "label": label} for i, label in enumerate(["fine", "dies", "after"])]
+    runner = ProcessExecutor(jobs=1, threads=1, fn=_job_or_die)
+    stats: dict = {}
+    try:
+        results = run_jobs(jobs, runner, tmp_path / "jobs", stats=stats)
+    finally:
+        runner.close()
+    assert set(results) == {"k0", "k1", "k2"}
+    assert results["k0"]["status"] == "ok"
+    assert results["k1"]["status"] == "error" and "BrokenProcessPool" in results["k1"]["error"]
+    assert results["k2"]["status"] == "error"
+    assert stats == {"total": 3, "ran": 3, "cached": 0, "failed": 2}
+    assert json.loads((tmp_path / "jobs" / "k0.json").read_text())["complete"] is True
+
+
 def _have_joblib_launcher() -> bool:
     try:
         import hydra_plugins.hydra_joblib_launcher  # noqa: F401

@@ -250,10 +250,12 @@ class ProcessExecutor:
 
     name = "process"
 
-    def __init__(self, jobs: int | None = None, threads: int | None = None):
+    def __init__(self, jobs: int | None = None, threads: int | None = None,
+                 fn: Callable[[Job], JobResult] = run_job):
         cores = available_cores()
         self.jobs = int(jobs or cores)
         self.threads = _threads_for(self.jobs, threads, cores)
+        self._fn = fn  # a module-level function (the workers import it): run_job, or a stand-in in tests
         self._pool = None
 
     def run(self, queue: list[Job]) -> Iterator[tuple[Job, JobResult]]:
@@ -267,7 +269,12 @@ class ProcessExecutor:
         while queue or inflight:
             while queue and len(inflight) < self.jobs:
                 job = queue.pop(0)
-                inflight[self._pool.submit(run_job, {**job, "threads": self.threads})] = job
+                try:
+                    inflight[self._pool.submit(self._fn, {**job, "threads": self.threads})] = job
+                except Exception as e:  # a worker died earlier and broke the pool: this job cannot run
+                    yield job, _crash_result(job, e)
+            if not inflight:
+                continue
             done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
             for f in done:
                 job = inflight.pop(f)
