@@ -68,7 +68,7 @@ def sequential(tiny_zoo, tmp_path_factory):
     return out, _leaderboard(tiny_zoo, out)
 
 
-def test_ray_leaderboard_equals_sequential_and_reports_the_failed_jobs(tiny_zoo, sequential, ray_local, tmp_path):
+def test_ray_leaderboard_equals_sequential_and_reports_the_failed_jobs(ray_local, tiny_zoo, sequential, tmp_path):
     seq_out, seq = sequential
     out = tmp_path / "lb_ray"
     doc = _leaderboard(tiny_zoo, out, executor="ray")
