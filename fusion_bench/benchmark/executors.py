@@ -159,9 +159,6 @@ def run_job(job: Job) -> JobResult:
 
     import torch
 
-    from fusion_bench.methods import get_method_class
-    from fusion_bench.programs.fusion import run_program
-
     for k, v in (job.get("env") or {}).items():
         os.environ[k] = v
     if job.get("threads"):
@@ -169,14 +166,25 @@ def run_job(job: Job) -> JobResult:
     t0 = time.perf_counter()
     out: JobResult = {"key": job["key"], "label": job.get("label"), "threads": torch.get_num_threads(),
                       "host": socket.gethostname(), "pid": os.getpid()}
+    from fusion_bench.benchmark.zoo import _quiet_transformers
+
+    with _quiet_transformers():  # no model-loading bars from every worker
+        _run(job, out)
+    out["wall_time_s"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _run(job: Job, out: JobResult) -> None:
+    from fusion_bench.methods import get_method_class
+    from fusion_bench.programs.fusion import run_program
+
     try:
         pool, taskpool = _context(job)
         if job["purpose"] == "reference":  # the leaderboard's reference rows
             from fusion_bench.benchmark.leaderboard import evaluate_references
 
             out.update(status="ok", report=json.loads(json.dumps(evaluate_references(pool, taskpool), default=str)))
-            out["wall_time_s"] = round(time.perf_counter() - t0, 3)
-            return out
+            return
         method = get_method_class(job["method"])(dict(job["options"]))
         cfg = {"print_table": False, "seed": job["seed"]}
         if job.get("report_path"):
@@ -190,8 +198,6 @@ def run_job(job: Job) -> JobResult:
     except Exception as e:  # a method bug must not stop the other jobs; it is reported
         out.update(status="error", error=f"{type(e).__name__}: {e}", error_type=type(e).__name__, user_error=False,
                    traceback=traceback.format_exc(limit=6))
-    out["wall_time_s"] = round(time.perf_counter() - t0, 3)
-    return out
 
 
 def make_job(purpose: str, method: str, options: dict[str, Any], track: str, pool: dict[str, Any],
@@ -457,7 +463,6 @@ def run_jobs(jobs: Iterable[Job], executor: Any, cache: str | Path | None = None
                 continue
             results[job["key"]] = {**hit, "cached": True}
             stats["cached"] += 1
-            log(f"leaderboard: {job['label']}: done by an earlier run ({folder / (job['key'] + '.json')})")
             if then is not None:
                 admit(then(job, results[job["key"]], results), front=True)
         if front:
@@ -466,6 +471,8 @@ def run_jobs(jobs: Iterable[Job], executor: Any, cache: str | Path | None = None
             queue.extend(fresh)
 
     admit(jobs, front=False)
+    if stats["cached"]:
+        log(f"leaderboard: {stats['cached']} job(s) done by an earlier run (results in {folder}), {len(queue)} to run")
     for job, res in executor.run(queue):
         stats["ran"] += 1
         results[job["key"]] = res
