@@ -174,3 +174,18 @@ def pytest_unconfigure(config):
 def pytest_terminal_summary(terminalreporter):
     if _STANDIN_NOTE:  # also under -q, which hides the header
         terminalreporter.write_line(_STANDIN_NOTE)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_zoo(tmp_path_factory):
+    """The tiny CLIP zoo, built once per test session (its evaluation caches beside it) and shared read-only by
+    the modules that only use it (leaderboard, web page, Ray sweeps, WEMoE). Tests of the build itself (resume,
+    damage, thread counts) build their own in tests/test_zoo.py."""
+    from fusion_bench.benchmark.zoo import Zoo
+
+    base = tmp_path_factory.getbasetemp() / "tiny_clip_zoo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
+        zoo = Zoo("tiny", base / "tiny")
+        zoo.build(progress=False, log=lambda s: None)
+    return zoo

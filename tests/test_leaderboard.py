@@ -14,14 +14,9 @@ from fusion_bench.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory) -> Zoo:
-    """A tiny zoo built in-process (a few seconds), with its caches kept in the test's temporary folder."""
-    base = tmp_path_factory.mktemp("lb_zoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
-        zoo = Zoo("tiny", base / "tiny")
-        zoo.build(progress=False, log=lambda s: None)
-    return zoo
+def tiny_zoo(tiny_clip_zoo) -> Zoo:
+    """The session's tiny zoo (tests/conftest.py)."""
+    return tiny_clip_zoo
 
 
 def _taskpool(zoo: Zoo, **extra):

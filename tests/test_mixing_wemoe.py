@@ -338,15 +338,9 @@ def test_config_errors(toy_pool):
 # the tiny CLIP zoo: CLI, report, plot, leaderboard columns
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory):
-    from fusion_bench.benchmark.zoo import Zoo
-
-    base = tmp_path_factory.mktemp("wemoe_zoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
-        zoo = Zoo("tiny", base / "tiny")
-        zoo.build(progress=False, log=lambda s: None)
-    return zoo
+def tiny_zoo(tiny_clip_zoo):
+    """The session's tiny zoo (tests/conftest.py)."""
+    return tiny_clip_zoo
 
 
 @pytest.mark.parametrize("method", ["we_moe", "sparse_we_moe", "rankone_moe"])

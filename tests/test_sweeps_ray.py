@@ -26,15 +26,9 @@ TIMING = {"merge_time_s", "peak_rss_mb", "evaluation_time_s", "tuning_time_s"}
 
 
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory) -> Zoo:
-    """A tiny zoo built in-process, its caches in the session's temporary folder (a fixed name there: a module
-    that builds the same zoo at the same place in this session finds it built)."""
-    base = tmp_path_factory.getbasetemp() / "tiny_zoo_shared"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
-        zoo = Zoo("tiny", base / "tiny")
-        zoo.build(progress=False, log=lambda s: None)
-    return zoo
+def tiny_zoo(tiny_clip_zoo) -> Zoo:
+    """The session's tiny zoo (tests/conftest.py)."""
+    return tiny_clip_zoo
 
 
 @pytest.fixture(scope="module")

@@ -34,17 +34,15 @@ LB_METHODS = ["simple_average", "task_arithmetic", "ties_merging", "simple_ensem
 # a real leaderboard on the tiny zoo (module scope: built once)
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def lb(tmp_path_factory):
+def lb(tmp_path_factory, tiny_clip_zoo):
     """(zoo root, leaderboard document, its folder): four methods on the tiny CLIP zoo, scaling_factor tuned on
     the validation split over a two-value grid (so rows of the tiers none, validation and train appear)."""
     from fusion_bench.benchmark.leaderboard import run_leaderboard
-    from fusion_bench.benchmark.zoo import Zoo
 
     base = tmp_path_factory.mktemp("web_lb")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
-        zoo = Zoo("tiny", base / "tiny")
-        zoo.build(progress=False, log=lambda s: None)
+        zoo = tiny_clip_zoo
         doc = run_leaderboard("tiny", str(zoo.root), base / "lb", methods=LB_METHODS, max_samples=20, tune=True,
                               tune_grid=TUNE_GRID, log=lambda s: None)
     return zoo.root, doc, base / "lb"
@@ -561,3 +559,15 @@ def test_failed_jobs_and_hostile_text_show_as_text(page, registry, tmp_path):
         assert "1 failed job" in driver.find_element("id", "row-count").text
     finally:
         driver.get(path.as_uri())
+
+
+def test_leaderboard_cli_writes_the_page(lb, tmp_path):
+    """``fusion_bench leaderboard ... --web`` writes leaderboard.html beside the other outputs (here on --combine)."""
+    from fusion_bench.benchmark.leaderboard import main as leaderboard_main
+
+    _, doc, folder = lb
+    assert leaderboard_main(["--combine", str(folder), "--out", str(tmp_path / "c"), "--web"]) == 0
+    html = (tmp_path / "c" / "leaderboard.html").read_text()
+    assert [r["method"] for r in _embedded(html)["leaderboard"]["rows"]] == [r["method"] for r in doc["rows"]]
+    assert leaderboard_main(["--combine", str(folder), "--out", str(tmp_path / "d")]) == 0
+    assert not (tmp_path / "d" / "leaderboard.html").exists()

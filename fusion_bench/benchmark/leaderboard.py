@@ -910,11 +910,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--combine", nargs="+", default=None, metavar="DIR",
                     help="combine these leaderboard output folders (same zoo and test set) into one table in --out; "
                     "runs nothing")
+    ap.add_argument("--web", action="store_true",
+                    help="also write leaderboard.html: one self-contained page (sortable table, accuracy-vs-cost "
+                    "scatter, per-task bars, filters, command builder) that works offline")
+    from fusion_bench.tracking.reader import add_arguments as add_log_arguments
+    from fusion_bench.tracking.reader import main_from_args as from_logs_main
+
+    add_log_arguments(ap)  # --from-logs DIR, --from-mlflow URI, --mlflow-experiment, --references DIR
     args = ap.parse_args(argv)
+    if (code := from_logs_main(args)) is not None:  # a table from logged runs; runs nothing
+        return code
+
+    def web(doc: dict[str, Any]) -> str:
+        if not args.web:
+            return ""
+        from fusion_bench.benchmark.web import write_html
+
+        write_html(doc, Path(args.out) / "leaderboard.html")
+        return ", .html"
+
     if args.combine:
         doc = combine_leaderboards(args.combine, args.out)
         print(to_markdown(doc))
-        print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png)")
+        print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png{web(doc)})")
         return 0
     if args.threads and args.executor == "sequential":
         import torch
@@ -938,5 +956,5 @@ def main(argv: list[str] | None = None) -> int:
                               executor=args.executor, jobs=args.jobs, ray_address=args.ray_address,
                               threads=args.threads, resume=not args.no_resume)
     print(to_markdown(doc))
-    print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png) in {doc['total_time_s']:.1f}s")
+    print(f"written to {Path(args.out) / 'leaderboard.md'} (.csv, .json, .png{web(doc)}) in {doc['total_time_s']:.1f}s")
     return 0
