@@ -70,8 +70,13 @@ def site(tmp_path_factory) -> Path:
 
 
 @needs_mkdocs
+def _shipped(names):
+    """Registered names without those a test module registered in this process (the site is built in a fresh one)."""
+    return [n for n in names if get_method_class(n).__module__.split(".")[0] != "tests"]
+
+
 def test_every_method_has_a_page_with_its_options(site):
-    names = list_methods()
+    names = _shipped(list_methods())
     assert len(names) > 20
     problems = []
     for name in names:
@@ -106,6 +111,8 @@ def test_pools_getting_started_and_leaderboards(site):
     tp = page_text(site / "taskpools" / "index.html")
     for kind, reg, text in (("modelpool", MODELPOOLS, mp), ("taskpool", TASKPOOLS, tp)):
         for name in reg.names():
+            if reg.get(name).__module__.split(".")[0] == "tests":
+                continue  # registered by another test module in this process; the site is built in a fresh one
             assert f"{kind}.type: {name}" in text
             cells = option_cells(site / f"{kind}s" / "index.html", f"{kind}-type-{name.replace('_', '-')}")
             missing = [f.name for f in dataclasses.fields(reg.get(name).config_class) if f.name not in cells]
@@ -131,7 +138,7 @@ def test_method_commands_are_valid_command_lines():
     register_method_configs()
     full, holes = docsgen.documented_commands(ROOT, with_placeholders=True)
     bad = []
-    for name in list_methods():
+    for name in _shipped(list_methods()):
         cmds, _ = docsgen.method_commands(name, ROOT, full, holes)
         assert docsgen.command_args(cmds[0]).get("method") == name
         if "<" in cmds[0]:
