@@ -11,7 +11,7 @@ vector cannot reach. This probe asks what the merges would do without them, with
   captions used), with a zero-shot head over those names only;
 - with ``--shift`` applies a per-image domain shift to every split of a task (the pretrained encoder saw
   the unshifted images only), e.g. ``grid`` for all tasks or ``letters:grid,fashion:invert,...``;
-  the kinds are in :data:`SHIFTS`;
+  the kinds are in :data:`SHIFTS` (``grid+blur``: one after the other);
 - fine-tunes each task's vision encoder as the zoo does (``clip_finetune``'s ``finetune_vision``), then
   prints pretrained, fine-tuned, simple averaging and task arithmetic (coefficient chosen on the
   validation split) with the share of the gain kept, R = mean over tasks of (merged - pretrained) /
@@ -98,8 +98,15 @@ SHIFTS = {
 }
 
 
+def apply_shift(kind: str, im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """``kind`` of :data:`SHIFTS`, or several joined by ``+`` applied in order (``grid+blur``)."""
+    for k in kind.split("+"):
+        im = SHIFTS[k](im, rng)
+    return im
+
+
 def parse_shift(spec: str) -> dict[str, str]:
-    """``kind`` for every task, or ``task:kind,task:kind`` (others: none)."""
+    """``kind`` for every task, or ``task:kind,task:kind`` (others: none); a kind may join several with ``+``."""
     if not spec:
         return dict.fromkeys(TASKS, "none")
     if ":" not in spec:
@@ -111,7 +118,7 @@ def parse_shift(spec: str) -> dict[str, str]:
             if task not in out:
                 raise SystemExit(f"--shift names unknown task {task!r}; tasks: {', '.join(TASKS)}")
             out[task] = kind
-    bad = sorted(set(out.values()) - set(SHIFTS))
+    bad = sorted({k for kind in out.values() for k in kind.split("+")} - set(SHIFTS))
     if bad:
         raise SystemExit(f"--shift: unknown kind {bad[0]!r}; kinds: {', '.join(SHIFTS)}")
     return out
@@ -127,9 +134,9 @@ def load_split(data_root: Path, task: str, split: str, n: int | None, shift: str
     if visible is not None:
         idx = idx[np.isin(labels, visible)]
     idx = idx[:n] if n else idx
-    fn = SHIFTS[shift]
     key = zlib.crc32(f"{task}/{split}".encode())
-    ims = [fn(ds[int(i)]["image"].convert("RGB"), np.random.default_rng([seed, key, int(i)])) for i in idx]
+    ims = [apply_shift(shift, ds[int(i)]["image"].convert("RGB"), np.random.default_rng([seed, key, int(i)]))
+           for i in idx]
     px = processor(images=ims, return_tensors="pt")["pixel_values"].float()
     y = labels[idx]
     if visible is not None:
