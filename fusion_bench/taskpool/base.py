@@ -27,6 +27,20 @@ class TaskPoolConfig:
     name: str = option("taskpool", help="A label for reports.")
 
 
+
+def devices_option() -> Any:
+    """The ``devices`` option of a task pool that evaluates across several devices (docs/logging_devices.md)."""
+    return option(None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a "
+                  "number of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). "
+                  "null: device.")
+
+
+def precision_option(what: str = "the forward passes", extra: tuple[str, ...] = ()) -> Any:
+    """The ``precision`` option of a task pool (autocast during evaluation)."""
+    return option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed", *extra),
+                  help=f"32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed (float16 autocast, "
+                  f"for GPUs) for {what}.")
+
 class TaskPool(ABC):
     config_class: ClassVar[type] = TaskPoolConfig
     type_name: ClassVar[str] = ""

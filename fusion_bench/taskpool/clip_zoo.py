@@ -14,7 +14,7 @@ from typing import Any
 
 from fusion_bench.config_schema import build_config, option
 from fusion_bench.errors import ConfigError, did_you_mean
-from fusion_bench.taskpool.base import TaskPoolConfig, register_taskpool
+from fusion_bench.taskpool.base import TaskPoolConfig, devices_option, precision_option, register_taskpool
 from fusion_bench.taskpool.clip_zeroshot import CLIPZeroShotTaskPool, CLIPZeroShotTaskPoolConfig
 
 
@@ -33,12 +33,8 @@ class CLIPZooTaskPoolConfig(TaskPoolConfig):
                                     "e.g. gaussian_noise; null: the clean test split. Needs split=test.")
     batch_size: int = option(512, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
-    devices: list[str] | str | None = option(
-        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
-        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
-    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed", "float32", "bf16"),
-                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
-                            "(float16 autocast, for GPUs) for the image encoders.")
+    devices: list[str] | str | None = devices_option()
+    precision: str = precision_option("the image encoders", extra=("float32", "bf16"))
     cache_dir: str | None = option(None, help="Cache of heads and preprocessed images (null: $FUSION_BENCH_CACHE or "
                                    "~/.cache/fusion_bench).")
     use_cache: bool = option(True, help="Read and write the head and image caches.")

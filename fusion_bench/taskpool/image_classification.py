@@ -39,6 +39,8 @@ from fusion_bench.taskpool.base import (
     PerTaskPool,
     TaskPoolConfig,
     average_metrics,
+    devices_option,
+    precision_option,
     register_taskpool,
 )
 
@@ -68,12 +70,8 @@ class ImageClassificationTaskPoolConfig(TaskPoolConfig):
         "processor object or a callable PIL image -> tensor. Required.")
     batch_size: int = option(128, ge=1, le=2**20, help="Images per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
-    devices: list[str] | str | None = option(
-        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
-        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
-    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed"),
-                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
-                            "(float16 autocast, for GPUs) for the forward passes.")
+    devices: list[str] | str | None = devices_option()
+    precision: str = precision_option("the forward passes")
     cache_dir: str | None = option(None, help="Cache folder for preprocessed images; null: $FUSION_BENCH_CACHE or "
                                    "~/.cache/fusion_bench.")
     use_cache: bool = option(True, help="Read and write the preprocessed-image caches.")

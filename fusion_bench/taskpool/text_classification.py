@@ -29,6 +29,8 @@ from fusion_bench.taskpool.base import (
     PerTaskPool,
     TaskPoolConfig,
     average_metrics,
+    devices_option,
+    precision_option,
     register_taskpool,
 )
 
@@ -53,12 +55,8 @@ class TextClassificationTaskPoolConfig(TaskPoolConfig):
     max_length: int = option(512, ge=1, le=1 << 20, help="Tokens per example (truncation, longest first).")
     batch_size: int = option(32, ge=1, le=1 << 20, help="Examples per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
-    devices: list[str] | str | None = option(
-        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
-        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
-    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed"),
-                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
-                            "(float16 autocast, for GPUs) for the forward passes.")
+    devices: list[str] | str | None = devices_option()
+    precision: str = precision_option("the forward passes")
     max_samples: int | None = option(None, ge=1, le=10**9, help="Evaluate at most this many evenly spaced examples "
                                      "per task (null: all); for fast runs.")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fusion_bench.config_schema import build_config, option
 from fusion_bench.errors import ConfigError, did_you_mean
-from fusion_bench.taskpool.base import TaskPoolConfig, register_taskpool
+from fusion_bench.taskpool.base import TaskPoolConfig, devices_option, precision_option, register_taskpool
 from fusion_bench.taskpool.text_classification import (
     TextClassificationTaskPool,
     TextClassificationTaskPoolConfig,
@@ -41,12 +41,8 @@ class TextZooTaskPoolConfig(TaskPoolConfig):
                                     "fine-tuning length, so that evaluation sees what training saw.")
     batch_size: int = option(64, ge=1, le=1 << 20, help="Examples per forward pass.")
     device: str = option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda:0, ...")
-    devices: list[str] | str | None = option(
-        None, help="Evaluate across several devices: a list ([cuda:0,cuda:1]), auto (every visible GPU) or a number "
-        "of GPUs; ensemble members round-robin, one model's batches split (docs/logging_devices.md). null: device.")
-    precision: str = option("32", choices=("32", "32-true", "bf16-mixed", "16-mixed"),
-                            help="32 (exact float32), bf16-mixed (bfloat16 autocast, also on CPU) or 16-mixed "
-                            "(float16 autocast, for GPUs) for the forward passes.")
+    devices: list[str] | str | None = devices_option()
+    precision: str = precision_option("the forward passes")
     max_samples: int | None = option(None, ge=1, le=10**9, help="At most this many evenly spaced examples per "
                                      "task (null: all).")
 
