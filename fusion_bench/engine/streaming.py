@@ -643,6 +643,7 @@ class _Runner:
         # the stats of one tensor (one unit per model) may run on different workers; its first merge block
         # waits here until all of them are in
         self.cond = threading.Condition()
+        self.stop: threading.Event | None = None  # set by _Workers: a failed worker ends the waits here
 
     def _context(self, job: Job) -> BlockContext:
         with self.cond:
@@ -661,8 +662,6 @@ class _Runner:
                 self.cond.wait(timeout=0.1)
                 if self.stop is not None and self.stop.is_set():
                     raise RuntimeError("merge stopped")
-
-    stop: threading.Event | None = None
 
     def handle(self, unit: tuple) -> None:
         kind, job = unit[0], unit[1]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fusion_bench.config_schema import SEED_RANGE, option
+from fusion_bench.engine.devices import module_device
 from fusion_bench.errors import ConfigError, ModelMismatchError
 from fusion_bench.methods.base import MethodConfig
 
@@ -242,11 +243,6 @@ def _move_outside(model: nn.Module, layers: nn.ModuleList, device: torch.device)
                 m._buffers[n] = b.to(device)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
 
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
@@ -283,7 +279,7 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: tor
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
 
-    home = _model_device(model)
+    home = module_device(model)
     _move_outside(model, layers, device)
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -355,7 +351,7 @@ def layer_by_layer(model: nn.Module, ids: torch.Tensor, batch_size: int, device:
             prefix = f"{path}.{i}."
             if load_layer is not None:
                 load_layer(i, prefix, layer)
-            home = _model_device(layer)
+            home = module_device(layer)
             layer.to(device)
             largest = max(largest, sum(p.numel() * p.element_size() for p in layer.parameters()))
             outs = process(i, prefix, layer, inputs)

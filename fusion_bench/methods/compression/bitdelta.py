@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_bench.config_schema import option
+from fusion_bench.engine.devices import module_device
 from fusion_bench.errors import CheckpointError, ConfigError, ModelMismatchError, did_you_mean
 from fusion_bench.kernels.compression import bitdelta as K
 from fusion_bench.methods.base import FusionMethod, FusionResult, register_method
@@ -105,11 +106,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @register_method
@@ -226,7 +222,7 @@ class BitDelta(FusionMethod):
         calib_cfg = _Calib(cfg, n_samples)
         ids, calib = calibration_ids(calib_cfg, pool, model)
         device = resolve_device(cfg.device)
-        home = _model_device(model)
+        home = module_device(model)
         for p in model.parameters():
             p.requires_grad_(False)
         alphas = [w.alpha for w in wrapped.values()]
