@@ -868,3 +868,30 @@ def test_tie_break_index_stats_from_row_blocks(tmp_path_factory, tmp_path):
             outs.append(load_sd(out))
         for k in outs[0]:
             assert torch.equal(outs[0][k], outs[1][k]), (method, k)
+
+
+def test_stats_error_reaches_the_user_with_several_workers(tmp_path_factory, tmp_path):
+    """A non-finite tensor found by a statistics unit on one worker is the error raised, not the 'merge stopped'
+    of a merge block waiting for that statistic on another worker; nothing is written."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from fusion_bench.engine.streaming import merge_to_folder
+    from fusion_bench.errors import ModelMismatchError
+
+    z = save_zoo(tmp_path_factory.mktemp("nan"), "llama", n=3, dtype=torch.bfloat16)
+    for f in Path(z["ft1"]).glob("*.safetensors"):
+        sd = load_file(f)
+        if "model.embed_tokens.weight" in sd:
+            sd["model.embed_tokens.weight"][-1, -1] = float("nan")
+            save_file(sd, f, metadata={"format": "pt"})
+    doc = {"merge_method": "ties", "base_model": z["_pretrained_"], "dtype": "bfloat16",
+           "parameters": {"density": 0.3},
+           "models": [{"model": z[f"ft{i}"], "parameters": {"weight": 0.4}} for i in range(3)]}
+    for tie_break in ("mergekit", "index"):
+        plan = load_mergekit_config(doc, tie_break=tie_break)
+        out = tmp_path / tie_break
+        with pytest.raises(ModelMismatchError, match="non-finite.*embed_tokens"):
+            merge_to_folder(plan.method, plan.pool, out, workers=3, block_elements=64, progress=False)
+        assert not out.exists()

@@ -522,7 +522,8 @@ class _Workers:
                 try:
                     self.runner.handle(unit)
                 except BaseException as e:
-                    self.error = e
+                    if self.error is None:  # the first error is the cause; later ones are waits it ended
+                        self.error = e
                     self.stop.set()
 
     def _put(self, i: int, unit: Any) -> None:
