@@ -32,77 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+
+from fusion_bench.benchmark.shifts import SHIFTS, apply_shift
 
 TASKS = ("letters", "fashion", "aerial", "shapes", "house_numbers", "signs", "digits", "textures")
-
-
-def _arr(im: Image.Image) -> np.ndarray:
-    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def _img(a: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
-
-
-def _blur(im, rng):
-    a = _arr(im.filter(ImageFilter.GaussianBlur(1.3)))
-    return _img(a.mean() + 0.6 * (a - a.mean()))
-
-
-def _grid(im, rng):
-    a = _arr(im).copy()
-    c = rng.random(3)
-    p = int(rng.integers(5, 8))
-    o = int(rng.integers(0, p))
-    a[o::p] = 0.5 * a[o::p] + 0.5 * c
-    a[:, o::p] = 0.5 * a[:, o::p] + 0.5 * c
-    return _img(a)
-
-
-def _lowcontrast(im, rng):
-    a = _arr(im)
-    return _img(a.mean() + 0.35 * (a - a.mean()) + rng.normal(0, 0.03, a.shape))
-
-
-def _shrink(im, rng):
-    s = int(rng.integers(15, 21))
-    a = _arr(im)
-    canvas = np.ones_like(a) * np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]).mean(0)
-    x, y = rng.integers(0, a.shape[0] - s + 1, 2)
-    canvas[y:y + s, x:x + s] = _arr(im.resize((s, s), Image.BILINEAR))
-    return _img(canvas)
-
-
-def _warp(im, rng):
-    a = _arr(im)
-    h = a.shape[0]
-    yy, xx = np.mgrid[0:h, 0:h].astype(np.float32)
-    per, ph = rng.uniform(8, 14), rng.uniform(0, 2 * np.pi)
-    xs = np.clip(xx + 2.5 * np.sin(2 * np.pi * yy / per + ph), 0, h - 1).round().astype(int)
-    ys = np.clip(yy + 2.5 * np.sin(2 * np.pi * xx / per + 1.3 * ph), 0, h - 1).round().astype(int)
-    return _img(a[ys, xs])
-
-
-#: per-image domain shifts: name -> f(PIL image, numpy Generator) -> PIL image
-SHIFTS = {
-    "none": lambda im, rng: im,
-    "invert": lambda im, rng: _img(1 - _arr(im)),
-    "rot180": lambda im, rng: im.rotate(180),
-    "blur": _blur,  # gaussian blur sigma 1.3, contrast x0.6
-    "grid": _grid,  # a coloured line grid every 5-7 px, half opacity
-    "lowcontrast": _lowcontrast,  # contrast x0.35 plus pixel noise
-    "pixelate": lambda im, rng: im.resize((12, 12), Image.BOX).resize(im.size, Image.NEAREST),
-    "shrink": _shrink,  # content scaled to 15-20 px at a random place on the edge colour
-    "warp": _warp,  # sine displacement of 2.5 px
-}
-
-
-def apply_shift(kind: str, im: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """``kind`` of :data:`SHIFTS`, or several joined by ``+`` applied in order (``grid+blur``)."""
-    for k in kind.split("+"):
-        im = SHIFTS[k](im, rng)
-    return im
 
 
 def parse_shift(spec: str) -> dict[str, str]:

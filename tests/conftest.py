@@ -187,5 +187,5 @@ def tiny_clip_zoo(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FUSION_BENCH_CACHE", str(base / "cache"))
         zoo = Zoo("tiny", base / "tiny")
-        zoo.build(progress=False, log=lambda s: None)
+        zoo.build(progress=False, log=lambda s: None, workers=1)  # same bytes as 2 workers, no spawn
     return zoo

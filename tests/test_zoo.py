@@ -187,6 +187,41 @@ def test_contrastive_loss_matches_naive_formula():
     assert float(contrastive_loss(img, txt, scale)) == pytest.approx(float(eye), rel=1e-6)
 
 
+def test_batch_loss_runs_each_distinct_caption_once_with_the_same_loss_and_gradients():
+    """batch_loss (the text tower on the batch's distinct captions only) against the plain computation: every
+    pair through both towers at the full padded length, then the contrastive loss; loss and every gradient agree."""
+    from fusion_bench.benchmark.clip_pretrain import batch_loss, contrastive_loss
+
+    model = _tiny_clip().train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 40, (4, 8), generator=g)
+    lengths = torch.tensor([3, 8, 5, 2])
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    tok = {"input_ids": ids * mask, "attention_mask": mask}
+    caps = torch.tensor([2, 0, 2, 3, 0, 2])  # caption 1 is not in the batch; 2 and 0 repeat
+    pixels = torch.randn(6, 3, 16, 16, generator=g)
+
+    loss = batch_loss(model, pixels, tok, caps)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+    from fusion_bench.models.clip import _as_tensor
+
+    img = F.normalize(_as_tensor(model.get_image_features(pixel_values=pixels)), dim=-1)
+    txt = F.normalize(_as_tensor(model.get_text_features(input_ids=tok["input_ids"][caps],
+                                                         attention_mask=tok["attention_mask"][caps])), dim=-1)
+    want = contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100.0), caps)
+    want_grads = torch.autograd.grad(want, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    checked = 0
+    for a, b in zip(grads, want_grads):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0.0
+            continue
+        checked += 1
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert checked > 10
+
+
 def _tiny_clip():
     from transformers import CLIPConfig, CLIPModel
 
@@ -315,9 +350,11 @@ def test_zoo_corruptions_by_name_or_count(monkeypatch):
         Z.Zoo("tiny", root="unused").corruptions()
 
 
-def test_build_gives_the_same_bytes_whatever_the_thread_setting(tiny_zoo, tmp_path):
-    """The trained entries depend on torch's thread count, so the build fixes it (BUILD_THREADS): a build
-    started under torch.set_num_threads(1) gives the same content hashes as the fixture's build."""
+def test_build_gives_the_same_bytes_whatever_the_thread_setting_and_worker_count(tiny_zoo, tmp_path):
+    """The trained entries depend on torch's thread count, so the build fixes it (BUILD_THREADS for the
+    pretraining, FINETUNE_THREADS for each fine-tuning): a build started under another torch.set_num_threads,
+    with its fine-tunings one after another in this process (workers=1), gives the same content hashes as
+    the fixture's build (fine-tunings in two worker processes)."""
     import shutil
 
     from fusion_bench.benchmark.zoo import BUILD_THREADS
@@ -328,7 +365,7 @@ def test_build_gives_the_same_bytes_whatever_the_thread_setting(tiny_zoo, tmp_pa
     before = torch.get_num_threads()
     torch.set_num_threads(1 if BUILD_THREADS != 1 else 2)
     try:
-        other.build(progress=False, log=lambda s: None)
+        other.build(progress=False, log=lambda s: None, workers=1)
         assert torch.get_num_threads() == (1 if BUILD_THREADS != 1 else 2)  # the caller's setting is restored
     finally:
         torch.set_num_threads(before)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,23 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scal
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def batch_loss(model, pixels: torch.Tensor, tok: Mapping[str, torch.Tensor], caption_ids: torch.Tensor) -> torch.Tensor:
+    """The contrastive loss of one batch: images ``pixels`` (B, 3, H, W), captions ``caption_ids`` (B,) indexing
+    the tokenized distinct captions ``tok`` (``input_ids`` and ``attention_mask``, padded to the same length).
+
+    The text tower runs once per distinct caption of the batch (the templates repeat), and each pair takes its
+    caption's features: the same loss and gradients as running it on every pair, for a fraction of the FLOPs.
+    Captions are padded to the longest one of the batch only.
+    """
+    uniq, inverse = torch.unique(caption_ids, return_inverse=True)
+    mask = tok["attention_mask"][uniq]
+    width = int(mask.sum(1).max())
+    ids, mask = tok["input_ids"][uniq][:, :width], mask[:, :width]
+    img = F.normalize(_feat(model.get_image_features(pixel_values=pixels)), dim=-1)
+    txt = F.normalize(_feat(model.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)[inverse]
+    return contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100.0), caption_ids)
+
+
 def pretrain_clip(images: Sequence[Any], captions: Sequence[str], cfg: CLIPPretrainConfig,
                   progress: Callable[[int, int, float], None] | None = None):
     """Train a CLIP from scratch on (image, caption) pairs.
@@ -245,12 +262,7 @@ def pretrain_clip_tensors(pixels: torch.Tensor, captions: Sequence[str], tokeniz
         idx = next(batches)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps)
-        mask = tok["attention_mask"][cap_ids[idx]]
-        width = int(mask.sum(1).max())  # pad to the longest caption of the batch only
-        ids, mask = tok["input_ids"][cap_ids[idx]][:, :width], mask[:, :width]
-        img = F.normalize(_feat(model.get_image_features(pixel_values=pixels[idx])), dim=-1)
-        txt = F.normalize(_feat(model.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
-        loss = contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100.0), cap_ids[idx])
+        loss = batch_loss(model, pixels[idx], tok, cap_ids[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

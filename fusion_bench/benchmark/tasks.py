@@ -57,7 +57,7 @@ __all__ = [
     "TaskSpec", "build_corrupted_test", "build_task_dataset", "corrupt_image", "dataset_hash",
     "get_task_spec", "list_tasks", "load_task", "load_task_meta", "pretraining_pairs", "save_task",
     "web_images",
-    "split_sizes",
+    "split_sizes", "task_arrays",
 ]
 
 TASKS_VERSION = 3  # bump when any generator changes its output
@@ -414,6 +414,14 @@ def _build_arrays(name: str, scale: str, seed: int) -> dict[str, tuple[list[Imag
     return out
 
 
+def task_arrays(name: str, scale: str = "full", seed: int = 0) -> dict[str, tuple[list[Image.Image], list[int]]]:
+    """The unshifted images and labels of every split of task ``name`` as generated: ``{split: (images, labels)}``.
+
+    The same images as :func:`build_task_dataset` with ``shift=None`` (before PNG encoding, which is lossless).
+    """
+    return {split: (images, [int(v) for v in labels]) for split, (images, labels) in _build_arrays(name, scale, seed).items()}
+
+
 def _redraw_seen(name: str, split: str, images: list[Image.Image], labels: np.ndarray, seen: set[bytes],
                  seed: int, key: int) -> list[bytes]:
     """Redraw (in place) every image whose pixels are in ``seen``; return the final images' digests."""
@@ -467,23 +475,33 @@ def web_images(name: str, n: int, seed: int = 0, *, held_out: Sequence[Image.Ima
     return images, labels
 
 
-def build_task_dataset(name: str, scale: str = "full", seed: int = 0):
+def build_task_dataset(name: str, scale: str = "full", seed: int = 0, shift: str | None = None):
     """Build task ``name`` as a ``datasets.DatasetDict`` with splits train / validation / test.
 
     Features: ``image`` (``datasets.Image``, RGB PNG of IMAGE_SIZE x IMAGE_SIZE) and ``label``
     (``ClassLabel(names=classnames)``). Labels are balanced (``i % num_classes``, shuffled). The same
-    ``(name, scale, seed)`` gives byte-identical PNGs.
+    ``(name, scale, seed, shift)`` gives byte-identical PNGs.
 
     Args:
         name: a task from :func:`list_tasks`.
         scale: 'tiny' (a few dozen images per split, for tests), 'small' or 'full' (see ``SCALES``).
         seed: non-negative integer; different seeds give different images (and, for Fashion-MNIST, a
             different draw of rows).
+        shift: a domain shift of :mod:`fusion_bench.benchmark.shifts` applied to every image of every
+            split (``None``: the images as generated); image ``i`` of a split is drawn from
+            ``(seed, name, split, i)``.
     """
     import datasets
 
+    from fusion_bench.benchmark.shifts import check_shift, shift_images
+
     spec = get_task_spec(name)
+    if shift is not None:
+        check_shift(shift, f"task '{name}': shift")
     arrays = _build_arrays(name, scale, seed)
+    if shift is not None:
+        arrays = {split: (shift_images(images, shift, name, split, seed), labels)
+                  for split, (images, labels) in arrays.items()}
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(spec.classnames))})
     splits = {}
     for split, (images, labels) in arrays.items():
@@ -529,11 +547,12 @@ def load_task_meta(name: str, root: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def save_task(name: str, root: str | os.PathLike, scale: str = "full", seed: int = 0, overwrite: bool = False) -> Path:
+def save_task(name: str, root: str | os.PathLike, scale: str = "full", seed: int = 0, overwrite: bool = False,
+              shift: str | None = None) -> Path:
     """Build task ``name`` and save it under ``root/name`` atomically (``save_to_disk`` + ``task.json``).
 
-    ``task.json`` records the spec, scale, seed, generator version, split sizes and :func:`dataset_hash`.
-    An existing folder with the same name, scale, seed and version is kept (returned as is) unless
+    ``task.json`` records the spec, scale, seed, shift, generator version, split sizes and :func:`dataset_hash`.
+    An existing folder with the same name, scale, seed, shift and version is kept (returned as is) unless
     ``overwrite``.
 
     Args:
@@ -542,6 +561,7 @@ def save_task(name: str, root: str | os.PathLike, scale: str = "full", seed: int
         scale: 'tiny', 'small' or 'full'.
         seed: the build seed.
         overwrite: rebuild even when a matching build exists.
+        shift: the domain shift of every split (see :func:`build_task_dataset`).
     """
     spec = get_task_spec(name)
     split_sizes(name, scale)  # validate before any work
@@ -549,13 +569,15 @@ def save_task(name: str, root: str | os.PathLike, scale: str = "full", seed: int
     dest = Path(root) / name
     if not overwrite and (dest / _META).is_file():
         meta = json.loads((dest / _META).read_text())
-        if (meta.get("name"), meta.get("scale"), meta.get("seed"), meta.get("version")) == (name, scale, seed, TASKS_VERSION):
+        if (meta.get("name"), meta.get("scale"), meta.get("seed"), meta.get("version"), meta.get("shift")) == \
+                (name, scale, seed, TASKS_VERSION, shift):
             return dest
-    dd = build_task_dataset(name, scale, seed)
+    dd = build_task_dataset(name, scale, seed, shift)
     meta = {
         "name": name,
         "scale": scale,
         "seed": seed,
+        "shift": shift,
         "version": TASKS_VERSION,
         "image_size": IMAGE_SIZE,
         "spec": asdict(spec),
@@ -791,10 +813,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", nargs="*", default=list(TASK_NAMES))
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--shift", default=None, help="a domain shift of every split (fusion_bench.benchmark.shifts)")
     args = ap.parse_args(argv)
     for name in args.tasks:
         t0 = time.perf_counter()
-        save_task(name, args.root, args.scale, args.seed, overwrite=args.overwrite)
+        save_task(name, args.root, args.scale, args.seed, overwrite=args.overwrite, shift=args.shift)
         meta = load_task_meta(name, args.root)
         print(f"{name:14s} classes={len(meta['spec']['classnames']):3d} splits={meta['splits']} "
               f"time={time.perf_counter() - t0:.1f}s hash={meta['content_hash'][:12]}")
