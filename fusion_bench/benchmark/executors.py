@@ -353,8 +353,11 @@ class RayExecutor:
         if queue and self._task is None:
             self._connect()
         inflight: dict[Any, tuple[Job, float]] = {}
+        # twice as many tasks as slots: Ray queues the extra ones, so a worker that finishes starts its next
+        # job at once instead of waiting for this loop to hear of it and submit one (short jobs idled on that)
+        depth = 2 * self.jobs
         while queue or inflight:
-            while queue and len(inflight) < self.jobs:
+            while queue and len(inflight) < depth:
                 job = queue.pop(0)
                 inflight[self._task.remote({**job, "threads": self.threads})] = (job, time.perf_counter())
             done, _ = ray.wait(list(inflight), num_returns=1)
