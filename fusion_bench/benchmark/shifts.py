@@ -94,17 +94,27 @@ def check_shift(kind: str, where: str = "domain_shift") -> str:
     return kind
 
 
+def _steps(kind: str) -> list[Callable[[Image.Image, np.random.Generator], Image.Image]]:
+    return [SHIFTS[part] for part in check_shift(kind).split("+")]
+
+
 def apply_shift(kind: str, im: Image.Image, rng: np.random.Generator) -> Image.Image:
     """``kind`` of :data:`SHIFTS`, or several joined by ``+`` applied in order, to one RGB image."""
-    for part in check_shift(kind).split("+"):
-        im = SHIFTS[part](im, rng)
+    for step in _steps(kind):
+        im = step(im, rng)
     return im
 
 
 def shift_images(images: Sequence[Image.Image], kind: str, task: str, split: str, seed: int) -> list[Image.Image]:
     """The images of ``split`` of ``task`` under shift ``kind``; image ``i``'s draw is seeded by
     ``(seed, task, split, i)`` alone."""
-    check_shift(kind)
+    steps = _steps(kind)  # the kind is checked once, not per image
     key = zlib.crc32(f"{task}/{split}".encode())
-    return [apply_shift(kind, im.convert("RGB"), np.random.default_rng([int(seed), key, i]))
-            for i, im in enumerate(images)]
+    out = []
+    for i, im in enumerate(images):
+        rng = np.random.default_rng([int(seed), key, i])
+        im = im.convert("RGB")
+        for step in steps:
+            im = step(im, rng)
+        out.append(im)
+    return out

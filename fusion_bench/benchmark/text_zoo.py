@@ -57,6 +57,7 @@ from fusion_bench.benchmark.zoo import (
     _quiet_transformers,
     check_entry,
     content_hash,
+    entry_to_build,
     hash_folder,
     read_entry,
 )
@@ -303,13 +304,9 @@ class TextZoo:
                 overall = bars.add("text zoo " + self.scale, len(names))
                 for i, (name, path) in enumerate(names):
                     key = self.entry_key(name)  # fine-tuned keys depend on entries built just before
-                    why = "forced" if force else check_entry(path, key)
-                    if why is None:
-                        times[name] = {"status": "cached", **(read_entry(path) or {}).get("stats", {})}
+                    if entry_to_build(name, path, key, force, times, beat.log, "text zoo") is None:
                         bars.advance(overall)
                         continue
-                    if why != "missing":
-                        beat.log(f"text zoo: rebuilding {name}: {why}")
                     beat.log(f"text zoo: [{i + 1}/{len(names)}] building {name}")
                     beat.current = name
                     t0 = time.perf_counter()

@@ -214,6 +214,18 @@ def check_entry(folder: Path, key: str | None = None) -> str | None:
     return None
 
 
+def entry_to_build(name: str, path: Path, key: str, force: bool, times: dict[str, Any],
+                   log: Callable[[str], None], label: str) -> str | None:
+    """Why entry ``name`` must be built (logged unless it is simply missing), or None when it is current: then
+    ``times[name]`` records it as cached with its stats."""
+    why = "forced" if force else check_entry(path, key)
+    if why is None:
+        times[name] = {"status": "cached", **(read_entry(path) or {}).get("stats", {})}
+    elif why != "missing":
+        log(f"{label}: rebuilding {name}: {why}")
+    return why
+
+
 @contextlib.contextmanager
 def _lock(root: Path) -> Iterator[None]:
     """An exclusive lock on the zoo folder so two builds never write the same entries."""
@@ -357,13 +369,9 @@ class Zoo:
                 todo = []
                 for name, path in phase:
                     key = self.entry_key(name)
-                    why = "forced" if force else check_entry(path, key)
-                    if why is None:
-                        times[name] = {"status": "cached", **(read_entry(path) or {}).get("stats", {})}
+                    if entry_to_build(name, path, key, force, times, log, "zoo") is None:
                         bars.advance(overall)
                         continue
-                    if why != "missing":
-                        log(f"zoo: rebuilding {name}: {why}")
                     todo.append((name, path, key))
                 for name, dt, stats in self._build_entries(todo, workers, beat, bars):
                     times[name] = {"status": "built", "build_time_s": round(dt, 2), **stats}
@@ -445,24 +453,10 @@ class Zoo:
                 stats = self._build_entry(name, path, key, bars)
                 yield name, time.perf_counter() - t0, stats
             return
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
         beat.current = ", ".join(name for name, _, _ in todo)
-        ctx = multiprocessing.get_context("spawn")  # not forked: this process holds torch's thread pools
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_build_entry_job, self.scale, str(self.root), name, key, not bars.show): name
-                       for name, _, key in todo}
-            try:
-                while futures:
-                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        name = futures.pop(fut)
-                        dt, stats = fut.result()
-                        yield name, dt, stats
-            finally:
-                for fut in futures:
-                    fut.cancel()
+        calls = [(name, self.scale, str(self.root), key, not bars.show) for name, _, key in todo]
+        for name, (dt, stats) in _imap(_build_entry_job, calls, workers):
+            yield name, dt, stats
 
     def _build_entry(self, name: str, path: Path, key: str, bars: _Bars) -> dict[str, Any]:
         if name.startswith("finetuned/"):
@@ -507,8 +501,8 @@ class Zoo:
         workers = min(2, os.cpu_count() or 1)
         generated = {}
         if self.spec.domain_shift is not None:  # the saved splits are shifted; pretraining sees the images as
-            generated = _map(T.task_arrays, [(t, self.spec.data_scale, self.spec.seed) for t in self.tasks],
-                             workers)  # generated, never the shift
+            generated = dict(_imap(T.task_arrays, [(t, self.spec.data_scale, self.spec.seed) for t in self.tasks],
+                                   workers))  # generated, never the shift
         for task in self.tasks:
             if self.spec.domain_shift is None:  # the saved splits (PNG, lossless): not generated again
                 dd = load_from_disk(str(self.data_path(task)))
@@ -553,18 +547,29 @@ class Zoo:
         return dict(result.metadata.get("training", {}).get(task, {}))
 
 
-def _map(fn: Callable[..., Any], calls: list[tuple[Any, ...]], workers: int) -> dict[Any, Any]:
-    """{call[0]: fn(*call)} for each call, in ``workers`` spawned processes when there are several."""
+def _imap(fn: Callable[..., Any], calls: list[tuple[Any, ...]], workers: int) -> Iterator[tuple[Any, Any]]:
+    """(call[0], fn(*call)) for each call as it finishes, in ``workers`` spawned processes (not forked: the caller
+    may hold torch's thread pools) when there are several calls and workers, else here in order."""
     if workers <= 1 or len(calls) <= 1:
-        return {c[0]: fn(*c) for c in calls}
+        for c in calls:
+            yield c[0], fn(*c)
+        return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     with ProcessPoolExecutor(min(workers, len(calls)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return dict(zip([c[0] for c in calls], pool.map(fn, *zip(*calls))))
+        futures = {pool.submit(fn, *c): c[0] for c in calls}
+        try:
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield futures.pop(fut), fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
 
 
-def _build_entry_job(scale: str, root: str, name: str, key: str, log_lines: bool) -> tuple[float, dict[str, Any]]:
+def _build_entry_job(name: str, scale: str, root: str, key: str, log_lines: bool) -> tuple[float, dict[str, Any]]:
     """One data or fine-tuned entry, in a worker process of :meth:`Zoo.build` (progress lines on stderr)."""
     import torch
 
