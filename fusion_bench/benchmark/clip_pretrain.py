@@ -57,6 +57,9 @@ class CLIPPretrainConfig:
     weight_decay: float = option(0.1, ge=0.0, le=10.0, help="AdamW weight decay (not applied to biases, norms, embeddings).")
     warmup_steps: int = option(100, ge=0, le=10**7, help="Linear warm-up steps.")
     seed: int = option(0, **SEED_RANGE, help="Seed of initialisation and batch order.")
+    attention: str = option("sdpa", choices=("sdpa", "eager"),
+                            help="Attention kernel of the training (transformers' attn_implementation): eager is faster "
+                            "on CPU for the zoo's short sequences (17 image tokens); not saved with the model.")
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -124,7 +127,16 @@ def build_image_processor(image_size: int = 32):
 
 
 def preprocess_images(images: Sequence[Any], processor, batch_size: int = 1024) -> torch.Tensor:
-    """Pixel values (N, 3, H, W) float32 of PIL images through ``processor`` (batched, once)."""
+    """Pixel values (N, 3, H, W) float32 of PIL images through ``processor`` (batched, once).
+
+    When every image is already RGB at the processor's crop size and the processor only rescales and normalizes
+    after a resize and crop that leave such an image unchanged (the zoo's processor), the pixels are rescaled and
+    normalized in one vectorized step (same values up to float rounding, about 10x faster); otherwise each batch
+    goes through ``processor``.
+    """
+    fast = _fast_pixels(images, processor)
+    if fast is not None:
+        return fast
     out = []
     for i in range(0, len(images), batch_size):
         pv = processor(images=list(images[i:i + batch_size]), return_tensors="pt")["pixel_values"]
@@ -132,6 +144,24 @@ def preprocess_images(images: Sequence[Any], processor, batch_size: int = 1024) 
     if not out:
         raise ConfigError("No images to preprocess: the pretraining data is empty.")
     return torch.cat(out)
+
+
+def _fast_pixels(images: Sequence[Any], processor) -> torch.Tensor | None:
+    """The vectorized path of :func:`preprocess_images`, or None when it does not apply."""
+    crop = getattr(processor, "crop_size", None) or {}
+    size = getattr(processor, "size", None) or {}
+    h, w = crop.get("height"), crop.get("width")
+    if not images or h is None or h != w or size.get("shortest_edge") != h:
+        return None
+    if not (getattr(processor, "do_rescale", False) and getattr(processor, "do_normalize", False)):
+        return None
+    if any(getattr(im, "mode", None) != "RGB" or getattr(im, "size", None) != (w, h) for im in images):
+        return None
+    arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))  # N, H, W, 3
+    mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = arr.permute(0, 3, 1, 2).float() * float(processor.rescale_factor)
+    return ((x - mean) / std).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +181,7 @@ def build_clip_config(cfg: CLIPPretrainConfig, tokenizer):
                            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                            image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.projection_dim),
         projection_dim=cfg.projection_dim,
+        attn_implementation=cfg.attention,
     )
 
 
