@@ -69,6 +69,8 @@ class CLIPPretrainConfig:
             heads = self.vision_heads if k.startswith("vision") else self.text_heads
             if getattr(self, k) % heads:
                 raise ConfigError(f"{k}={getattr(self, k)} is not divisible by its number of heads ({heads}).")
+        if self.attention not in ("sdpa", "eager"):
+            raise ConfigError(f"attention={self.attention!r} is not a supported attention kernel; use 'sdpa' or 'eager'.")
         if self.vocab_size < 600:
             raise ConfigError(f"vocab_size={self.vocab_size} is too small: the byte-level base alphabet alone "
                               "takes 512 entries; use at least 600.")
@@ -160,8 +162,8 @@ def _fast_pixels(images: Sequence[Any], processor) -> torch.Tensor | None:
     arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))  # N, H, W, 3
     mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = arr.permute(0, 3, 1, 2).float() * float(processor.rescale_factor)
-    return ((x - mean) / std).contiguous()
+    x = arr.permute(0, 3, 1, 2).contiguous().float()  # in place from here: one float copy of the images at a time
+    return x.mul_(float(processor.rescale_factor)).sub_(mean).div_(std)
 
 
 # ----------------------------------------------------------------------------------------------
