@@ -57,9 +57,6 @@ class CLIPPretrainConfig:
     weight_decay: float = option(0.1, ge=0.0, le=10.0, help="AdamW weight decay (not applied to biases, norms, embeddings).")
     warmup_steps: int = option(100, ge=0, le=10**7, help="Linear warm-up steps.")
     seed: int = option(0, **SEED_RANGE, help="Seed of initialisation and batch order.")
-    attention: str = option("sdpa", choices=("sdpa", "eager"),
-                            help="Attention kernel of the training (transformers' attn_implementation): eager is faster "
-                            "on CPU for the zoo's short sequences (17 image tokens); not saved with the model.")
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -69,8 +66,6 @@ class CLIPPretrainConfig:
             heads = self.vision_heads if k.startswith("vision") else self.text_heads
             if getattr(self, k) % heads:
                 raise ConfigError(f"{k}={getattr(self, k)} is not divisible by its number of heads ({heads}).")
-        if self.attention not in ("sdpa", "eager"):
-            raise ConfigError(f"attention={self.attention!r} is not a supported attention kernel; use 'sdpa' or 'eager'.")
         if self.vocab_size < 600:
             raise ConfigError(f"vocab_size={self.vocab_size} is too small: the byte-level base alphabet alone "
                               "takes 512 entries; use at least 600.")
@@ -133,8 +128,8 @@ def preprocess_images(images: Sequence[Any], processor, batch_size: int = 1024) 
 
     When every image is already RGB at the processor's crop size and the processor only rescales and normalizes
     after a resize and crop that leave such an image unchanged (the zoo's processor), the pixels are rescaled and
-    normalized in one vectorized step (same values up to float rounding, about 10x faster); otherwise each batch
-    goes through ``processor``.
+    normalized in vectorized chunks with the processor's own arithmetic (the same bits, about 3x faster);
+    otherwise each batch goes through ``processor``.
     """
     fast = _fast_pixels(images, processor)
     if fast is not None:
@@ -148,8 +143,13 @@ def preprocess_images(images: Sequence[Any], processor, batch_size: int = 1024) 
     return torch.cat(out)
 
 
-def _fast_pixels(images: Sequence[Any], processor) -> torch.Tensor | None:
-    """The vectorized path of :func:`preprocess_images`, or None when it does not apply."""
+def _fast_pixels(images: Sequence[Any], processor, chunk: int = 4096) -> torch.Tensor | None:
+    """The vectorized path of :func:`preprocess_images`, or None when it does not apply.
+
+    Bit for bit the NumPy arithmetic of transformers' PIL image processor: ``float32(float64(x) * rescale_factor)``,
+    then ``(x - mean) / std`` in float32. The pixels therefore do not depend on whether torchvision is installed
+    (transformers' torchvision backend fuses the two steps and rounds differently).
+    """
     crop = getattr(processor, "crop_size", None) or {}
     size = getattr(processor, "size", None) or {}
     h, w = crop.get("height"), crop.get("width")
@@ -159,11 +159,15 @@ def _fast_pixels(images: Sequence[Any], processor) -> torch.Tensor | None:
         return None
     if any(getattr(im, "mode", None) != "RGB" or getattr(im, "size", None) != (w, h) for im in images):
         return None
-    arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))  # N, H, W, 3
     mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = arr.permute(0, 3, 1, 2).contiguous().float()  # in place from here: one float copy of the images at a time
-    return x.mul_(float(processor.rescale_factor)).sub_(mean).div_(std)
+    scale = float(processor.rescale_factor)
+    out = torch.empty(len(images), 3, h, w, dtype=torch.float32)
+    for i in range(0, len(images), chunk):
+        arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images[i:i + chunk]]))
+        x = (arr.permute(0, 3, 1, 2).to(torch.float64) * scale).to(torch.float32)
+        out[i:i + len(x)] = (x - mean) / std
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +187,6 @@ def build_clip_config(cfg: CLIPPretrainConfig, tokenizer):
                            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                            image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.projection_dim),
         projection_dim=cfg.projection_dim,
-        attn_implementation=cfg.attention,
     )
 
 
