@@ -50,6 +50,7 @@ from fusion_bench.benchmark.text_finetune import TextFinetuneConfig
 from fusion_bench.benchmark.zoo import (
     ENTRY_FILE,
     MANIFEST,
+    ZooFolder,
     _Bars,
     _Heartbeat,
     _key,
@@ -180,7 +181,7 @@ def task_seed(seed: int, task: str, mode: str) -> int:
     return zlib.crc32(f"{seed}/{task}/{mode}".encode()) & 0x7FFFFFFF
 
 
-class TextZoo:
+class TextZoo(ZooFolder):
     """A built (or to be built) text zoo folder.
 
     Args:
@@ -188,10 +189,8 @@ class TextZoo:
         root: the cache folder (default: :func:`default_root`).
     """
 
-    def __init__(self, scale: str = "full", root: str | os.PathLike | None = None):
-        self.scale = scale
-        self.spec = scale_spec(scale)
-        self.root = Path(os.path.expanduser(str(root))) if root is not None else default_root(scale)
+    _scale_spec = staticmethod(scale_spec)
+    _default_root = staticmethod(default_root)
 
     # paths ------------------------------------------------------------------------------------
     @property
@@ -199,13 +198,6 @@ class TextZoo:
         from fusion_bench.benchmark.text_tasks import TEXT_TASK_NAMES
 
         return list(self.spec.tasks) if self.spec.tasks else list(TEXT_TASK_NAMES)
-
-    def data_path(self, task: str) -> Path:
-        return self.root / "data" / task
-
-    @property
-    def pretrained_path(self) -> Path:
-        return self.root / "pretrained"
 
     def entry_path(self, variant: str, task: str) -> Path:
         _check_variant(variant)

@@ -246,25 +246,22 @@ def _lock(root: Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 # the zoo
 # ----------------------------------------------------------------------------------------------
-class Zoo:
-    """A built (or to be built) zoo folder.
+class ZooFolder:
+    """What the CLIP and text zoos share: a scale, its spec and a cache folder with ``data/<task>`` and
+    ``pretrained`` entries. Subclasses name their own ``scale_spec`` and ``default_root`` functions.
 
     Args:
         scale: ``full`` or ``tiny``.
-        root: the cache folder (default: :func:`default_root`).
+        root: the cache folder (default: the subclass's ``default_root(scale)``).
     """
+
+    _scale_spec: Callable[[str], Any]
+    _default_root: Callable[[str], Path]
 
     def __init__(self, scale: str = "full", root: str | os.PathLike | None = None):
         self.scale = scale
-        self.spec = scale_spec(scale)
-        self.root = Path(os.path.expanduser(str(root))) if root is not None else default_root(scale)
-
-    # paths ------------------------------------------------------------------------------------
-    @property
-    def tasks(self) -> list[str]:
-        from fusion_bench.benchmark.tasks import TASK_NAMES
-
-        return list(TASK_NAMES)
+        self.spec = type(self)._scale_spec(scale)
+        self.root = Path(os.path.expanduser(str(root))) if root is not None else type(self)._default_root(scale)
 
     def data_path(self, task: str) -> Path:
         return self.root / "data" / task
@@ -272,6 +269,25 @@ class Zoo:
     @property
     def pretrained_path(self) -> Path:
         return self.root / "pretrained"
+
+
+class Zoo(ZooFolder):
+    """A built (or to be built) CLIP zoo folder.
+
+    Args:
+        scale: ``full`` or ``tiny``.
+        root: the cache folder (default: :func:`default_root`).
+    """
+
+    _scale_spec = staticmethod(scale_spec)
+    _default_root = staticmethod(default_root)
+
+    # paths ------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        from fusion_bench.benchmark.tasks import TASK_NAMES
+
+        return list(TASK_NAMES)
 
     def finetuned_path(self, task: str) -> Path:
         return self.root / "finetuned" / task
