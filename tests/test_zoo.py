@@ -242,6 +242,12 @@ def test_preprocess_images_fast_path_matches_the_processor_and_falls_back():
     from fusion_bench.benchmark.clip_pretrain import _fast_pixels
 
     assert torch.equal(_fast_pixels(rgb, proc, chunk=2), got)
+    # transformers' PIL arithmetic written out (NumPy): float32(float64(x) * 1/255), then (x - mean) / std in float32
+    arr = np.stack([np.asarray(im) for im in rgb]).transpose(0, 3, 1, 2)
+    scaled = (arr.astype(np.float64) * proc.rescale_factor).astype(np.float32)
+    pil_ref = (scaled - np.array(proc.image_mean, np.float32)[None, :, None, None]) / np.array(
+        proc.image_std, np.float32)[None, :, None, None]
+    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(pil_ref)))
     # by hand from CLIP's definition: (x / 255 - mean) / std per channel
     x = torch.from_numpy(np.asarray(rgb[2])).permute(2, 0, 1).float() / 255
     by_hand = (x - torch.tensor(proc.image_mean)[:, None, None]) / torch.tensor(proc.image_std)[:, None, None]

@@ -182,8 +182,10 @@ def task_seed(seed: int, task: str, mode: str) -> int:
 
 
 class TextZoo(ZooFolder):
-    """A built (or to be built) text zoo folder; ``scale`` and ``root`` as :class:`~fusion_bench.benchmark.zoo.ZooFolder` (root default:
-    :func:`default_root`)."""
+    """A built (or to be built) text zoo folder.
+
+    ``scale`` and ``root`` as :class:`~fusion_bench.benchmark.zoo.ZooFolder` (root default: :func:`default_root`).
+    """
 
     _scale_spec = staticmethod(scale_spec)
     _default_root = staticmethod(default_root)

@@ -272,7 +272,10 @@ class ZooFolder:
 
 
 class Zoo(ZooFolder):
-    """A built (or to be built) CLIP zoo folder (``scale`` and ``root`` as :class:`ZooFolder`; root default: :func:`default_root`)."""
+    """A built (or to be built) CLIP zoo folder.
+
+    ``scale`` and ``root`` as :class:`ZooFolder` (root default: :func:`default_root`).
+    """
 
     _scale_spec = staticmethod(scale_spec)
     _default_root = staticmethod(default_root)
