@@ -330,6 +330,65 @@ def test_lora_finetune_changes_only_targets_by_rank_r():
     assert stats["trainable_parameters"] == 2 * (2 * 16 + 16 * 2)  # one layer: q and v, each A (r x 16) + B (16 x r)
 
 
+def test_finetune_decay_to_pretrained_is_l2sp_written_out():
+    """decay_to=pretrained: step t moves every matrix by -lr_t * wd * (w - w0) besides Adam's update. Two steps:
+    the first decays nothing (w = w0), so the runs with and without decay share w1 and the gradient at it; their
+    second steps differ exactly by the decay term."""
+    from fusion_bench.benchmark.clip_pretrain import warmup_cosine
+    from fusion_bench.methods.training.clip_finetune import (
+        CLIPFinetuneConfig,
+        finetune_vision,
+        vision_from_clip,
+    )
+
+    clip = _tiny_clip()
+    g = torch.Generator().manual_seed(3)
+    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 1])
+    lr, wd = 1e-2, 0.5
+    w0 = dict(vision_from_clip(clip).named_parameters())
+    runs = {}
+    for name, kw in {"l2sp": dict(weight_decay=wd, decay_to="pretrained"), "none": dict(weight_decay=0.0),
+                     "w1": dict(weight_decay=0.0, steps=1)}.items():
+        cfg = CLIPFinetuneConfig(**{"steps": 2, "batch_size": 4, "lr": lr, "warmup_steps": 0, **kw})
+        runs[name] = dict(finetune_vision(clip, head, x, y, cfg, "t", torch.device("cpu"))[0].named_parameters())
+    rate = lr * warmup_cosine(1, 2, 0) * wd
+    moved = 0
+    for k, w in runs["l2sp"].items():
+        w1 = runs["w1"][k]
+        expected = runs["none"][k] - (rate * (w1 - w0[k]) if w.ndim >= 2 else 0.0)
+        torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-7)
+        moved += int(w.ndim >= 2 and not torch.equal(w, runs["none"][k]))
+    assert moved > 0  # the decay term was not zero for the matrices
+
+
+def test_finetune_trainable_patterns_freeze_the_rest():
+    from fusion_bench.errors import ConfigError
+    from fusion_bench.methods.training.clip_finetune import (
+        CLIPFinetuneConfig,
+        finetune_vision,
+        vision_from_clip,
+    )
+
+    clip = _tiny_clip()
+    g = torch.Generator().manual_seed(4)
+    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    cfg = CLIPFinetuneConfig(steps=2, batch_size=8, lr=1e-2, warmup_steps=0, trainable=["*self_attn*"])
+    tuned, stats = finetune_vision(clip, head, x, y, cfg, "t", torch.device("cpu"))
+    before = dict(vision_from_clip(clip).named_parameters())
+    after = dict(tuned.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    attn = {k for k in before if "self_attn" in k}
+    assert changed == attn  # every attention weight moved, nothing else did
+    assert stats["trainable_parameters"] == sum(before[k].numel() for k in attn)
+    with pytest.raises(ConfigError, match=r"method.trainable=\['\*nothing\*'\] matches no parameter"):
+        finetune_vision(clip, head, x, y, CLIPFinetuneConfig(steps=1, trainable=["*nothing*"]), "t",
+                        torch.device("cpu"))
+    with pytest.raises(ConfigError, match="method.trainable"):
+        CLIPFinetuneConfig(mode="lora", trainable=["*q_proj*"])
+
+
 def test_finetune_config_errors_name_the_key():
     from fusion_bench.errors import ConfigError
     from fusion_bench.methods import build_method

@@ -40,6 +40,12 @@ class CLIPFinetuneConfig(MethodConfig):
     batch_size: int = option(64, ge=1, le=2**20, help="Images per step.")
     lr: float = option(3e-4, gt=0.0, le=10.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")
     weight_decay: float = option(0.1, ge=0.0, le=10.0, help="AdamW weight decay on matrices.")
+    decay_to: str = option("zero", choices=("zero", "pretrained"),
+                           help="zero: AdamW's decoupled decay of the weights toward 0 (the task-arithmetic "
+                           "checkpoints' recipe); pretrained: the same decay toward the pretrained weights (L2-SP, Li et "
+                           "al. 2018), so the decay adds nothing to the task vector by itself.")
+    trainable: list[str] = option([], help="mode=full: glob patterns of the vision encoder's parameter names that "
+                                  "train (e.g. ['*self_attn*']); the others stay at the pretrained values; empty: all.")
     warmup_steps: int = option(20, ge=0, le=10**7, help="Linear warm-up steps.")
     label_smoothing: float = option(0.0, ge=0.0, lt=1.0, help="Cross-entropy label smoothing.")
     augment_shift: int = option(0, ge=0, le=1024, help="Data augmentation: translate each training image by a random offset of up "
@@ -66,6 +72,23 @@ class CLIPFinetuneConfig(MethodConfig):
                 raise ConfigError(f"method.{k}={getattr(self, k)} must be positive.")
         if self.lr <= 0:
             raise ConfigError(f"method.lr={self.lr} must be positive.")
+        if self.trainable and self.mode != "full":
+            raise ConfigError(f"method.trainable={self.trainable} selects weights of mode=full; with mode={self.mode} "
+                              "use lora_target_modules.")
+
+
+def select_trainable(vision: nn.Module, patterns: list[str]) -> list[str]:
+    """Freeze every parameter of ``vision`` whose name matches none of ``patterns``; return the trained names."""
+    from fnmatch import fnmatchcase
+
+    names = [n for n, _ in vision.named_parameters()]
+    keep = [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+    if not keep:
+        raise ConfigError(f"method.trainable={patterns} matches no parameter of the vision encoder; its names look "
+                          f"like {names[min(4, len(names) - 1)]!r} (globs, e.g. '*self_attn*').")
+    for n, p in vision.named_parameters():
+        p.requires_grad_(n in keep)
+    return keep
 
 
 def load_full_clip(modelpool: ModelPool) -> tuple[nn.Module, Any]:
@@ -230,12 +253,16 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
             raise ConfigError(f"method.lora_target_modules={cfg.lora_target_modules}: {e}") from e
     else:
         trainable = vision
+        if cfg.trainable:
+            select_trainable(vision, list(cfg.trainable))
     model = CLIPZeroShotClassifier(trainable, projection, head, float(clip.logit_scale.detach().exp())).to(device)
     model.train()
     params = [p for p in trainable.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+    to_pretrained = cfg.decay_to == "pretrained" and cfg.weight_decay > 0
+    anchors = [p.detach().clone() for p in decay] if to_pretrained else []
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0 if to_pretrained else cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     n = len(labels)
     batches = shuffled_batches(n, cfg.batch_size, gen)
@@ -254,6 +281,11 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if to_pretrained:  # decoupled decay toward theta_0, before the Adam step as AdamW orders it
+            with torch.no_grad():
+                rate = opt.param_groups[0]["lr"] * cfg.weight_decay
+                for p, p0 in zip(decay, anchors):
+                    p.sub_(p - p0, alpha=rate)
         opt.step()
         last_loss = float(loss.detach())
         if progress is not None:
