@@ -178,8 +178,9 @@ class CLIPFinetune(FusionMethod):
     permutation_invariant = False
     summary = "Fine-tune the CLIP vision encoder per task against frozen zero-shot text heads (full or LoRA)."
     variant = ("Ilharco et al. 2023 protocol: frozen text head (templates x class names, prompt-ensembled) and "
-               "visual projection; cross-entropy; full fine-tuning or LoRA (Hu et al. 2022) on "
-               "lora_target_modules merged after training; AdamW with warm-up + cosine decay.")
+               "visual projection; cross-entropy; full fine-tuning (of the weights matching trainable, default all) "
+               "or LoRA (Hu et al. 2022) on lora_target_modules merged after training; AdamW (decay toward 0, or "
+               "toward the pretrained weights with decay_to=pretrained: L2-SP) with warm-up + cosine decay.")
 
     #: optional progress hook ``on_step(step, total, loss)`` (set by callers such as the zoo build)
     on_step: Callable[[int, int, float], None] | None = None
