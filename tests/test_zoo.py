@@ -268,6 +268,13 @@ def _tiny_clip():
     return CLIPModel(cfg).eval()
 
 
+def _tiny_task(seed: int, n: int = 8):
+    """The tiny CLIP, a random unit-norm 3-class head, n random images and labels 0, 1, 2, 0, ..."""
+    g = torch.Generator().manual_seed(seed)
+    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    return _tiny_clip(), head, torch.randn(n, 3, 16, 16, generator=g), torch.arange(n) % 3
+
+
 def test_finetune_step_matches_manual_adamw_on_the_zero_shot_loss():
     """One full fine-tuning step = AdamW's first step on CE(s * normalize(P f(x)) @ head^T, y)."""
     from fusion_bench.methods.training.clip_finetune import (
@@ -314,10 +321,7 @@ def test_lora_finetune_changes_only_targets_by_rank_r():
         vision_from_clip,
     )
 
-    clip = _tiny_clip()
-    g = torch.Generator().manual_seed(2)
-    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    clip, head, x, y = _tiny_task(2)
     cfg = CLIPFinetuneConfig(mode="lora", steps=4, batch_size=8, lr=1e-2, lora_r=2, lora_alpha=4.0, warmup_steps=0)
     tuned, stats = finetune_vision(clip, head, x, y, cfg, "t", torch.device("cpu"))
     before = vision_from_clip(clip).state_dict()
@@ -341,10 +345,7 @@ def test_finetune_decay_to_pretrained_is_l2sp_written_out():
         vision_from_clip,
     )
 
-    clip = _tiny_clip()
-    g = torch.Generator().manual_seed(3)
-    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 1])
+    clip, head, x, y = _tiny_task(3, 4)
     lr, wd = 1e-2, 0.5
     w0 = dict(vision_from_clip(clip).named_parameters())
     runs = {}
@@ -370,10 +371,7 @@ def test_finetune_trainable_patterns_freeze_the_rest():
         vision_from_clip,
     )
 
-    clip = _tiny_clip()
-    g = torch.Generator().manual_seed(4)
-    head = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    clip, head, x, y = _tiny_task(4)
     cfg = CLIPFinetuneConfig(steps=2, batch_size=8, lr=1e-2, warmup_steps=0, trainable=["*self_attn*"])
     tuned, stats = finetune_vision(clip, head, x, y, cfg, "t", torch.device("cpu"))
     before = dict(vision_from_clip(clip).named_parameters())
