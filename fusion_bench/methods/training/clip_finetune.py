@@ -77,18 +77,17 @@ class CLIPFinetuneConfig(MethodConfig):
                               "use lora_target_modules.")
 
 
-def select_trainable(vision: nn.Module, patterns: list[str]) -> list[str]:
-    """Freeze every parameter of ``vision`` whose name matches none of ``patterns``; return the trained names."""
+def select_trainable(vision: nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter of ``vision`` whose name matches none of ``patterns``."""
     from fnmatch import fnmatchcase
 
-    names = [n for n, _ in vision.named_parameters()]
-    keep = [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+    named = list(vision.named_parameters())
+    keep = {n for n, _ in named if any(fnmatchcase(n, p) for p in patterns)}
     if not keep:
         raise ConfigError(f"method.trainable={patterns} matches no parameter of the vision encoder; its names look "
-                          f"like {names[min(4, len(names) - 1)]!r} (globs, e.g. '*self_attn*').")
-    for n, p in vision.named_parameters():
+                          f"like {named[min(4, len(named) - 1)][0]!r} (globs, e.g. '*self_attn*').")
+    for n, p in named:
         p.requires_grad_(n in keep)
-    return keep
 
 
 def load_full_clip(modelpool: ModelPool) -> tuple[nn.Module, Any]:
@@ -255,7 +254,7 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
     else:
         trainable = vision
         if cfg.trainable:
-            select_trainable(vision, list(cfg.trainable))
+            select_trainable(vision, cfg.trainable)
     model = CLIPZeroShotClassifier(trainable, projection, head, float(clip.logit_scale.detach().exp())).to(device)
     model.train()
     params = [p for p in trainable.parameters() if p.requires_grad]
@@ -282,11 +281,11 @@ def finetune_vision(clip: nn.Module, head: torch.Tensor, pixels: torch.Tensor, l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if to_pretrained:  # decoupled decay toward theta_0, before the Adam step as AdamW orders it
+        if to_pretrained:  # decoupled decay toward theta_0 (w += rate * (w0 - w)), before the Adam step as AdamW
             with torch.no_grad():
                 rate = opt.param_groups[0]["lr"] * cfg.weight_decay
                 for p, p0 in zip(decay, anchors):
-                    p.sub_(p - p0, alpha=rate)
+                    p.lerp_(p0, rate)
         opt.step()
         last_loss = float(loss.detach())
         if progress is not None:
